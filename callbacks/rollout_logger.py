@@ -1,0 +1,45 @@
+"""Log a few training rollouts as text, inserted continuations marked, to the run's loggers and a JSONL file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+
+def render(decode, rollout, width: int = 1, open_mark: str = "[[", close_mark: str = "]]") -> str:
+    """Decode a completion with every inserted continuation (`width` tokens) wrapped in marks."""
+    ids, pieces, last = rollout.completion_ids, [], 0
+    for start in rollout.continuation_starts:
+        pieces.append(decode(ids[last:start]))
+        pieces.append(open_mark + decode(ids[start : start + width]) + close_mark)
+        last = start + width
+    pieces.append(decode(ids[last:]))
+    return "".join(pieces)
+
+
+class RolloutSampleLogger(L.Callback):
+    def __init__(self, dirpath: str, every_n_steps: int = 10, num_samples: int = 2, filename: str = "rollouts.jsonl"):
+        self.path = Path(dirpath) / filename
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or self.every_n_steps <= 0 or step % self.every_n_steps:
+            return
+        samples = module.last_samples[: self.num_samples]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            for i, (problem, rollout, score) in enumerate(samples):
+                text = render(module.policy.decode, rollout)  # training inserts the 1-token learned continuation
+                row = {"step": step, "problem_id": problem.id, "gold": problem.answer, "answer": score.extracted,
+                       "reward": score.reward, "forced": rollout.num_forced, "completion": text}
+                f.write(json.dumps(row) + "\n")
+                for logger in trainer.loggers:
+                    if isinstance(logger, TensorBoardLogger):
+                        logger.experiment.add_text(f"rollouts/{i}", f"**{problem.question}**\n\n{text}", step)
+                    elif isinstance(logger, WandbLogger):
+                        logger.log_text(key="rollouts", columns=list(row), data=[list(row.values())], step=step)

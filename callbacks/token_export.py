@@ -1,0 +1,41 @@
+"""Export the learned row as `continue_thinking_token.safetensors` every n steps and at the end (atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+from ctt.token import TOKEN_FILE, save_token_file
+
+
+class TokenExport(L.Callback):
+    def __init__(self, dirpath: str, every_n_steps: int = 50, filename: str = TOKEN_FILE):
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be >= 0 (0 = only at the end), got {every_n_steps}")
+        self.path = Path(dirpath) / filename
+        self.every_n_steps = every_n_steps
+
+    def export(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        hp = module.hparams
+        save_token_file(
+            self.path,
+            module.token_row,
+            {
+                "token": hp.token.get("text", "<|continue-thinking|>"),
+                "base_model": hp.model["name"],
+                "pretrained": hp.model.get("pretrained") or "",
+                "init": hp.token["init"].get("name"),
+                "init_word": hp.token["init"].get("word", ""),
+                "step": trainer.global_step,
+            },
+        )
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.export(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.export(trainer, module)

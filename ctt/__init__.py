@@ -1,0 +1,1 @@
+"""ctt: learn a continue-thinking token by RL with budget forcing in the loop."""

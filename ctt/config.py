@@ -1,0 +1,40 @@
+"""Hydra glue shared by the entry points: resolvers, instantiating lists, loading benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ctt.data import Problem, load_problems
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(PROJECT_ROOT / "conf")
+
+# `${ctt_root:}` lets configs point at files next to the checkout (e.g. ../shared/data) whatever the cwd.
+if not OmegaConf.has_resolver("ctt_root"):
+    OmegaConf.register_new_resolver("ctt_root", lambda: str(PROJECT_ROOT))
+
+
+def instantiate_list(group: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` node of a dict-of-configs group (callbacks, loggers); null entries are off."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+def load_benchmarks(benchmarks: DictConfig, limit: int | None = None) -> dict[str, list[Problem]]:
+    """`benchmarks` maps a name to `load_problems` keyword arguments."""
+    out = {}
+    for name, spec in benchmarks.items():
+        kwargs = OmegaConf.to_container(spec, resolve=True)
+        if limit is not None:
+            kwargs["limit"] = min(limit, kwargs.get("limit") or limit)
+        out[name] = load_problems(**kwargs)
+    return out
+
+
+def to_plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg

@@ -1,0 +1,66 @@
+"""`ctt-eval`: accuracy of base / fixed-word / learned-token forcing for each N, written to `results.csv`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from ctt.config import CONFIG_DIR, load_benchmarks, to_plain
+from ctt.data import DEFAULT_INSTRUCTION
+from ctt.evaluate import RESULT_COLUMNS, evaluate, markdown_table, mode_runs, write_results
+from ctt.generation import SamplingConfig
+from ctt.models import load_model
+from ctt.policy import ForcingSettings, Policy
+from ctt.rewards import get_reward_fn
+from ctt.token import install_token, load_token_file
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path) -> list[dict]:
+    ev = cfg.eval
+    benchmarks = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"))
+    runs = mode_runs(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
+    sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
+    reward_fn = get_reward_fn(cfg.rl.get("reward", "math_verify"))
+    results, records = evaluate(policy, benchmarks, runs, ev.samples, sampling, reward_fn)
+    path = write_results(out_dir, results, records)
+    print(markdown_table(results, RESULT_COLUMNS))
+    log.info("results written to %s", path)
+    return results
+
+
+def load_policy(cfg: DictConfig) -> Policy:
+    """A fresh copy of the base model with the token installed and, if `token.path` is set, the learned row."""
+    loaded = load_model(**to_plain(cfg.model))
+    overlay = install_token(loaded.model, loaded.tokenizer, to_plain(cfg.token.init), cfg.token.text)
+    if cfg.token.get("path"):
+        base = None if cfg.token.get("allow_base_mismatch") else cfg.model.name
+        embedding, meta = load_token_file(cfg.token.path, overlay.row.shape[0], base)
+        overlay.row.data.copy_(embedding)
+        log.info("loaded token %s (step %s) from %s", meta.get("token"), meta.get("step"), cfg.token.path)
+    elif "learned" in cfg.eval.modes:
+        log.warning("token.path is not set: mode 'learned' evaluates the untrained initialisation")
+    forcing = ForcingSettings(**to_plain(cfg.forcing))
+    prompt = to_plain(cfg.prompt)
+    return Policy(loaded, forcing, prompt.get("instruction") or DEFAULT_INSTRUCTION, prompt.get("system_prompt"))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from ctt.errors import CttError
+
+    try:
+        L.seed_everything(cfg.seed)
+        evaluate_policy(load_policy(cfg), cfg, Path(cfg.paths.output_dir))
+    except CttError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Budget-forced batched sampling with a KV cache.
+
+Written by hand because `model.generate` cannot *replace* a token inside the loop: a logits processor can only
+change what is sampled, not feed a different (multi-token, or learned) continuation and mask out an already-cached
+multi-token marker. Here every sequence carries a small state machine:
+
+    THINKING --marker, forced < N--> (marker removed, continuation fed) --> THINKING
+    THINKING --marker, forced == N--> ANSWER (or DONE when the marker is end-of-sequence)
+    THINKING --thinking budget spent--> budget tokens forced --> ANSWER
+    ANSWER   --eos / answer limit--> DONE
+
+Removed marker tokens that were already fed (multi-token markers) are masked out of attention and their positions
+reused, which is exactly the computation of a sequence that never contained them. Finished sequences leave the
+batch (their cache rows are dropped), so no compute is spent on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+THINKING, ANSWER, DONE = "thinking", "answer", "done"
+
+
+@dataclass(frozen=True)
+class ForcingConfig:
+    end_of_thinking_ids: tuple[int, ...]  # the marker, one or several token ids
+    eos_token_ids: tuple[int, ...]
+    num_continuations: int = 0  # N: how many times the marker is replaced
+    continuation_ids: tuple[int, ...] = ()  # what replaces it: (new_id,), ids of "Wait", or () to just drop it
+    thinking_budget: int | None = None  # force the end of thinking after this many thinking tokens
+    budget_force_ids: tuple[int, ...] | None = None  # what is forced then (default: the marker)
+    max_answer_tokens: int = 256  # tokens allowed after thinking ends
+    max_new_tokens: int = 512
+    banned_ids: tuple[int, ...] = ()  # never sampled (the new token: the model must not emit it itself)
+
+    def __post_init__(self):
+        if not self.end_of_thinking_ids:
+            raise ValueError("end_of_thinking_ids must not be empty")
+        if self.num_continuations < 0:
+            raise ValueError(f"num_continuations must be >= 0, got {self.num_continuations}")
+
+    @property
+    def marker_is_eos(self) -> bool:
+        return len(self.end_of_thinking_ids) == 1 and self.end_of_thinking_ids[0] in self.eos_token_ids
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)  # what was fed after the prompt, markers replaced
+    sampled: list[bool] = field(default_factory=list)  # per completion token: sampled by the model (not forced)
+    continuation_starts: list[int] = field(default_factory=list)  # completion index of each inserted continuation
+    thinking_tokens: int = 0
+    answer_tokens: int = 0
+    stop_reason: str = ""  # eos | answer_limit | max_new_tokens | thinking_budget
+    text: str = ""
+
+    @property
+    def num_forced(self) -> int:
+        return len(self.continuation_starts)
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.completion_ids)
+
+
+@dataclass
+class _Row:
+    rollout: Rollout
+    phase: str = THINKING
+    queue: list[int] = field(default_factory=list)  # forced tokens still to feed
+    fed_marker_prefix: int = 0  # marker tokens already fed to the model that match the marker's prefix
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Temperature / nucleus sampling over `[B, V]` logits (fp32)."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > cfg.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_forced(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    forcing: ForcingConfig,
+    sampling: SamplingConfig = SamplingConfig(),
+    pad_token_id: int = 0,
+    decode=None,
+) -> list[Rollout]:
+    """Sample one completion per prompt with budget forcing; returns rollouts in prompt order.
+
+    `decode(ids) -> str`, if given, fills `Rollout.text`.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    rows = [_Row(Rollout(prompt_ids=list(p))) for p in prompts]
+    active = list(range(len(rows)))  # original index of each batch row still generating
+    ids, attn = _left_pad(prompts, pad_token_id, device)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache, logits_to_keep=1)
+    next_pos = attn.sum(-1)  # [B] position id of the next token per row
+    marker = list(forcing.end_of_thinking_ids)
+    banned = [i for i in forcing.banned_ids if i < out.logits.shape[-1]]
+
+    while True:
+        logits = out.logits[:, -1, :].float()
+        if banned:
+            logits[:, banned] = float("-inf")
+        sampled = sample_next(logits, sampling, generator).tolist()
+        feed: list[int] = []
+        unmask_cols: list[tuple[int, int]] = []  # (batch row, how many trailing fed tokens to mask)
+        for b, orig in enumerate(active):
+            row = rows[orig]
+            token, was_sampled = (row.queue.pop(0), False) if row.queue else (sampled[b], True)
+            rewind, next_token = _advance(row, token, was_sampled, marker, forcing)
+            if rewind:
+                unmask_cols.append((b, rewind))
+            if next_token >= 0:
+                feed.append(next_token)
+        # Mask the already-fed part of a replaced multi-token marker and reuse its positions.
+        for b, n in unmask_cols:
+            cols = attn[b].nonzero().squeeze(-1)[-n:]
+            attn[b, cols] = 0
+            next_pos[b] -= n
+        keep = [b for b, orig in enumerate(active) if rows[orig].phase != DONE]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            attn, next_pos = attn[index], next_pos[index]
+            active = [active[b] for b in keep]
+        attn = torch.cat([attn, attn.new_ones(len(active), 1)], dim=-1)
+        step_ids = torch.tensor(feed, device=device).unsqueeze(-1)
+        out = model(
+            input_ids=step_ids,
+            attention_mask=attn,
+            position_ids=next_pos.unsqueeze(-1),
+            past_key_values=cache,
+            logits_to_keep=1,
+        )
+        next_pos = next_pos + 1
+
+    results = [r.rollout for r in rows]
+    if decode is not None:
+        for r in results:
+            r.text = decode(r.completion_ids)
+    return results
+
+
+def _advance(row: _Row, token: int, was_sampled: bool, marker: list[int], forcing: ForcingConfig) -> tuple[int, int]:
+    """Apply one chosen token to a row's state.
+
+    Returns (how many already-fed trailing tokens to mask out, the token to feed next; -1 when the row is done).
+    """
+    ro = row.rollout
+    ro.completion_ids.append(token)
+    ro.sampled.append(was_sampled)
+    if row.phase == THINKING:
+        ro.thinking_tokens += 1
+        k = len(marker)
+        if was_sampled and ro.completion_ids[-k:] == marker and all(ro.sampled[-k:]):
+            if ro.num_forced < forcing.num_continuations:
+                return _replace_marker(row, k, forcing)
+            row.phase = DONE if forcing.marker_is_eos else ANSWER
+            ro.stop_reason = "eos" if row.phase == DONE else ""
+        elif was_sampled and token in forcing.eos_token_ids:
+            row.phase, ro.stop_reason = DONE, "eos"  # ended without closing its thinking
+        elif forcing.thinking_budget is not None and ro.thinking_tokens >= forcing.thinking_budget and not row.queue:
+            if forcing.budget_force_ids is None and forcing.marker_is_eos:
+                row.phase, ro.stop_reason = DONE, "thinking_budget"  # nothing to force but the end
+            else:
+                row.queue = list(forcing.budget_force_ids if forcing.budget_force_ids is not None else marker)
+                row.phase = ANSWER
+    elif was_sampled:
+        if token in forcing.eos_token_ids:
+            row.phase, ro.stop_reason = DONE, "eos"
+        else:
+            ro.answer_tokens += 1
+            if ro.answer_tokens >= forcing.max_answer_tokens and not row.queue:
+                row.phase, ro.stop_reason = DONE, "answer_limit"
+    if row.phase != DONE and len(ro.completion_ids) >= forcing.max_new_tokens and not row.queue:
+        row.phase, ro.stop_reason = DONE, "max_new_tokens"
+    return 0, (-1 if row.phase == DONE else token)
+
+
+def _replace_marker(row: _Row, k: int, forcing: ForcingConfig) -> tuple[int, int]:
+    """Drop the just-completed marker from the record and start feeding the continuation instead.
+
+    Its first k-1 tokens were already fed to the model: they get masked out of attention.
+    """
+    ro = row.rollout
+    del ro.completion_ids[-k:], ro.sampled[-k:]
+    ro.thinking_tokens -= k
+    ro.continuation_starts.append(len(ro.completion_ids))
+    row.queue = list(forcing.continuation_ids)
+    if not row.queue:
+        # Empty continuation ("no string" forcing): predict again after the last kept token. Mask that token's
+        # cached position too and feed it once more at the same position: the same context, a fresh sample.
+        last = ro.completion_ids[-1] if ro.completion_ids else ro.prompt_ids[-1]
+        return k, last
+    nxt = row.queue.pop(0)
+    ro.completion_ids.append(nxt)
+    ro.sampled.append(False)
+    ro.thinking_tokens += 1
+    return k - 1, nxt

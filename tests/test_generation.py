@@ -1,0 +1,163 @@
+"""Budget-forced generation: exact insert counts, equivalence with a cache-free reference, budgets, banned token."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
+from ctt.models import load_model
+from ctt.token import install_token
+from tests.conftest import tiny
+
+PROMPTS = ["hello there", "what is 2+2?", "x", "a much longer prompt about sums and products"]
+
+
+@torch.no_grad()
+def naive_forced(model, prompt, marker, n, continuation, eos, banned, max_new, max_answer):
+    """Reference: recompute the whole sequence every step (no cache), edit the sequence as s1 does."""
+    seq, out, sampled, forced, thinking = list(prompt), [], [], 0, True
+    answer = 0
+    while len(out) < max_new:
+        logits = model(torch.tensor([seq])).logits[0, -1].float()
+        logits[[b for b in banned if b < logits.shape[0]]] = float("-inf")
+        tok = int(logits.argmax())
+        seq.append(tok), out.append(tok), sampled.append(True)
+        if thinking and out[-len(marker):] == marker and all(sampled[-len(marker):]):
+            if forced < n:
+                del seq[-len(marker):], out[-len(marker):], sampled[-len(marker):]
+                seq += continuation
+                out += continuation
+                sampled += [False] * len(continuation)
+                forced += 1
+                continue
+            thinking = False
+            if marker == [eos]:
+                break
+            continue
+        if tok == eos:
+            break
+        if not thinking:
+            answer += 1
+            if answer >= max_answer:
+                break
+    return out, forced
+
+
+def _unforced_greedy(loaded, prompts):
+    tok = loaded.tokenizer
+    cfg = ForcingConfig(end_of_thinking_ids=(tok.eos_token_id,), eos_token_ids=(tok.eos_token_id,), max_new_tokens=40)
+    return generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=0))
+
+
+@pytest.mark.parametrize("marker_len", [1, 2])
+@pytest.mark.parametrize("n", [0, 2])
+@pytest.mark.parametrize("continuation", ["learned", "word", "empty"])
+def test_forcing_matches_cache_free_reference(marker_len, n, continuation):
+    loaded = tiny(boost=0.0)
+    tok, model = loaded.tokenizer, loaded.model
+    prompts = [tok.encode(p) for p in PROMPTS]
+    # Pick as marker the token (or token pair) the greedy model emits most: forcing then has work to do.
+    outs = [r.completion_ids for r in _unforced_greedy(loaded, prompts)]
+    grams = Counter(tuple(o[i : i + marker_len]) for o in outs for i in range(len(o) - marker_len + 1))
+    marker = list(grams.most_common(1)[0][0])
+    new_id = tok.convert_tokens_to_ids("<|continue-thinking|>")
+    cont = {"learned": [new_id], "word": tok.encode("Wait"), "empty": []}[continuation]
+    cfg = ForcingConfig(
+        end_of_thinking_ids=tuple(marker), eos_token_ids=(tok.eos_token_id,), num_continuations=n,
+        continuation_ids=tuple(cont), max_new_tokens=30, max_answer_tokens=6, banned_ids=(new_id,),
+    )
+    rollouts = generate_forced(model, prompts, cfg, SamplingConfig(temperature=0), pad_token_id=tok.pad_token_id)
+    emitted_any = False
+    for prompt, r in zip(prompts, rollouts):
+        ref, ref_forced = naive_forced(model, prompt, marker, n, cont, tok.eos_token_id, [new_id], 30, 6)
+        assert r.completion_ids == ref
+        assert r.num_forced == ref_forced <= n
+        # Each recorded insertion point holds the continuation, and exactly num_forced were inserted.
+        for start in r.continuation_starts:
+            assert r.completion_ids[start : start + len(cont)] == cont
+            assert not any(r.sampled[start : start + len(cont)])
+        if cont == [new_id]:
+            assert r.completion_ids.count(new_id) == r.num_forced
+        emitted_any |= r.num_forced > 0
+    if n:
+        assert emitted_any, "the chosen marker was never emitted: the test would prove nothing"
+
+
+def test_inserts_min_of_n_and_emissions_in_a_ragged_batch():
+    """Sampling with a model that emits </think> often: sequences finish at different steps."""
+    loaded = tiny(boost=4.0)
+    tok = loaded.tokenizer
+    marker = loaded.end_of_thinking_ids
+    new_id = tok.convert_tokens_to_ids("<|continue-thinking|>")
+    prompts = [tok.encode(p) for p in PROMPTS * 4]
+    for n in (1, 2, 5):
+        cfg = ForcingConfig(
+            end_of_thinking_ids=tuple(marker), eos_token_ids=(tok.eos_token_id,), num_continuations=n,
+            continuation_ids=(new_id,), max_new_tokens=40, max_answer_tokens=5, banned_ids=(new_id,),
+        )
+        rollouts = generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=1.0, seed=n))
+        for r in rollouts:
+            # A marker left in the thinking part was emitted after N were forced (it ends thinking).
+            passed = r.completion_ids[: r.thinking_tokens].count(marker[0])
+            assert passed <= 1
+            emissions = r.num_forced + passed
+            assert r.num_forced == min(n, emissions)
+            assert r.completion_ids.count(new_id) == r.num_forced
+            if passed:
+                assert r.num_forced == n
+        assert len({len(r.completion_ids) for r in rollouts}) > 1, "all rows finished together"
+        assert any(r.num_forced == n for r in rollouts)
+
+
+def test_thinking_budget_forces_the_end_and_bounds_the_answer():
+    loaded = tiny(boost=0.0)
+    tok = loaded.tokenizer
+    marker = tuple(loaded.end_of_thinking_ids)
+    force = tuple(tok.encode("</think>Final answer:"))
+    cfg = ForcingConfig(
+        end_of_thinking_ids=marker, eos_token_ids=(tok.eos_token_id,), num_continuations=2,
+        continuation_ids=tuple(tok.encode("Wait")), thinking_budget=10, budget_force_ids=force,
+        max_answer_tokens=4, max_new_tokens=200,
+    )
+    prompts = [tok.encode(p) for p in PROMPTS]
+    for r in generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=1.0, seed=0)):
+        assert r.thinking_tokens <= 10
+        if r.stop_reason != "eos":
+            start = r.thinking_tokens
+            assert tuple(r.completion_ids[start : start + len(force)]) == force
+            assert r.answer_tokens == 4 and r.stop_reason == "answer_limit"
+        assert len(r.completion_ids) <= 10 + len(force) + 4
+
+
+def test_model_never_samples_the_new_token():
+    loaded = load_model(name="t", source="tiny_random", end_of_thinking="</think>")
+    model, tok = loaded.model, loaded.tokenizer
+    model.resize_token_embeddings(len(tok) + 8)  # padded vocab, as in Qwen: the new id gets a real logit
+    new_id = len(tok)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[new_id] = model.get_output_embeddings().weight[5] * 50
+    install_token(model, tok, {"name": "mean"})
+    assert tok.convert_tokens_to_ids("<|continue-thinking|>") == new_id < model.get_output_embeddings().weight.shape[0]
+    prompts = [tok.encode(p) for p in PROMPTS]
+    base = dict(end_of_thinking_ids=(tok.eos_token_id,), eos_token_ids=(tok.eos_token_id,), max_new_tokens=30)
+    control = generate_forced(model, prompts, ForcingConfig(**base), SamplingConfig(temperature=1.0, seed=0))
+    assert any(new_id in r.completion_ids for r in control), "control: without the ban the token is sampled"
+    banned = ForcingConfig(**base, banned_ids=(new_id,))
+    for r in generate_forced(model, prompts, banned, SamplingConfig(temperature=1.0, seed=0)):
+        assert new_id not in r.completion_ids
+
+
+def test_sampling_is_reproducible_for_a_seed():
+    loaded = tiny(boost=4.0)
+    tok = loaded.tokenizer
+    cfg = ForcingConfig(end_of_thinking_ids=tuple(loaded.end_of_thinking_ids), eos_token_ids=(tok.eos_token_id,),
+                        num_continuations=2, continuation_ids=tuple(tok.encode("Wait")), max_new_tokens=20)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    a = generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=1.0, top_p=0.9, seed=3))
+    b = generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=1.0, top_p=0.9, seed=3))
+    c = generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=1.0, top_p=0.9, seed=4))
+    assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
+    assert [r.completion_ids for r in a] != [r.completion_ids for r in c]

@@ -1,0 +1,157 @@
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ctt.errors import ConfigError, DataError
+from ctt.rewards import (
+    REWARD_FUNCTIONS,
+    Score,
+    extract_answer,
+    get_reward_fn,
+    gold_answer,
+    score_completion,
+    summarize,
+    verify,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _rows(name: str, n: int = 5) -> list[dict]:
+    path = DATA / name / "test.jsonl"
+    if not path.exists():
+        pytest.skip(f"shared benchmark file missing: {path}")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so \\boxed{\\frac{1}{2}} hence", "\\frac{1}{2}"),
+        ("nested \\boxed{\\frac{\\sqrt{3}}{2}}.", "\\frac{\\sqrt{3}}{2}"),
+        ("first \\boxed{1} then \\boxed{2}", "2"),
+        ("$\\boxed 42$", "42"),
+        ("\\fbox{7}", "7"),
+        ("She makes 9 * 2 = 18 dollars.\n#### 18", "18"),
+        ("#### 1,234", "1,234"),
+        ("So the answer is $\\frac{3}{4}$.", "\\frac{3}{4}"),
+        ("Final answer: 12. Done.", "12"),
+        ("We have 3 apples, then 5, total 1,234,567 apples", "1,234,567"),
+        ("that gives -0.5", "-0.5"),
+        ("the ratio is 3/4", "3/4"),
+        ("an empty box \\boxed{} but 5 later", "5"),
+        ("no answer here", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "pred, gold, ok",
+    [
+        ("3/4", "\\frac{3}{4}", True),
+        ("0.75", "\\frac{3}{4}", True),
+        ("\\frac{3}{4}", "0.75", True),
+        ("1,234", "1234", True),
+        ("1234", "1,234", True),
+        ("\\$18", "18", True),
+        ("27", "27.0", True),
+        ("0.7", "\\frac{3}{4}", False),
+        ("1235", "1234", False),
+    ],
+)
+def test_verify_equivalent_forms(pred, gold, ok):
+    assert verify(pred, gold) is ok
+
+
+def test_gold_answer_formats():
+    assert gold_answer("so 1,000 + 234\n#### 1,234", "gsm8k") == "1234"
+    assert gold_answer("thus $\\boxed{\\frac{1}{2}}$.", "boxed") == "\\frac{1}{2}"
+    assert gold_answer("  42 \n", "plain") == "42"
+    assert gold_answer(27.0, "plain") == "27"
+    with pytest.raises(DataError, match="####"):
+        gold_answer("no marker", "gsm8k")
+    with pytest.raises(DataError, match="boxed"):
+        gold_answer("no box here", "boxed")
+    with pytest.raises(ConfigError, match="gsm8k"):
+        gold_answer("1", "nope")
+
+
+def test_gsm8k_rows_correct_incorrect_missing():
+    for row in _rows("gsm8k"):
+        gold = gold_answer(row["answer"], "gsm8k")
+        right = score_completion(f"Let me think. {row['answer'].split('####')[0]} \\boxed{{{gold}}}", gold)
+        assert right == Score(1.0, True, gold, "correct")
+        wrong = score_completion(f"I believe it is \\boxed{{{int(gold) + 1}}}", gold)
+        assert (wrong.reward, wrong.status) == (0.0, "incorrect")
+        assert score_completion("no answer here", gold) == Score(0.0, False, None, "missing")
+
+
+def test_math500_rows_latex_answers():
+    rows = _rows("math500", 20)
+    answers = [r["answer"] for r in rows]
+    assert any("\\frac" in a for a in answers) and any("," in a for a in answers)  # fractions and tuples covered
+    checked_wrong = 0
+    for i, row in enumerate(rows):
+        gold = gold_answer(row["solution"], "boxed")
+        assert verify(gold, row["answer"]), (gold, row["answer"])
+        assert score_completion(f"Reasoning... so $\\boxed{{{row['answer']}}}$.", row["answer"]).correct
+        other = rows[(i + 1) % len(rows)]["answer"]
+        if not verify(other, row["answer"]):  # skip accidental duplicates among the rows
+            assert score_completion(f"\\boxed{{{other}}}", row["answer"]).status == "incorrect"
+            checked_wrong += 1
+    assert checked_wrong >= len(rows) - 2
+
+
+@pytest.mark.parametrize(
+    "text, timeout_s",
+    [("\\boxed{" + "(" * 5000 + "}", 5.0), ("\\boxed{" + "(" * 300 + "}", 1.0), ("\\boxed{9^{9^{9}}}", 1.0)],
+    ids=["5000-parens-over-length-cap", "300-parens-parse-timeout", "power-tower-compare-timeout"],
+)
+def test_pathological_inputs_are_bounded(text, timeout_s):
+    start = time.monotonic()
+    score = score_completion(text, "1", timeout_s=timeout_s)
+    assert time.monotonic() - start < 8
+    assert score.reward == 0.0 and not score.correct
+
+
+def test_non_main_thread_degrades_safely():
+    out = {}
+
+    def work():
+        out["score"] = score_completion("\\boxed{2}", "2")
+        out["verify"] = verify("2", "2")
+        out["no_timeout"] = verify("2", "2", timeout_s=None)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    assert out["score"].status == "error" and out["score"].reward == 0.0
+    assert out["verify"] is False
+    assert out["no_timeout"] is True  # explicitly opting out of signals works in threads
+
+
+def test_summarize_counts():
+    scores = [
+        Score(1.0, True, "1", "correct"),
+        Score(0.0, False, "2", "incorrect"),
+        Score(0.0, False, None, "missing"),
+        Score(0.0, False, "x", "error"),
+    ]
+    stats = summarize(scores)
+    assert stats == {"n": 4.0, "accuracy": 0.25, "mean_reward": 0.25, "missing": 1.0, "error": 1.0}
+    assert summarize([])["accuracy"] == 0.0
+
+
+def test_reward_registry():
+    assert get_reward_fn("math_verify") is REWARD_FUNCTIONS["math_verify"]
+    assert get_reward_fn("math_verify")("\\boxed{4}", "4").correct
+    with pytest.raises(ConfigError, match="math_verify"):
+        get_reward_fn("exact_match")

@@ -1,4 +1,9 @@
-"""`ctt-eval`: accuracy of base / fixed-word / learned-token forcing for each N, written to `results.csv`."""
+"""`ctt-eval`: accuracy of base / fixed-word / learned-token forcing for each N.
+
+Writes into the run dir (`${paths.output_dir}`): results.csv / results.md (pass@1 with its 95% CI per benchmark,
+mode and N), samples.jsonl (one record per sample; `ctt.evaluate.results_from_samples` recomputes the table from
+it) and scaling.png (accuracy against mean thinking tokens, `ctt.plots.scaling_plot`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from ctt.data import DEFAULT_INSTRUCTION
 from ctt.evaluate import RESULT_COLUMNS, evaluate, markdown_table, mode_runs, write_results
 from ctt.generation import SamplingConfig
 from ctt.models import load_model
+from ctt.plots import scaling_plot
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import get_reward_fn
 from ctt.token import install_token, load_token_file
@@ -29,8 +35,9 @@ def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path) -> list[dict
     reward_fn = get_reward_fn(cfg.rl.get("reward", "math_verify"))
     results, records = evaluate(policy, benchmarks, runs, ev.samples, sampling, reward_fn)
     path = write_results(out_dir, results, records)
+    scaling_plot(results, Path(out_dir) / "scaling.png")
     print(markdown_table(results, RESULT_COLUMNS))
-    log.info("results written to %s", path)
+    log.info("results written to %s (plot: scaling.png)", path)
     return results
 
 

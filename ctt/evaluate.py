@@ -6,16 +6,22 @@ import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from torchmetrics.aggregation import MeanMetric
+from ctt.stats import pass_at_1_ci
 
-from ctt.data import Problem
-from ctt.generation import SamplingConfig
-from ctt.policy import Policy
-from ctt.rewards import Score
+if TYPE_CHECKING:  # annotations only: keeps `ctt.evaluate` light (no torch) for `ctt-report` and notebooks
+    from ctt.data import Problem
+    from ctt.generation import SamplingConfig
+    from ctt.policy import Policy
+    from ctt.rewards import Score
 
-RESULT_COLUMNS = ["benchmark", "mode", "num_continuations", "accuracy", "n", "mean_thinking_tokens", "mean_total_tokens"]
+# The first seven columns are the original table; the rest were appended (readers may rely on the order).
+# accuracy is pass@1; ci_low / ci_high its 95% interval (method in ci_method, see ctt.stats); samples is k.
+RESULT_COLUMNS = [
+    "benchmark", "mode", "num_continuations", "accuracy", "n", "mean_thinking_tokens", "mean_total_tokens",
+    "ci_low", "ci_high", "samples", "ci_method",
+]
 
 
 @dataclass
@@ -58,21 +64,20 @@ def evaluate(
     sampling: SamplingConfig,
     reward_fn: Callable[[str, str], Score],
 ) -> tuple[list[dict], list[SampleRecord]]:
-    """pass@1 averaged over `samples` per problem, for every benchmark x run; plus one record per sample."""
-    results: list[dict] = []
+    """pass@1 averaged over `samples` per problem, for every benchmark x run; plus one record per sample.
+
+    The results table is computed from the records by `summarize_samples`, the same code `results_from_samples`
+    runs on `samples.jsonl`, so every number in results.csv can be recomputed from that file.
+    """
     records: list[SampleRecord] = []
     for bench, problems in benchmarks.items():
         for label, word, n in runs:
             mode = label.split(":")[0]
             forcing = policy.forcing(mode, n, word)
             rollouts = policy.rollout(problems, forcing, sampling, samples_per_prompt=samples)
-            accuracy, thinking, total = MeanMetric(), MeanMetric(), MeanMetric()
             for i, rollout in enumerate(rollouts):
                 problem = problems[i // samples]
                 score = reward_fn(rollout.text, problem.answer)
-                accuracy.update(float(score.correct))
-                thinking.update(float(rollout.thinking_tokens))
-                total.update(float(rollout.total_tokens))
                 records.append(
                     SampleRecord(
                         bench, problem.id, label, n, i % samples, score.extracted, score.correct, score.status,
@@ -80,18 +85,53 @@ def evaluate(
                         list(rollout.continuation_starts), rollout.stop_reason,
                     )
                 )
-            results.append(
-                {
-                    "benchmark": bench,
-                    "mode": label,
-                    "num_continuations": n,
-                    "accuracy": round(float(accuracy.compute()), 4),
-                    "n": len(problems),
-                    "mean_thinking_tokens": round(float(thinking.compute()), 1),
-                    "mean_total_tokens": round(float(total.compute()), 1),
-                }
-            )
-    return results, records
+    return summarize_samples(asdict(r) for r in records), records
+
+
+def summarize_samples(records: Iterable[dict]) -> list[dict]:
+    """One results row per (benchmark, mode, num_continuations), in order of first appearance.
+
+    accuracy = pass@1 = mean over problems of (correct samples / k); samples are grouped into problems by
+    `problem_id`. The token means are over all samples. ci_low / ci_high: 95% interval of pass@1 -- the Wilson
+    score interval when k == 1, else a seeded percentile bootstrap over problems (2000 resamples, seed 0), with a
+    Wilson fallback when every problem scores 0 or every problem 1 (see `ctt.stats`); ci_method names which.
+    """
+    groups: dict[tuple[str, str, int], dict[str, list[dict]]] = {}
+    for rec in records:
+        key = (rec["benchmark"], rec["mode"], int(rec["num_continuations"]))
+        groups.setdefault(key, {}).setdefault(str(rec["problem_id"]), []).append(rec)
+    results = []
+    for (bench, mode, n), problems in groups.items():
+        correct = [[bool(r["correct"]) for r in recs] for recs in problems.values()]
+        flat = [r for recs in problems.values() for r in recs]
+        point, lo, hi, method = pass_at_1_ci(correct)
+        ks = {len(c) for c in correct}
+        results.append(
+            {
+                "benchmark": bench,
+                "mode": mode,
+                "num_continuations": n,
+                "accuracy": round(point, 4),
+                "n": len(problems),
+                "mean_thinking_tokens": round(sum(float(r["thinking_tokens"]) for r in flat) / len(flat), 1),
+                "mean_total_tokens": round(sum(float(r["total_tokens"]) for r in flat) / len(flat), 1),
+                "ci_low": round(lo, 4),
+                "ci_high": round(hi, 4),
+                "samples": ks.pop() if len(ks) == 1 else round(len(flat) / len(problems), 2),
+                "ci_method": method,
+            }
+        )
+    return results
+
+
+def read_samples(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def results_from_samples(path: str | Path) -> list[dict]:
+    """Recompute the results table (the rows of results.csv) from a run's `samples.jsonl`."""
+    return summarize_samples(read_samples(path))
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:

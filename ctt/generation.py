@@ -12,6 +12,12 @@ multi-token marker. Here every sequence carries a small state machine:
 Removed marker tokens that were already fed (multi-token markers) are masked out of attention and their positions
 reused, which is exactly the computation of a sequence that never contained them. Finished sequences leave the
 batch (their cache rows are dropped), so no compute is spent on them.
+
+Engine (`EngineConfig`): the KV cache lives in preallocated per-layer buffers written in place (`cache="buffer"`, the
+default; HF's `DynamicCache` re-allocates and copies every layer's K/V on every step), the attention mask is one
+preallocated buffer too, and finished rows are compacted away (`drop_finished`). `cache="static"` (HF `StaticCache`,
+fixed shapes) with `compile=True` is the torch.compile route; it keeps finished rows in the batch (fixed shapes).
+See bench/README.md for measurements.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 THINKING, ANSWER, DONE = "thinking", "answer", "done"
 
@@ -74,6 +81,31 @@ class Rollout:
         return len(self.completion_ids)
 
 
+CACHES = ("buffer", "dynamic", "static")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How `generate_forced` runs (never what it samples: every setting gives the same tokens up to float rounding).
+
+    cache: "buffer" (default) preallocated per-layer K/V buffers written in place; "dynamic" HF `DynamicCache`
+        (torch.cat of every layer's K/V at every step); "static" HF `StaticCache` (fixed shapes: attends over the
+        whole preallocated length, for torch.compile).
+    compile: torch.compile the decode step (only sensible with cache="static": other caches change shapes every step).
+    drop_finished: compact finished rows out of the batch (and their cache rows). Forced off with cache="static".
+    """
+
+    cache: str = "buffer"
+    compile: bool = False
+    drop_finished: bool = True
+
+    def __post_init__(self):
+        if self.cache not in CACHES:
+            raise ValueError(f"engine cache must be one of {CACHES}, got {self.cache!r}")
+        if self.compile and self.cache != "static":
+            raise ValueError("engine compile=True needs cache='static' (fixed shapes); got cache=" + repr(self.cache))
+
+
 @dataclass
 class _Row:
     rollout: Rollout
@@ -97,6 +129,66 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class _BufferLayer(DynamicLayer):
+    """A DynamicLayer whose K/V live in a preallocated `[B, H, capacity, D]` buffer, written in place.
+
+    `keys`/`values` are views of the filled part, so everything that reads a DynamicLayer (mask sizes, sequence
+    length) sees the same thing; only the per-step `torch.cat` (a copy of the whole layer cache) is gone. The buffer
+    doubles when full, so a wrong capacity estimate costs a copy, never an error.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, _ = key_states.shape
+        self._k = key_states.new_empty(b, h, self.capacity, key_states.shape[-1])
+        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+        self.is_initialized = True
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self._k.shape[2])
+        k, v = self._k, self._v
+        self._k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+        self._v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+        self._k[:, :, : self.length] = k[:, :, : self.length]
+        self._v[:, :, : self.length] = v[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._k.shape[2]:
+            self._grow(end)
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def crop(self, tokens_to_remove: int) -> None:  # pragma: no cover - not used by ctt
+        raise NotImplementedError("_BufferLayer does not support crop")
+
+
+class BufferCache(DynamicCache):
+    """DynamicCache made of `_BufferLayer`s (one per decoder layer)."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        Cache.__init__(self, layers=[_BufferLayer(capacity) for _ in range(num_layers)])
+
+
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -107,7 +199,23 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
+def _step_bound(forcing: ForcingConfig) -> int:
+    """An upper bound (give or take) on the decode steps: buffers start this large and grow if it is exceeded."""
+    k = len(forcing.end_of_thinking_ids)
+    per_insert = k + max(len(forcing.continuation_ids), 1)
+    budget = len(forcing.budget_force_ids if forcing.budget_force_ids is not None else forcing.end_of_thinking_ids)
+    return forcing.max_new_tokens + forcing.num_continuations * per_insert + budget + 2
+
+
+def _compiled_forward(model: PreTrainedModel):
+    fn = getattr(model, "_ctt_compiled_forward", None)
+    if fn is None:
+        fn = torch.compile(model.forward, dynamic=False)
+        model._ctt_compiled_forward = fn
+    return fn
+
+
+@torch.inference_mode()
 def generate_forced(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -115,10 +223,11 @@ def generate_forced(
     sampling: SamplingConfig = SamplingConfig(),
     pad_token_id: int = 0,
     decode=None,
+    engine: EngineConfig = EngineConfig(),
 ) -> list[Rollout]:
     """Sample one completion per prompt with budget forcing; returns rollouts in prompt order.
 
-    `decode(ids) -> str`, if given, fills `Rollout.text`.
+    `decode(ids) -> str`, if given, fills `Rollout.text`. `engine` only changes speed, not the result.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -127,17 +236,43 @@ def generate_forced(
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     rows = [_Row(Rollout(prompt_ids=list(p))) for p in prompts]
-    active = list(range(len(rows)))  # original index of each batch row still generating
-    ids, attn = _left_pad(prompts, pad_token_id, device)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache, logits_to_keep=1)
-    next_pos = attn.sum(-1)  # [B] position id of the next token per row
+    active = list(range(len(rows)))  # original index of each batch row still in the batch
+    ids, prompt_mask = _left_pad(prompts, pad_token_id, device)
+    width = ids.shape[1]
+    capacity = width + _step_bound(forcing)
+    static = engine.cache == "static"
+    drop_finished = engine.drop_finished and not static
+    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    if engine.cache == "buffer":
+        cache = BufferCache(num_layers, capacity)
+    elif static:
+        cache = StaticCache(config=model.config, max_cache_len=capacity)
+    else:
+        cache = DynamicCache()
+    # One preallocated mask: column j is 1 once a real token sits there; step t passes the view [:, :width + t]
+    # (static: the whole buffer, as the cache attends over its full length).
+    attn = torch.zeros(len(prompts), capacity, dtype=torch.long, device=device)
+    attn[:, :width] = prompt_mask
+    cur = width  # columns in use
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids,
+        attention_mask=attn if static else attn[:, :cur],
+        position_ids=positions,
+        past_key_values=cache,
+        logits_to_keep=1,
+        **({"cache_position": torch.arange(width, device=device)} if static else {}),
+    )
+    step_fn = _compiled_forward(model) if engine.compile else model
+    next_pos = prompt_mask.sum(-1)  # [B] position id of the next token per row
     marker = list(forcing.end_of_thinking_ids)
     banned = [i for i in forcing.banned_ids if i < out.logits.shape[-1]]
+    done = [False] * len(rows)  # per batch row, only used when finished rows stay in the batch
 
     while True:
-        logits = out.logits[:, -1, :].float()
+        logits = out.logits[:, -1, :]
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         if banned:
             logits[:, banned] = float("-inf")
         sampled = sample_next(logits, sampling, generator).tolist()
@@ -145,33 +280,42 @@ def generate_forced(
         unmask_cols: list[tuple[int, int]] = []  # (batch row, how many trailing fed tokens to mask)
         for b, orig in enumerate(active):
             row = rows[orig]
+            if row.phase == DONE:  # kept in the batch (drop_finished off): feed padding, ignore its output
+                feed.append(pad_token_id)
+                continue
             token, was_sampled = (row.queue.pop(0), False) if row.queue else (sampled[b], True)
             rewind, next_token = _advance(row, token, was_sampled, marker, forcing)
             if rewind:
                 unmask_cols.append((b, rewind))
-            if next_token >= 0:
-                feed.append(next_token)
+            feed.append(next_token if next_token >= 0 else pad_token_id)
         # Mask the already-fed part of a replaced multi-token marker and reuse its positions.
         for b, n in unmask_cols:
-            cols = attn[b].nonzero().squeeze(-1)[-n:]
+            cols = attn[b, :cur].nonzero().squeeze(-1)[-n:]
             attn[b, cols] = 0
             next_pos[b] -= n
         keep = [b for b, orig in enumerate(active) if rows[orig].phase != DONE]
         if not keep:
             break
-        if len(keep) < len(active):
+        if drop_finished and len(keep) < len(active):
             index = torch.tensor(keep, device=device)
             cache.batch_select_indices(index)
             attn, next_pos = attn[index], next_pos[index]
             active = [active[b] for b in keep]
-        attn = torch.cat([attn, attn.new_ones(len(active), 1)], dim=-1)
+            feed = [feed[b] for b in keep]
+        if cur == attn.shape[1]:
+            if static:
+                raise RuntimeError("static cache full: the step bound was wrong")  # pragma: no cover
+            attn = torch.cat([attn, torch.zeros_like(attn)], dim=-1)
+        attn[:, cur] = 1
+        cur += 1
         step_ids = torch.tensor(feed, device=device).unsqueeze(-1)
-        out = model(
+        out = step_fn(
             input_ids=step_ids,
-            attention_mask=attn,
+            attention_mask=attn if static else attn[:, :cur],
             position_ids=next_pos.unsqueeze(-1),
             past_key_values=cache,
             logits_to_keep=1,
+            **({"cache_position": torch.tensor([cur - 1], device=device)} if static else {}),
         )
         next_pos = next_pos + 1
 

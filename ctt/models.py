@@ -81,6 +81,7 @@ TINY_DEFAULTS: dict[str, Any] = {
     "tie_word_embeddings": True,
     "seed": 0,
     "end_of_thinking_boost": 0.0,
+    "initializer_range": 0.02,  # larger values make logits react more to the input embeddings (toy RL tests)
 }
 
 
@@ -244,6 +245,7 @@ def _build_tiny_random(
         num_key_value_heads=opts["num_kv_heads"],
         max_position_embeddings=opts["max_position_embeddings"],
         tie_word_embeddings=bool(opts["tie_word_embeddings"]),
+        initializer_range=float(opts["initializer_range"]),
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -72,6 +72,9 @@ class ContinueThinkingModule(L.LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a batch is a list of text problems: nothing to move
+
     def on_train_epoch_start(self) -> None:
         self.model.eval()  # Lightning calls .train(); frozen weights must not run dropout
 

@@ -1,0 +1,75 @@
+"""Test-time scaling plot: accuracy against mean thinking tokens, one curve per mode, one panel per benchmark."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _num(value) -> float:
+    """results rows come as numbers (from `evaluate`) or strings (read back from results.csv)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _mode_order(mode: str) -> tuple[int, str]:
+    return ({"base": 0, "learned": 2}.get(mode, 1), mode)
+
+
+def scaling_plot(results: list[dict], path: str | Path | None = None) -> Figure:
+    """One subplot per benchmark: x = mean thinking tokens, y = accuracy (pass@1) with its CI as error bars.
+
+    One line per mode (`base`, `fixed:<word>`, `learned`), so `ax.get_lines()` holds exactly one Line2D per mode
+    (the error bars are line collections). `base` runs once (N=0) and is a single point; every other mode's curve
+    is ordered by N and starts at the base point when the benchmark has one and the mode has no N=0 run of its
+    own. Points are annotated "N=k" (the shared base point once). Rendered with the Agg canvas (no pyplot, no
+    display); saved to `path` when given.
+    """
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in results))
+    ncols = max(1, len(benchmarks))
+    fig = Figure(figsize=(5.0 * ncols, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    if not benchmarks:
+        axes[0].set_title("no results")
+    for ax, bench in zip(axes, benchmarks):
+        rows = [r for r in results if r["benchmark"] == bench]
+        base = next((r for r in rows if r["mode"] == "base"), None)
+        modes = sorted(dict.fromkeys(r["mode"] for r in rows), key=_mode_order)
+        for i, mode in enumerate(modes):
+            points = sorted((r for r in rows if r["mode"] == mode), key=lambda r: int(_num(r["num_continuations"])))
+            own = points
+            if mode != "base" and base is not None and all(int(_num(r["num_continuations"])) != 0 for r in points):
+                points = [base] + points
+            xs = [_num(r["mean_thinking_tokens"]) for r in points]
+            ys = [_num(r["accuracy"]) for r in points]
+            color = f"C{i}"
+            ax.plot(xs, ys, marker="o", color=color, label=mode, linestyle="-" if len(points) > 1 else "none")
+            lows = [_num(r.get("ci_low")) for r in own]
+            highs = [_num(r.get("ci_high")) for r in own]
+            bars = [(_num(r["mean_thinking_tokens"]), lo, hi) for r, lo, hi in zip(own, lows, highs)]
+            bars = [b for b in bars if not (math.isnan(b[1]) or math.isnan(b[2]))]
+            if bars:
+                ax.vlines([b[0] for b in bars], [b[1] for b in bars], [b[2] for b in bars], colors=color, alpha=0.6)
+            for r in own:
+                ax.annotate(
+                    f"N={int(_num(r['num_continuations']))}",
+                    (_num(r["mean_thinking_tokens"]), _num(r["accuracy"])),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8, color=color,
+                )
+        ax.set_title(bench)
+        ax.set_xlabel("mean thinking tokens")
+        ax.set_ylabel("accuracy (pass@1, 95% CI)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig

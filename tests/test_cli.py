@@ -1,0 +1,83 @@
+"""Hydra configs compose; the train and eval entry points run end to end on experiment=smoke."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ctt.config import CONFIG_DIR
+from ctt.evaluate import RESULT_COLUMNS
+from ctt.token import TOKEN_FILE, load_token_file
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ["model", "data", "token/init", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config_name", ["train", "eval"])
+def test_every_group_option_composes(config_name):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for group in GROUPS:
+            options = _options(group)
+            assert options, f"config group {group} is empty"
+            for option in options:
+                cfg = compose(config_name=config_name, overrides=[f"{group}={option}"])
+                OmegaConf.to_container(cfg, resolve=False)
+                assert cfg.model.name and cfg.forcing.max_new_tokens > 0
+        cfg = compose(config_name=config_name, overrides=["benchmarks=[gsm8k_local,math500_local,aime24_local,amc23_local]"])
+        assert set(cfg.benchmarks) == {"gsm8k", "math500", "aime24", "amc23"}
+
+
+def test_default_experiment_is_the_offline_demo():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train")
+    assert cfg.model.source == "gguf_wheel" and cfg.task_name == "demo"
+
+
+def _run(module: str, *overrides: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_smoke_trains_evaluates_and_the_token_round_trips(tmp_path):
+    run_dir = tmp_path / "train"
+    _run("ctt.train", "experiment=smoke", f"hydra.run.dir={run_dir}")
+    token_file = run_dir / TOKEN_FILE
+    embedding, meta = load_token_file(token_file)
+    assert meta["base_model"] == "tiny_random" and meta["step"] == "3" and meta["init"] == "word"
+    rows = list(csv.DictReader(open(run_dir / "results.csv")))
+    assert list(rows[0]) [: len(RESULT_COLUMNS)] == RESULT_COLUMNS
+    assert {r["mode"] for r in rows} == {"base", "fixed:Wait", "learned"}
+    assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    # The learned token, loaded by ctt-eval into a fresh copy of the base model, reproduces the learned rows.
+    eval_dir = tmp_path / "eval"
+    proc = _run("ctt.eval", "experiment=smoke", f"token.path={token_file}", f"hydra.run.dir={eval_dir}")
+    assert "| learned |" in proc.stdout
+    again = list(csv.DictReader(open(eval_dir / "results.csv")))
+    key = lambda r: (r["benchmark"], r["mode"], r["num_continuations"])  # noqa: E731
+    assert {key(r): r["accuracy"] for r in again} == {key(r): r["accuracy"] for r in rows}
+    assert {key(r): r["mean_total_tokens"] for r in again} == {key(r): r["mean_total_tokens"] for r in rows}
+
+
+def test_user_errors_are_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctt.eval", "experiment=smoke", f"token.path={tmp_path}/missing.safetensors",
+         f"hydra.run.dir={tmp_path}/e"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "token file not found" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,111 @@
+"""REINFORCE pieces: advantages by hand, loss aggregation, and a toy reward that training must raise."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from ctt.errors import ConfigError
+from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
+from ctt.rl import ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_positions
+from ctt.token import get_overlay
+from tests.conftest import tiny
+
+
+def test_advantages_match_hand_computed_values():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    assert torch.allclose(compute_advantages(r, 3, "none"), r)
+    assert torch.allclose(compute_advantages(r, 3, "batch_mean"), r - 0.5)
+    group = torch.tensor([1 - 1 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3])
+    assert torch.allclose(compute_advantages(r, 3, "group_mean"), group)
+    std = torch.tensor(2 ** 0.5 / 3)  # population std of {1, 0, 0}
+    assert torch.allclose(compute_advantages(r, 3, "group_mean", "group", eps=0.0), group / std)
+    assert torch.allclose(compute_advantages(r, 3, "batch_mean", "batch", eps=0.0), (r - 0.5) / 0.5)
+
+
+def test_equal_rewards_give_zero_advantage_not_nan():
+    adv = compute_advantages(torch.ones(8), 4, "group_mean", "group")
+    assert torch.equal(adv, torch.zeros(8))
+
+
+def test_bad_names_and_group_sizes_are_config_errors():
+    with pytest.raises(ConfigError, match="rl.baseline"):
+        compute_advantages(torch.ones(4), 2, "median")
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        compute_advantages(torch.ones(5), 2, "group_mean")
+    with pytest.raises(ConfigError, match="rl.aggregation"):
+        reinforce_loss(ScoredTokens(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)), torch.ones(1), "max")
+
+
+def test_loss_aggregations():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    adv = torch.tensor([1.0, -2.0])
+    scored = ScoredTokens(logp, mask)
+    # sequence_sum: -mean_b(adv_b * sum_t logp) = -((1 * -3) + (-2 * -3)) / 2
+    assert reinforce_loss(scored, adv, "sequence_sum").item() == pytest.approx(-1.5)
+    # token_mean: -sum(adv * logp) / tokens = -((-1 - 2) + 6) / 3
+    assert reinforce_loss(scored, adv, "token_mean").item() == pytest.approx(-1.0)
+
+
+def test_only_tokens_sampled_after_the_first_continuation_are_scored():
+    r = Rollout(prompt_ids=[1, 2], completion_ids=[5, 6, 99, 7, 8, 99, 9], sampled=[True, True, False, True, True, False, True],
+                continuation_starts=[2, 5])
+    assert scored_positions(r) == [3, 4, 6]
+    assert scored_positions(Rollout(prompt_ids=[1], completion_ids=[5, 6], sampled=[True, True])) == []
+
+
+def test_logprobs_match_a_plain_forward():
+    loaded = tiny(boost=4.0)
+    model, tok = loaded.model, loaded.tokenizer
+    new_id = get_overlay(model).token_id
+    cfg = ForcingConfig(end_of_thinking_ids=tuple(loaded.end_of_thinking_ids), eos_token_ids=(tok.eos_token_id,),
+                        num_continuations=2, continuation_ids=(new_id,), max_new_tokens=20, banned_ids=(new_id,))
+    rollouts = generate_forced(model, [tok.encode("abc"), tok.encode("de")], cfg, SamplingConfig(1.0, seed=1))
+    scored = completion_logprobs(model, rollouts, temperature=0.7, banned_ids=(new_id,))
+    for i, r in enumerate(rollouts):
+        with torch.no_grad():
+            logits = model(torch.tensor([r.prompt_ids + r.completion_ids])).logits[0].float() / 0.7
+        logits[:, new_id:] = float("-inf")  # the new id is outside the tiny vocab; nothing to ban there
+        logp = logits.log_softmax(-1)
+        for c in scored_positions(r):
+            expected = logp[len(r.prompt_ids) + c - 1, r.completion_ids[c]]
+            assert scored.mask[i, c] and scored.logprobs[i, c].item() == pytest.approx(expected.item(), abs=1e-4)
+        assert scored.mask[i].sum() == len(scored_positions(r))
+
+
+def test_reinforce_raises_a_toy_reward():
+    """Reward: the fraction of inserted continuations followed by a chosen token id. Only the row can learn it."""
+    # A wider init than the default makes the tiny model's next token react to its input embedding.
+    loaded = tiny(boost=4.0, init_range=0.2)
+    model, tok = loaded.model, loaded.tokenizer
+    overlay = get_overlay(model)
+    cfg = ForcingConfig(end_of_thinking_ids=tuple(loaded.end_of_thinking_ids), eos_token_ids=(tok.eos_token_id,),
+                        num_continuations=2, continuation_ids=(overlay.token_id,), max_new_tokens=16,
+                        banned_ids=(overlay.token_id,))
+    prompts = [tok.encode(p) for p in ["one", "two", "three", "four"] for _ in range(8)]
+    optimizer = torch.optim.Adam([overlay.row], lr=0.3)
+    # Target: an ordinary token that already follows the continuation now and then (else there is no signal).
+    probe = generate_forced(model, prompts, cfg, SamplingConfig(1.0, seed=999))
+    followers = Counter(r.completion_ids[s + 1] for r in probe for s in r.continuation_starts
+                        if s + 1 < len(r.completion_ids))
+    target = next(t for t, _ in followers.most_common() if t < 256)
+
+    def reward(r: Rollout) -> float:
+        hits = [r.completion_ids[s + 1] == target for s in r.continuation_starts if s + 1 < len(r.completion_ids)]
+        return sum(hits) / len(hits) if hits else 0.0
+
+    history = []
+    for step in range(30):
+        rollouts = generate_forced(model, prompts, cfg, SamplingConfig(1.0, seed=step))
+        rewards = torch.tensor([reward(r) for r in rollouts])
+        history.append(rewards.mean().item())
+        scored = completion_logprobs(model, rollouts, banned_ids=(overlay.token_id,))
+        loss = reinforce_loss(scored, compute_advantages(rewards, 8, "group_mean"), "sequence_sum")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    start, end = sum(history[:3]) / 3, sum(history[-5:]) / 5
+    assert end > start + 0.25 and end > 3 * start, f"reward did not rise: {history}"

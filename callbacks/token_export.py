@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 
+from ctt.distributed import full_row
 from ctt.token import TOKEN_FILE, save_token_file
 
 
@@ -17,12 +18,15 @@ class TokenExport(L.Callback):
         self.every_n_steps = every_n_steps
 
     def export(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # Every rank: under DeepSpeed the fp32 master row is read (and under ZeRO-3 gathered) with a collective, so
+        # the file holds the same fp32 values whatever the strategy or precision.
+        row = full_row(module.token_row)
         if not trainer.is_global_zero:
             return
         hp = module.hparams
         save_token_file(
             self.path,
-            module.token_row,
+            row,
             {
                 "token": hp.token.get("text", "<|continue-thinking|>"),
                 "base_model": hp.model["name"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,24 @@ CONFIG_DIR = str(PROJECT_ROOT / "conf")
 # `${ctt_root:}` lets configs point at files next to the checkout (e.g. ../shared/data) whatever the cwd.
 if not OmegaConf.has_resolver("ctt_root"):
     OmegaConf.register_new_resolver("ctt_root", lambda: str(PROJECT_ROOT))
+
+
+def launch_rank() -> int:
+    """This process's global rank when an outside launcher started one process per device (SLURM's srun, e.g.
+    through hydra/launcher=slurm, or torchrun), else 0. Read from the environment as the job starts."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+# Every process of such a launch runs the Hydra job in the same run dir: only rank 0 writes `.hydra/`
+# (`${ctt_rank_zero:.hydra}` is null elsewhere) and each other rank logs to `<job>_rank<r>.log`.
+if not OmegaConf.has_resolver("ctt_rank_zero"):
+    OmegaConf.register_new_resolver("ctt_rank_zero", lambda value: value if launch_rank() == 0 else None)
+if not OmegaConf.has_resolver("ctt_rank_suffix"):
+    OmegaConf.register_new_resolver("ctt_rank_suffix", lambda: f"_rank{launch_rank()}" if launch_rank() else "")
 
 
 def instantiate_list(group: DictConfig | None) -> list[Any]:

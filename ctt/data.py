@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ctt.errors import ConfigError, DataError
-from ctt.rewards import ANSWER_FORMATS, gold_answer
+from ctt.rewards import ANSWER_FORMATS, gold_answer, gold_parses
+
+log = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SOURCES = ("jsonl", "hub", "reasoning_gym")
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: Lightning's precision plugins (DeepSpeed, *-true) rebuild every batch
+    # with `apply_to_collection`, which rejects frozen dataclasses and passes named tuples through.
     id: str
     question: str
     answer: str  # normalised gold, ready for ctt.rewards.verify
@@ -47,6 +51,8 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"data file not found: {path}") from None
     except IsADirectoryError:
         raise DataError(f"data path is a directory, expected a .jsonl file: {path}") from None
+    except OSError as e:  # permissions, a path through a file, I/O errors
+        raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
 
 
 def _to_problems(
@@ -145,9 +151,26 @@ def load_problems(
         origin = f"reasoning_gym:{task}"
     if not problems:
         raise DataError(f"dataset is empty: {origin}")
+    problems = _drop_unverifiable(problems, origin)
     if shuffle:
         random.Random(seed).shuffle(problems)
     return problems[:limit] if limit else problems
+
+
+def _drop_unverifiable(problems: list[Problem], origin: str) -> list[Problem]:
+    """Skip rows whose gold answer math-verify cannot parse (every completion would score 0), with one warning."""
+    ok = [gold_parses(p.answer) for p in problems]
+    kept = [p for p, good in zip(problems, ok) if good]
+    skipped = len(problems) - len(kept)
+    if skipped:
+        first = problems[ok.index(False)]
+        log.warning(
+            "%s: skipped %d of %d rows whose gold answer math-verify cannot parse (first: %s, answer %r)",
+            origin, skipped, len(problems), first.id, first.answer,
+        )
+    if not kept:
+        raise DataError(f"dataset is empty: no gold answer of {origin} can be parsed by math-verify")
+    return kept
 
 
 def format_user_message(question: str, instruction: str) -> str:
@@ -197,19 +220,67 @@ def _as_kwargs(cfg: Mapping | DictConfig | None, name: str) -> dict | None:
     return dict(cfg)
 
 
-class ProblemDataModule(L.LightningDataModule):
-    """Batches are plain `list[Problem]`; tokenisation happens at rollout time in the model."""
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` (an epoch's order is a function of `seed + epoch` alone) that can start an epoch part-way.
 
-    def __init__(self, train: dict, val: dict | None = None, batch_size: int = 4, num_workers: int = 0) -> None:
+    A plain `DataLoader(shuffle=True)` draws each epoch's order from the global RNG and, after a resume, restarts the
+    epoch from its first batch while Lightning's restored counters say it is mid-way: the resumed run would see
+    other problems than an uninterrupted one. `ProblemDataModule` saves its position in the checkpoint and
+    `resume_at` replays it. Subclassing DistributedSampler also stops Lightning from swapping in its own sampler
+    under DDP (this one already shards by rank).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.skip = 0  # samples (of this rank) to leave out at the start of the next epoch, once
+
+    def resume_at(self, epoch: int, skip_samples: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = skip_samples
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader Lightning counts as resumable (it has `state_dict`/`load_state_dict`), which it is: the position
+    is saved by `ProblemDataModule.state_dict` and replayed through `ResumableSampler`, so there is nothing to add."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class ProblemDataModule(L.LightningDataModule):
+    """Batches are plain `list[Problem]`; tokenisation happens at rollout time in the model.
+
+    The training order is seeded (`seed`, and the epoch) and the position within it is saved in checkpoints
+    (`state_dict`), so a resumed run trains on exactly the batches the uninterrupted run would have.
+    """
+
+    def __init__(
+        self, train: dict, val: dict | None = None, batch_size: int = 4, num_workers: int = 0, seed: int = 0
+    ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        _positive_int(batch_size, "data.batch_size")
         self.train_cfg = _as_kwargs(train, "train")
         self.val_cfg = _as_kwargs(val, "val")
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.seed = seed
         self.train_problems: list[Problem] | None = None
         self.val_problems: list[Problem] | None = None
+        self._resume: dict | None = None  # the position loaded from a checkpoint, applied by train_dataloader
 
     def _load(self, cfg: dict, name: str) -> list[Problem]:
         try:
@@ -237,7 +308,49 @@ class ProblemDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_problems is None:
             self.setup("fit")
-        return self._loader(self.train_problems, shuffle=True)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        dataset = PromptDataset(self.train_problems)
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        if self._resume is not None:
+            epoch, batches = self._resume["epoch"], self._resume["batches_in_epoch"]
+            if batches >= self._resume["batches_per_epoch"]:  # saved at the end of an epoch: the next one starts
+                epoch, batches = epoch + 1, 0
+            sampler.resume_at(epoch, batches * self.batch_size)
+            self._resume = None
+        return _ResumableLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=list
+        )
+
+    # --- the position in the training data, saved in Lightning checkpoints ----------------------------------
+
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None or self.train_problems is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {
+            "epoch": int(trainer.current_epoch),
+            "batches_in_epoch": int(progress.processed),  # trained on; the next batch is this index
+            "batches_per_epoch": int(trainer.num_training_batches),
+            "num_problems": len(self.train_problems),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.train_problems is None:
+            self.setup("fit")
+        now = {"num_problems": len(self.train_problems), "batch_size": self.batch_size, "seed": self.seed}
+        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+        if changed:
+            log.warning(
+                "resuming with other training data than the checkpoint (%s): the data order will differ from an "
+                "uninterrupted run", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
+            )
+        self._resume = dict(state)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_cfg is None:

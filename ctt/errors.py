@@ -1,4 +1,6 @@
-"""Exception hierarchy for ctt."""
+"""Exception hierarchy for ctt, and how the entry points report errors."""
+
+from __future__ import annotations
 
 
 class CttError(Exception):
@@ -19,3 +21,26 @@ class ModelError(CttError):
 
 class TokenFileError(CttError):
     """A saved token file is missing, malformed, or does not fit the model."""
+
+
+class TrainingError(CttError):
+    """Training cannot go on, e.g. the loss was not finite for `rl.max_bad_steps` consecutive steps."""
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one line an entry point prints for an error the user can fix, or None for anything else (a bug).
+
+    User errors: every CttError, and a config Hydra cannot instantiate (`trainer.max_steps=abc`, a missing optional
+    package), whose message Hydra spreads over several lines; a CttError raised inside an instantiated target
+    (e.g. `data.batch_size=0`) is reported as itself.
+    """
+    from hydra.errors import InstantiationException
+
+    cause = err
+    while isinstance(cause, InstantiationException) and isinstance(cause.__cause__, Exception):
+        cause = cause.__cause__
+    if isinstance(cause, CttError):
+        return f"{type(cause).__name__}: {cause}"
+    if isinstance(err, InstantiationException):
+        return "ConfigError: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return None

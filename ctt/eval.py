@@ -59,13 +59,17 @@ def load_policy(cfg: DictConfig) -> Policy:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from ctt.errors import CttError
+    from ctt.errors import user_error_message
 
     try:
         L.seed_everything(cfg.seed)
         evaluate_policy(load_policy(cfg), cfg, Path(cfg.paths.output_dir))
-    except CttError as err:
-        log.error("%s: %s", type(err).__name__, err)
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None:  # a bug: the full traceback goes to the run's log (<run dir>/eval.log) too
+            log.exception("evaluation failed: %s: %s", type(err).__name__, err)
+            raise
+        log.error(message)  # a user error: one clear line, no traceback
         raise SystemExit(2) from None
 
 

@@ -267,7 +267,6 @@ def generate_forced(
     next_pos = prompt_mask.sum(-1)  # [B] position id of the next token per row
     marker = list(forcing.end_of_thinking_ids)
     banned = [i for i in forcing.banned_ids if i < out.logits.shape[-1]]
-    done = [False] * len(rows)  # per batch row, only used when finished rows stay in the batch
 
     while True:
         logits = out.logits[:, -1, :]

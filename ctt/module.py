@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import lightning as L
@@ -9,12 +10,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ctt.data import DEFAULT_INSTRUCTION, Problem
+from ctt.distributed import DEFAULT_MAX_MEMORY_FRACTION, full_grad, gather_zero3
+from ctt.errors import ConfigError, TrainingError
 from ctt.generation import Rollout, SamplingConfig
 from ctt.models import load_model
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import Score, get_reward_fn
 from ctt.rl import completion_logprobs, compute_advantages, reinforce_loss
 from ctt.token import install_token
+from ctt.validation import validate_rl
+
+log = logging.getLogger(__name__)
 
 
 def _plain(cfg: Any) -> Any:
@@ -32,10 +38,14 @@ class ContinueThinkingModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         seed: int = 0,
+        distributed: dict | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        # Plain containers first: the hparams saved in checkpoints then load with torch.load(weights_only=True).
         model, token, forcing, rl, prompt = map(_plain, (model, token, forcing, rl, prompt or {}))
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        for key, value in self.hparams.items():  # any other config argument too (e.g. `distributed`)
+            self.hparams[key] = _plain(value)
         loaded = load_model(**model)
         install_token(loaded.model, loaded.tokenizer, token["init"], token.get("text", "<|continue-thinking|>"))
         self.model = loaded.model  # registered: Lightning moves it; only the overlay row requires grad
@@ -45,12 +55,17 @@ class ContinueThinkingModule(L.LightningModule):
             prompt.get("instruction") or DEFAULT_INSTRUCTION,
             prompt.get("system_prompt"),
         )
-        self.rl = rl
+        self.rl = validate_rl(rl)
         self.reward_fn = get_reward_fn(rl.get("reward", "math_verify"))
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler_factory = scheduler
         self.seed = seed
+        self.distributed = _plain(distributed) or {}  # conf/distributed: multi-process settings (ZeRO-3 gather)
+        self._step_gather = None  # ZeRO-3: the weights gathered for the current step, released after backward
         self.last_samples: list[tuple[Problem, Rollout, Score]] = []  # read by the rollout-logging callback
+        self.skipped_steps = 0  # steps whose loss was not finite (see _skip_if_not_finite)
+        self._bad_in_a_row = 0
+        self._drop_grad = False
         # Checkpoints hold only the row (see on_save_checkpoint), so loading must not demand the frozen weights.
         self.strict_loading = False
 
@@ -62,7 +77,14 @@ class ContinueThinkingModule(L.LightningModule):
 
     def configure_optimizers(self):
         # weight_decay on the row is the user's choice; frozen weights are not in the optimizer at all.
-        optimizer = self.optimizer_factory([self.token_row])
+        try:
+            optimizer = self.optimizer_factory([self.token_row])
+        except (TypeError, ValueError) as err:  # e.g. optimizer.lr=abc or a negative lr
+            texts = {k: v for k, v in getattr(self.optimizer_factory, "keywords", {}).items() if isinstance(v, str)}
+            if texts:
+                key, value = next(iter(texts.items()))
+                raise ConfigError(f"optimizer.{key} must be a number, got {value!r}") from None
+            raise ConfigError(f"optimizer: {err}") from None
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
@@ -93,6 +115,10 @@ class ContinueThinkingModule(L.LightningModule):
         k = int(self.rl.get("samples_per_prompt", 4))
         forcing = self.policy.forcing("learned", self.policy.settings.num_continuations)
         sampling = self.sampling()
+        # ZeRO-3: every weight gathered ONCE for the rollout, the scoring forward and its backward (released in
+        # on_after_backward), not per layer per token; a no-op under any other strategy. See ctt/distributed.py.
+        fraction = self.distributed.get("zero3_gather_max_memory_fraction", DEFAULT_MAX_MEMORY_FRACTION)
+        self._step_gather = gather_zero3(self, fraction)
         rollouts = self.policy.rollout(batch, forcing, sampling, samples_per_prompt=k)
         problems = [p for p in batch for _ in range(k)]
         scores = [self.reward_fn(r.text, p.answer) for r, p in zip(rollouts, problems)]
@@ -106,9 +132,40 @@ class ContinueThinkingModule(L.LightningModule):
         loss = reinforce_loss(scored, advantages, self.rl.get("aggregation", "token_mean"))
         # Keeps the row in the graph when no rollout inserted a continuation (DDP expects every rank's grad).
         loss = loss + 0.0 * self.token_row.sum()
+        step_loss = self._skip_if_not_finite(loss)
         self.last_samples = list(zip(problems, rollouts, scores))
-        self._log_step(loss, rewards, scores, rollouts, scored.mask.sum())
-        return loss
+        self._log_step(loss, rewards, scores, rollouts, scored.mask.sum())  # logs the raw loss, NaN included
+        return step_loss
+
+    def _skip_if_not_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """A NaN/inf loss skips the optimizer step; `rl.max_bad_steps` such steps in a row stop the run.
+
+        Not `return None` (Lightning's skip): under DDP/DeepSpeed a rank that skips backward hangs the others. Every
+        rank decides together (max over ranks), back-propagates `0 * row` so the collectives still line up, and
+        `on_before_optimizer_step` then drops the gradient: Adam skips a parameter without grad, so neither the row
+        nor its moments move. (DeepSpeed keeps grads in its own buffers: there the zero grad still takes a step
+        on Adam's momentum.) With gradient accumulation, one bad micro-batch skips the whole accumulated step.
+        """
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if not bad.item():
+            self._bad_in_a_row = 0
+            return loss
+        self.skipped_steps += 1
+        self._bad_in_a_row += 1
+        self._drop_grad = True
+        limit = int(self.rl.get("max_bad_steps", 5))
+        log.warning(
+            "step %d: loss is %s; optimizer step skipped (%d in a row, rl.max_bad_steps=%d)",
+            self.global_step, loss.detach().item(), self._bad_in_a_row, limit,
+        )
+        if self._bad_in_a_row >= limit:
+            raise TrainingError(
+                f"the loss was not finite for {self._bad_in_a_row} consecutive steps (rl.max_bad_steps={limit}), "
+                f"last at step {self.global_step}; lower optimizer.lr or check the model's dtype"
+            )
+        return 0.0 * self.token_row.sum()
 
     def _log_step(self, loss, rewards, scores: list[Score], rollouts: list[Rollout], scored_tokens) -> None:
         as_t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=self.device).mean()  # noqa: E731
@@ -122,11 +179,20 @@ class ContinueThinkingModule(L.LightningModule):
             "train/answer_tokens": as_t([r.answer_tokens for r in rollouts]),
             "train/scored_tokens": scored_tokens.float(),
             "train/embedding_norm": self.token_row.detach().norm(),
+            "train/skipped_steps": torch.tensor(float(self.skipped_steps), device=self.device),
         }
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(rollouts))
         self.log("train/reward_bar", metrics["train/reward"], prog_bar=True, logger=False, batch_size=len(rollouts))
 
+    def on_after_backward(self) -> None:
+        if self._step_gather is not None:
+            self._step_gather.release()
+            self._step_gather = None
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        grad = self.token_row.grad
+        if self._drop_grad:  # a non-finite loss in this step: the optimizer must not touch the row
+            self.token_row.grad = None
+            self._drop_grad = False
+        grad = full_grad(self.token_row)  # DeepSpeed keeps it in its own buffers (a collective: every rank)
         norm = grad.detach().norm() if grad is not None else torch.zeros((), device=self.device)
         self.log("train/token_grad_norm", norm, on_step=True, on_epoch=False, sync_dist=True)

@@ -30,6 +30,14 @@ class ForcingSettings:
     batch_size: int = 16  # rollouts generated together (micro-batch)
 
     def __post_init__(self):
+        for name in ("num_continuations", "max_answer_tokens", "max_new_tokens", "batch_size", "thinking_budget"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)) and not (
+                value is None and name == "thinking_budget"
+            ):
+                raise ConfigError(f"forcing.{name} must be an integer, got {value!r}")
+        if self.budget_force_text is not None and not isinstance(self.budget_force_text, str):
+            raise ConfigError(f"forcing.budget_force_text must be a text or null, got {self.budget_force_text!r}")
         for name in ("max_answer_tokens", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"forcing.{name} must be >= 1, got {getattr(self, name)}")

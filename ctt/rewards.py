@@ -129,6 +129,26 @@ def _parse_gold(gold: str, timeout: int | None) -> list:
     return parse(_as_boxed(gold), extraction_config=_CONFIG, parsing_timeout=timeout)
 
 
+_PLAIN_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def gold_parses(gold: str, timeout_s: float | None = 5.0) -> bool:
+    """Whether math_verify can parse a normalised gold answer into something `verify` compares against.
+
+    A gold that parses to nothing (e.g. "}{") scores every completion 0; data loading skips such rows. Plain numbers
+    are accepted without calling math_verify (they always parse), so checking GSM8K-sized sets costs nothing.
+    """
+    if _PLAIN_NUMBER_RE.fullmatch(gold.strip()):
+        return True
+    timeout = None if timeout_s is None or timeout_s <= 0 else max(1, math.ceil(timeout_s))
+    if threading.current_thread() is not threading.main_thread():
+        timeout = None  # signal-based timeouts only work in the main thread; gold strings are short
+    try:
+        return bool(_parse_gold(gold, timeout))
+    except (Exception, TimeoutException):
+        return False
+
+
 _warned_thread = False
 
 

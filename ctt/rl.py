@@ -7,11 +7,14 @@ Each variant is a name in a registry, so an ablation is a config override (`rl.b
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
 
 from ctt.errors import ConfigError
 from ctt.generation import Rollout
@@ -74,6 +77,61 @@ def _token_logprobs(hidden, targets, lm_head, temperature: float, banned: list[i
     return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+class _FrozenPrefixLayer(DynamicLayer):
+    """Holds a detached prefix's K/V; `update` returns prefix + new states without storing them.
+
+    Stateless, so a layer recomputed by gradient checkpointing sees exactly what the first pass saw.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.dtype, self.device = keys.dtype, keys.device
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+class _FrozenPrefixCache(DynamicCache):
+    def __init__(self, filled: DynamicCache):
+        Cache.__init__(self, layers=[_FrozenPrefixLayer(layer.keys, layer.values) for layer in filled.layers])
+
+
+@contextmanager
+def _checkpointed_layers(model: PreTrainedModel, enabled: bool):
+    """Activation checkpointing per decoder layer, whatever the model's train/eval mode (HF's own only acts in
+    train mode, and then drops the KV cache the prefix-reuse pass needs)."""
+    if not enabled:
+        yield
+        return
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(f"gradient_checkpointing: {type(model.base_model).__name__} has no `layers` ModuleList")
+    for layer in layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _right_padded(seqs: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[j, : len(s)] = 1
+    return ids.to(device), attn.to(device)
+
+
+def _holds_learned_token(model: PreTrainedModel, seqs: list[list[int]]) -> bool:
+    token_id = getattr(model.get_input_embeddings(), "token_id", None)
+    return token_id is not None and any(token_id in s for s in seqs)
+
+
 def completion_logprobs(
     model: PreTrainedModel,
     rollouts: list[Rollout],
@@ -81,8 +139,18 @@ def completion_logprobs(
     banned_ids: tuple[int, ...] = (),
     pad_token_id: int = 0,
     chunk_size: int = 1024,
+    prefix_reuse: bool = True,
+    gradient_checkpointing: bool = False,
 ) -> ScoredTokens:
-    """Recompute, with grad, the log-probs of every scored token (see `scored_positions`)."""
+    """Recompute, with grad, the log-probs of every scored token (see `scored_positions`).
+
+    prefix_reuse: the tokens before the first inserted continuation cannot depend on the learned row, so they run
+        once under no_grad into a KV cache (left-padded so that every row's prefix ends at the same column) and only
+        the rest runs with grad, attending to that cache (right-padded). The same numbers as the full recompute (up
+        to float rounding), with activations kept for the suffixes only. Falls back to the full pass when a prefix
+        holds the learned token (a prompt that contains it).
+    gradient_checkpointing: keep only each decoder layer's input for the backward pass and recompute the layer then.
+    """
     width = max((len(r.completion_ids) for r in rollouts), default=0)
     device = next(model.parameters()).device
     logprobs = torch.zeros(len(rollouts), width, device=device)
@@ -91,22 +159,23 @@ def completion_logprobs(
     rows = [i for i, p in enumerate(positions) if p]
     if not rows:
         return ScoredTokens(logprobs, mask)
-    # Right-padded batch, cut after the last scored token: nothing later can influence the scores.
-    seqs = [rollouts[i].prompt_ids + rollouts[i].completion_ids[: positions[i][-1] + 1] for i in rows]
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long, device=device)
-    attn = torch.zeros_like(ids)
-    for j, s in enumerate(seqs):
-        ids[j, : len(s)] = torch.tensor(s, device=device)
-        attn[j, : len(s)] = 1
-    hidden = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-    # Flat (row, sequence index) pairs: the hidden state at t-1 predicts the token at t.
+    prompt_lens = [len(rollouts[i].prompt_ids) for i in rows]
+    # Each input sequence stops before the last scored token: the hidden state at t-1 predicts the token at t.
+    seqs = [rollouts[i].prompt_ids + rollouts[i].completion_ids[: positions[i][-1]] for i in rows]
+    # Prefix: everything before the first continuation (and before the first scored prediction).
+    cuts = [n + min(rollouts[i].continuation_starts[0], positions[i][0] - 1) for n, i in zip(prompt_lens, rows)]
+    if prefix_reuse and _holds_learned_token(model, [s[:c] for s, c in zip(seqs, cuts)]):
+        prefix_reuse = False
+    if not prefix_reuse:
+        cuts = [0] * len(rows)
+    with _checkpointed_layers(model, gradient_checkpointing):
+        hidden = _suffix_hidden(model, seqs, cuts, pad_token_id, device)
+    # Flat (row, suffix index) pairs.
     flat_row, flat_pred, flat_target, out_row, out_col = [], [], [], [], []
     for j, i in enumerate(rows):
-        prompt_len = len(rollouts[i].prompt_ids)
         for c in positions[i]:
             flat_row.append(j)
-            flat_pred.append(prompt_len + c - 1)
+            flat_pred.append(prompt_lens[j] + c - 1 - cuts[j])
             flat_target.append(rollouts[i].completion_ids[c])
             out_row.append(i)
             out_col.append(c)
@@ -123,6 +192,38 @@ def completion_logprobs(
     logprobs = logprobs.index_put(index, torch.cat(pieces))
     mask[index] = True
     return ScoredTokens(logprobs, mask)
+
+
+def _suffix_hidden(model, seqs: list[list[int]], cuts: list[int], pad_token_id: int, device) -> torch.Tensor:
+    """Last hidden states `[rows, suffix width]` of `seq[cut:]` per row, with grad; `seq[:cut]` runs without grad."""
+    base = model.base_model
+    suffix_ids, suffix_mask = _right_padded([s[c:] for s, c in zip(seqs, cuts)], pad_token_id, device)
+    if not any(cuts):
+        return base(input_ids=suffix_ids, attention_mask=suffix_mask, use_cache=False).last_hidden_state
+    # Left-pad the prefixes so that they all end at column P and the suffixes all start there.
+    p = max(cuts)
+    prefix_ids = torch.full((len(seqs), p), pad_token_id, dtype=torch.long)
+    prefix_mask = torch.zeros_like(prefix_ids)
+    for j, (s, c) in enumerate(zip(seqs, cuts)):
+        if c:
+            prefix_ids[j, p - c :] = torch.tensor(s[:c], dtype=torch.long)
+            prefix_mask[j, p - c :] = 1
+    prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+    filled = DynamicCache()
+    with torch.no_grad():
+        base(
+            input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=filled, use_cache=True,
+        )
+    cut = torch.tensor(cuts, device=device).unsqueeze(-1)
+    positions = cut + torch.arange(suffix_ids.shape[1], device=device)
+    return base(
+        input_ids=suffix_ids,
+        attention_mask=torch.cat([prefix_mask, suffix_mask], dim=-1),
+        position_ids=positions,
+        past_key_values=_FrozenPrefixCache(filled),
+        use_cache=True,
+    ).last_hidden_state
 
 
 # --- the loss --------------------------------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""A CSV logger that survives a resume.
+
+Lightning's CSVLogger deletes an existing `metrics.csv` when it starts, so resuming a run in its own directory
+(`ckpt_path=last`) would throw away the metrics of everything before the interruption. `ResumableCSVLogger` keeps
+the earlier rows up to the first step the resumed run logs (rows of steps that are trained again after the
+checkpoint are replaced), so the file stays one continuous history.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+def _step(row: dict) -> float:
+    try:
+        return float(row.get("step") or "nan")
+    except ValueError:
+        return float("nan")
+
+
+class _ResumingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:  # called by __init__ instead of deleting metrics.csv
+        self._previous: list[dict] | None = None
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self._previous = list(reader)
+                self.metrics_keys = sorted(reader.fieldnames or [])
+
+    def save(self) -> None:
+        if self._previous is not None and self.metrics:
+            first = min(m["step"] for m in self.metrics)
+            kept = [r for r in self._previous if _step(r) < first]  # NaN steps compare False: dropped
+            self._previous = None
+            self._record_new_keys()
+            with open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+        super().save()
+
+
+class ResumableCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumingWriter(log_dir=self.log_dir)
+        return self._experiment

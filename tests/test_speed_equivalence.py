@@ -1,0 +1,118 @@
+"""Greedy `generate_forced` equals plain transformers, token for token.
+
+* N=0: `model.generate` on the same left-padded batch, and one prompt at a time.
+* N=2: the s1 recipe on `generate` (stop at the marker, strip it, append the continuation, generate again on the whole
+  text) and the in-loop LogitsProcessor variant (ctt/reference.py), both for a marker that is eos and one that is not.
+
+The tiny model is untied (tie=False): the tied tiny model greedily repeats the prompt's last token forever. The
+marker is the token that the greedy model emits in the most rows, so it is emitted at different steps per row and
+never in some rows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import lru_cache
+
+import pytest
+import torch
+
+from ctt.generation import EngineConfig, ForcingConfig, SamplingConfig, generate_forced
+from ctt.reference import generate_batch, inloop_forced, s1_forced
+from tests.conftest import tiny
+
+PROMPTS = [
+    "hello there", "what is 2+2?", "x", "a much longer prompt about sums and products", "Janet has 3 ducks",
+    "q", "Compute 17*3 and explain.", "ok so",
+]
+ENGINES = [EngineConfig(), EngineConfig(cache="dynamic"), EngineConfig(drop_finished=False), EngineConfig(cache="static")]
+FIELDS = ("completion_ids", "sampled", "continuation_starts", "thinking_tokens", "answer_tokens", "stop_reason")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP oversubscription makes them 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=1)
+def _setup():
+    loaded = tiny(boost=0.0, tie=False)
+    tok = loaded.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS]
+    free = ForcingConfig(end_of_thinking_ids=(tok.eos_token_id,), eos_token_ids=(tok.eos_token_id,), max_new_tokens=60)
+    outs = [r.completion_ids for r in generate_forced(loaded.model, prompts, free, SamplingConfig(temperature=0))]
+    rows_with = Counter(t for o in outs for t in set(o))
+    marker = max(rows_with, key=lambda t: (rows_with[t], -min(o.index(t) for o in outs if t in o)))
+    return loaded, prompts, marker
+
+
+def _same(a, b, what):
+    for i, (ra, rb) in enumerate(zip(a, b, strict=True)):
+        for f in FIELDS:
+            assert getattr(ra, f) == getattr(rb, f), f"row {i}: {f} differs from {what}"
+
+
+@pytest.mark.parametrize("engine", ENGINES, ids=lambda e: f"{e.cache}-drop{int(e.drop_finished)}")
+def test_n0_equals_plain_generate(engine):
+    loaded, prompts, _ = _setup()
+    model, tok = loaded.model, loaded.tokenizer
+    eos = tok.eos_token_id
+    cfg = ForcingConfig(end_of_thinking_ids=(eos,), eos_token_ids=(eos,), max_new_tokens=40)
+    ours = generate_forced(model, prompts, cfg, SamplingConfig(temperature=0), tok.pad_token_id, engine=engine)
+    batched = generate_batch(model, prompts, [eos], 40, tok.pad_token_id)
+    assert [r.completion_ids for r in ours] == batched
+    for p, r in zip(prompts[:3], ours):  # unpadded, one at a time
+        assert generate_batch(model, [p], [eos], 40, tok.pad_token_id) == [r.completion_ids]
+
+
+@pytest.mark.parametrize("marker_is_eos", [True, False], ids=["marker=eos", "marker!=eos"])
+@pytest.mark.parametrize("continuation", ["word", "learned"])
+def test_n2_equals_s1_loop_and_inloop_processor(marker_is_eos, continuation):
+    loaded, prompts, marker = _setup()
+    model, tok = loaded.model, loaded.tokenizer
+    new_id = tok.convert_tokens_to_ids("<|continue-thinking|>")
+    cont = tuple(tok.encode("Wait")) if continuation == "word" else (new_id,)
+    cfg = ForcingConfig(
+        end_of_thinking_ids=(marker,), eos_token_ids=(marker,) if marker_is_eos else (tok.eos_token_id,),
+        num_continuations=2, continuation_ids=cont, max_new_tokens=48, max_answer_tokens=7, banned_ids=(new_id,),
+    )
+    greedy = SamplingConfig(temperature=0)
+    ours = generate_forced(model, prompts, cfg, greedy, tok.pad_token_id)
+    forced = [r.num_forced for r in ours]
+    assert 2 in forced and 0 in forced, f"the marker should be forced in some rows only, got {forced}"
+    assert len({r.continuation_starts[0] for r in ours if r.continuation_starts}) > 1
+    _same(ours, s1_forced(model, prompts, cfg, tok.pad_token_id), "the batched s1 loop")
+    if continuation == "word":  # the learned id is outside the output vocabulary: no processor can force it
+        _same(ours, inloop_forced(model, prompts, cfg, tok.pad_token_id), "the in-loop processor")
+    for engine in ENGINES[1:]:
+        _same(ours, generate_forced(model, prompts, cfg, greedy, tok.pad_token_id, engine=engine), str(engine))
+
+
+def test_per_sequence_s1_loop_equals_batched():
+    loaded, prompts, marker = _setup()
+    tok = loaded.tokenizer
+    cfg = ForcingConfig(end_of_thinking_ids=(marker,), eos_token_ids=(marker,), num_continuations=2,
+                        continuation_ids=tuple(tok.encode("Wait")), max_new_tokens=30)
+    a = s1_forced(loaded.model, prompts[:4], cfg, tok.pad_token_id, batched=True)
+    b = s1_forced(loaded.model, prompts[:4], cfg, tok.pad_token_id, batched=False)
+    _same(a, b, "the per-sequence loop")
+
+
+def test_references_reject_what_they_cannot_do():
+    loaded, prompts, marker = _setup()
+    tok = loaded.tokenizer
+    new_id = tok.convert_tokens_to_ids("<|continue-thinking|>")
+    base = dict(eos_token_ids=(tok.eos_token_id,), num_continuations=1)
+    with pytest.raises(ValueError, match="single-token"):
+        s1_forced(loaded.model, prompts, ForcingConfig(end_of_thinking_ids=(marker, marker), **base), 0)
+    with pytest.raises(ValueError, match="output vocabulary"):
+        inloop_forced(loaded.model, prompts, ForcingConfig(end_of_thinking_ids=(marker,), continuation_ids=(new_id,),
+                                                           **base), 0)
+    with pytest.raises(ValueError, match="compile"):
+        EngineConfig(compile=True)
+    with pytest.raises(ValueError, match="cache"):
+        EngineConfig(cache="paged")

@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--continuation", default="Wait", help="word that replaces the marker in (a)-(c)")
     p.add_argument("--per-sequence", action="store_true", help="also time the s1 loop one sequence at a time")
     p.add_argument("--no-ablations", action="store_true", help="skip the ctt engine ablations")
+    p.add_argument("--compile", action="store_true",
+                   help="also time cache=static + torch.compile (compiled during the warm-up)")
     p.add_argument("--skip-train", action="store_true", help="skip (e)")
     p.add_argument("--no-check", action="store_true", help="report but do not assert token equality")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +155,8 @@ def bench_rollouts(args, loaded, prompts, word):
         variants["(a) ctt, cache=dynamic (HF DynamicCache)"] = ctt(EngineConfig(cache="dynamic"))
         variants["(a) ctt, finished rows kept"] = ctt(EngineConfig(drop_finished=False))
         variants["(a) ctt, cache=static (HF StaticCache)"] = ctt(EngineConfig(cache="static"))
+    if args.compile:
+        variants["(a) ctt, cache=static + torch.compile"] = ctt(EngineConfig(cache="static", compile=True))
     variants["(b) s1 loop on generate, batched"] = lambda: s1_forced(model, prompts, word, pad, batched=True)
     if args.per_sequence:
         variants["(b) s1 loop on generate, per sequence"] = lambda: s1_forced(model, prompts, word, pad, batched=False)
@@ -167,9 +172,11 @@ def bench_rollouts(args, loaded, prompts, word):
                                                         [i for i in n0.banned_ids if i < _vocab(model)])]
 
     times = {k: [] for k in variants}
-    outputs = {}
-    for k, fn in variants.items():  # warm-up (allocator, lazy init), also the equality check
+    outputs, warmup = {}, {}
+    for k, fn in variants.items():  # warm-up (allocator, lazy init, compilation), also the equality check
+        t = time.perf_counter()
         outputs[k] = fn()
+        warmup[k] = time.perf_counter() - t
     for rep in range(args.repeats):
         for k, fn in variants.items():  # interleaved: drift on a shared machine hits every variant alike
             sync(args.device)
@@ -190,7 +197,7 @@ def bench_rollouts(args, loaded, prompts, word):
         paired = statistics.median(t / c for t, c in zip(times[k], times[ref_key]))
         results.append(dict(
             variant=k, batch=len(outputs[k]), n=0 if k.startswith("(d)") else args.n, tokens=tokens,
-            seconds=times[k], median_s=med, tokens_per_s=tokens / med, time_vs_ctt=paired,
+            seconds=times[k], warmup_s=warmup[k], median_s=med, tokens_per_s=tokens / med, time_vs_ctt=paired,
             equal_to_ctt=mismatch is None, mismatch=mismatch,
             forced=[r.num_forced for r in outputs[k]],
         ))
@@ -359,18 +366,21 @@ def markdown(meta, rollout_rows, train_rows, train_info, memory_how) -> str:
         f"model `{meta['model']}`, batch {meta['batch']}, N={meta['n']}, max_new_tokens {meta['max_new_tokens']}, "
         f"greedy, {meta['repeats']} repeats (median), torch threads {meta['threads']}, device {meta['device']}",
         "",
-        "| variant | batch | N | generated tokens | median s | tokens/s | time / ctt (paired median) | same tokens as ctt |",
+        "| variant | batch | N | generated tokens | median s | tokens/s | time / ctt (paired median) "
+        "| same tokens as ctt |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rollout_rows:
         lines.append(
             f"| {r['variant']} | {r['batch']} | {r['n']} | {r['tokens']} | {r['median_s']:.3f} | "
-            f"{r['tokens_per_s']:.1f} | {r['time_vs_ctt']:.2f}x | {'yes' if r['equal_to_ctt'] else 'NO: ' + r['mismatch']} |"
+            f"{r['tokens_per_s']:.1f} | {r['time_vs_ctt']:.2f}x | "
+            f"{'yes' if r['equal_to_ctt'] else 'NO: ' + r['mismatch']} |"
         )
     if train_rows:
         lines += [
             "",
-            f"(e) training step (greedy rollout with the learned token, loss at T=1, Adam step on the row): {train_info}",
+            "(e) training step (greedy rollout with the learned token, loss at T=1, Adam step on the row): "
+            f"{train_info}",
             "",
             "| loss pass | step median s | rollout s | loss fwd+bwd+step s | loss time / full | step time / full "
             "| peak extra memory MB | grad rel. diff vs full |",
@@ -379,8 +389,9 @@ def markdown(meta, rollout_rows, train_rows, train_info, memory_how) -> str:
         for r in train_rows:
             mem = f"{r['peak_extra_mb']:.0f}" if isinstance(r["peak_extra_mb"], (int, float)) else "n/a"
             lines.append(
-                f"| {r['variant']} | {r['step_median_s']:.2f} | {r['rollout_median_s']:.2f} | {r['loss_median_s']:.2f} | "
-                f"{r['loss_time_vs_full']:.2f}x | {r['step_time_vs_full']:.2f}x | {mem} | {r['grad_rel_diff_vs_full']:.1e} |"
+                f"| {r['variant']} | {r['step_median_s']:.2f} | {r['rollout_median_s']:.2f} | "
+                f"{r['loss_median_s']:.2f} | {r['loss_time_vs_full']:.2f}x | {r['step_time_vs_full']:.2f}x | {mem} | "
+                f"{r['grad_rel_diff_vs_full']:.1e} |"
             )
         lines += ["", f"memory: {memory_how}"]
     return "\n".join(lines)
@@ -404,7 +415,7 @@ def main(argv=None):
         continuation=args.continuation, marker=list(word.end_of_thinking_ids), prompt_lengths=[len(p) for p in prompts],
         date=datetime.datetime.now().isoformat(timespec="seconds"), machine=platform.platform(),
         cpu_count=os.cpu_count(), torch=torch.__version__, transformers=__import__("transformers").__version__,
-        command="python " + " ".join([sys.argv[0]] + sys.argv[1:]),
+        command="python " + shlex.join(sys.argv),
     )
     print(f"prompts: {meta['prompt_lengths']} tokens; marker {meta['marker']}", file=sys.stderr)
     rollout_rows = bench_rollouts(args, loaded, prompts, word)

@@ -127,7 +127,9 @@ class ContinueThinkingModule(L.LightningModule):
             rewards, k, self.rl.get("baseline", "group_mean"), self.rl.get("scale", "none")
         )
         scored = completion_logprobs(
-            self.model, rollouts, max(sampling.temperature, 1e-5), (self.policy.token_id,), self.policy.pad_id
+            self.model, rollouts, max(sampling.temperature, 1e-5), (self.policy.token_id,), self.policy.pad_id,
+            prefix_reuse=bool(self.rl.get("prefix_reuse", True)),
+            gradient_checkpointing=bool(self.rl.get("gradient_checkpointing", False)),
         )
         loss = reinforce_loss(scored, advantages, self.rl.get("aggregation", "token_mean"))
         # Keeps the row in the graph when no rollout inserted a continuation (DDP expects every rank's grad).

@@ -11,7 +11,7 @@ import torch
 
 from ctt.data import Problem, build_prompt_ids
 from ctt.errors import ConfigError
-from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
+from ctt.generation import EngineConfig, ForcingConfig, Rollout, SamplingConfig, generate_forced
 from ctt.models import LoadedModel
 from ctt.token import get_overlay
 
@@ -28,6 +28,7 @@ class ForcingSettings:
     max_answer_tokens: int = 64
     max_new_tokens: int = 256
     batch_size: int = 16  # rollouts generated together (micro-batch)
+    engine: dict | None = None  # EngineConfig fields: cache (buffer|dynamic|static), compile, drop_finished
 
     def __post_init__(self):
         for name in ("num_continuations", "max_answer_tokens", "max_new_tokens", "batch_size", "thinking_budget"):
@@ -45,6 +46,14 @@ class ForcingSettings:
             raise ConfigError(f"forcing.num_continuations must be >= 0, got {self.num_continuations}")
         if self.thinking_budget is not None and self.thinking_budget < 1:
             raise ConfigError(f"forcing.thinking_budget must be >= 1 or null, got {self.thinking_budget}")
+        self.engine_config  # noqa: B018 - validates forcing.engine now, not at the first rollout
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        try:
+            return EngineConfig(**(self.engine or {}))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"forcing.engine: {err}") from None
 
 
 class Policy:
@@ -112,7 +121,8 @@ class Policy:
             seed = None if sampling.seed is None else sampling.seed + start
             chunk_sampling = SamplingConfig(sampling.temperature, sampling.top_p, seed)
             out += generate_forced(
-                self.model, prompts[start : start + size], forcing, chunk_sampling, self.pad_id, self.answer_text
+                self.model, prompts[start : start + size], forcing, chunk_sampling, self.pad_id, self.answer_text,
+                engine=self.settings.engine_config,
             )
         return out
 

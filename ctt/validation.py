@@ -22,6 +22,8 @@ def validate_rl(rl: dict) -> dict:
         "max_bad_steps": (_is_int, lambda v: v >= 1, "an integer >= 1"),
         "temperature": (_is_number, lambda v: v >= 0, "a number >= 0"),
         "top_p": (_is_number, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "prefix_reuse": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
+        "gradient_checkpointing": (lambda v: isinstance(v, bool), lambda v: True, "true or false"),
     }
     for key, (type_ok, range_ok, expected) in checks.items():
         if key in rl and not (type_ok(rl[key]) and range_ok(rl[key])):

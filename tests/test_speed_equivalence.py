@@ -25,7 +25,9 @@ PROMPTS = [
     "hello there", "what is 2+2?", "x", "a much longer prompt about sums and products", "Janet has 3 ducks",
     "q", "Compute 17*3 and explain.", "ok so",
 ]
-ENGINES = [EngineConfig(), EngineConfig(cache="dynamic"), EngineConfig(drop_finished=False), EngineConfig(cache="static")]
+ENGINES = [
+    EngineConfig(), EngineConfig(cache="dynamic"), EngineConfig(drop_finished=False), EngineConfig(cache="static"),
+]
 FIELDS = ("completion_ids", "sampled", "continuation_starts", "thinking_tokens", "answer_tokens", "stop_reason")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import NoReturn
+
 
 class CttError(Exception):
     """Base class of every error ctt raises on purpose."""
@@ -44,3 +47,13 @@ def user_error_message(err: BaseException) -> str | None:
     if isinstance(err, InstantiationException):
         return "ConfigError: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     return None
+
+
+def exit_for_user_error(err: Exception, log: logging.Logger, what: str) -> NoReturn:
+    """Entry points' last word on an exception: one line and exit 2 for a user error, else log and re-raise."""
+    message = user_error_message(err)
+    if message is None:  # a bug: the full traceback goes to the run's log (<run dir>/<task>.log) too
+        log.exception("%s failed: %s: %s", what, type(err).__name__, err)
+        raise err
+    log.error(message)  # a user error: one clear line, no traceback
+    raise SystemExit(2) from None

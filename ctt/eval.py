@@ -59,18 +59,13 @@ def load_policy(cfg: DictConfig) -> Policy:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from ctt.errors import user_error_message
+    from ctt.errors import exit_for_user_error
 
     try:
         L.seed_everything(cfg.seed)
         evaluate_policy(load_policy(cfg), cfg, Path(cfg.paths.output_dir))
     except Exception as err:
-        message = user_error_message(err)
-        if message is None:  # a bug: the full traceback goes to the run's log (<run dir>/eval.log) too
-            log.exception("evaluation failed: %s: %s", type(err).__name__, err)
-            raise
-        log.error(message)  # a user error: one clear line, no traceback
-        raise SystemExit(2) from None
+        exit_for_user_error(err, log, "evaluation")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from callbacks.preemption import Preempted
-    from ctt.errors import user_error_message
+    from ctt.errors import exit_for_user_error
 
     try:
         metrics = train(cfg)
@@ -113,12 +113,7 @@ def main(cfg: DictConfig) -> float | None:
                     stop, cfg.paths.output_dir, stop.exit_code)
         raise SystemExit(stop.exit_code) from None
     except Exception as err:
-        message = user_error_message(err)
-        if message is None:  # a bug: the full traceback goes to the run's log (<run dir>/train.log) too
-            log.exception("training failed: %s: %s", type(err).__name__, err)
-            raise
-        log.error(message)  # a user error: one clear line, no traceback
-        raise SystemExit(2) from None
+        exit_for_user_error(err, log, "training")
     return metrics.get("train/reward")  # for Hydra sweepers that optimise a value
 
 

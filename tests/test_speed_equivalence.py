@@ -31,13 +31,7 @@ ENGINES = [
 FIELDS = ("completion_ids", "sampled", "continuation_starts", "thinking_tokens", "answer_tokens", "stop_reason")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU OpenMP oversubscription makes them 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @lru_cache(maxsize=1)

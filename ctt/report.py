@@ -112,10 +112,21 @@ def _skipped(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in SKIP_PREFIXES)
 
 
+def group_choices(run_dir: Path) -> dict[str, Any]:
+    """Config-group choices (`token/init: mean`) from `.hydra/hydra.yaml`, Hydra's own groups left out."""
+    path = run_dir / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    choices = OmegaConf.to_container(OmegaConf.load(path).hydra.runtime.choices, resolve=False) or {}
+    return {g: c for g, c in choices.items() if not (g == "hydra" or g.startswith("hydra/") or g == "paths")}
+
+
 def load_config(run_dir: Path) -> tuple[dict[str, Any], set[str]]:
-    """The run's flattened config (unresolved), minus hydra.* / paths.*; and the keys naming the run's own dir."""
+    """The run's flattened config (unresolved), minus hydra.* / paths.*, plus its group choices under their
+    group names (`token/init`); and the keys naming the run's own dir."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items() if not _skipped(k)}
+    flat.update(group_choices(run_dir))
     own = {str(run_dir), str(run_dir.resolve()), os.path.abspath(run_dir)}
     local = {k for k, v in flat.items() if isinstance(v, str) and any(o in v for o in own)}
     return flat, local
@@ -135,17 +146,20 @@ def fmt_value(value: Any) -> str:
 
 
 def differing_keys(runs: Sequence[Run]) -> list[str]:
-    """Keys (in first-seen order) whose value is not the same in every run; a key absent somewhere differs."""
+    """Keys (in first-seen order) whose value is not the same in every run; a key absent somewhere differs.
+
+    A swept config group (`token/init=wait,mean`) is one column, named like the override: the keys its options
+    set (`token.init.name`, `token.init.word`) are what the group choice already says, so they are left out.
+    """
     local = set().union(*(r.local_keys for r in runs)) if runs else set()
     keys = list(dict.fromkeys(k for r in runs for k in r.config))
-    out = []
-    for key in keys:
-        if key in local:
-            continue
-        values = {fmt_value(r.config[key]) if key in r.config else ABSENT for r in runs}
-        if len(values) > 1:
-            out.append(key)
-    return out
+
+    def differs(key: str) -> bool:
+        return len({fmt_value(r.config[key]) if key in r.config else ABSENT for r in runs}) > 1
+
+    swept_groups = [k.replace("/", ".") for k in keys if "/" in k and differs(k)]
+    covered = lambda key: any(key == g or key.startswith(g + ".") for g in swept_groups)  # noqa: E731
+    return [k for k in keys if k not in local and differs(k) and not ("/" not in k and covered(k))]
 
 
 # ---------------------------------------------------------------- metrics

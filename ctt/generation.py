@@ -189,7 +189,8 @@ class BufferCache(DynamicCache):
         Cache.__init__(self, layers=[_BufferLayer(capacity) for _ in range(num_layers)])
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded `[B, width]` ids and attention mask (prompts end at the same column)."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -237,7 +238,7 @@ def generate_forced(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     rows = [_Row(Rollout(prompt_ids=list(p))) for p in prompts]
     active = list(range(len(rows)))  # original index of each batch row still in the batch
-    ids, prompt_mask = _left_pad(prompts, pad_token_id, device)
+    ids, prompt_mask = left_pad(prompts, pad_token_id, device)
     width = ids.shape[1]
     capacity = width + _step_bound(forcing)
     static = engine.cache == "static"

@@ -25,7 +25,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ctt.generation import ForcingConfig, Rollout
+from ctt.generation import ForcingConfig, Rollout, left_pad
 
 _THINK, _ANSWER, _DONE = "thinking", "answer", "done"
 
@@ -60,16 +60,6 @@ def _greedy_config(max_new_tokens: int, eos: list[int], pad_token_id: int) -> Ge
     )
 
 
-def _left_padded(seqs: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, width - len(s) :] = torch.tensor(s)
-        mask[j, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def generate_batch(
     model: PreTrainedModel,
@@ -80,7 +70,7 @@ def generate_batch(
     banned: list[int] = (),
 ) -> list[list[int]]:
     """One left-padded greedy `generate` call; per row the new tokens up to and including the first stop token."""
-    ids, mask = _left_padded(seqs, pad_token_id, next(model.parameters()).device)
+    ids, mask = left_pad(seqs, pad_token_id, next(model.parameters()).device)
     processors = LogitsProcessorList([_Ban(list(banned))] if banned else [])
     out = model.generate(
         input_ids=ids, attention_mask=mask, generation_config=_greedy_config(max_new_tokens, stop_ids, pad_token_id),
@@ -234,7 +224,7 @@ def inloop_forced(
             "the in-loop reference can only force ids the model can output; the continuation holds an id >= the "
             f"output vocabulary ({vocab}), e.g. the new token of a model whose lm_head was not resized"
         )
-    ids, mask = _left_padded(prompts, pad_token_id, next(model.parameters()).device)
+    ids, mask = left_pad(prompts, pad_token_id, next(model.parameters()).device)
     state = _InLoopForcing(forcing, len(prompts), _banned(model, forcing))
     # The continuation may run past max_new_tokens (a continuation is never cut): leave room, the criteria stop rows.
     room = forcing.max_new_tokens + len(forcing.continuation_ids) + 1

@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
 
+from ctt.config import to_plain
 from ctt.data import DEFAULT_INSTRUCTION, Problem
 from ctt.distributed import DEFAULT_MAX_MEMORY_FRACTION, full_grad, gather_zero3
 from ctt.errors import ConfigError, TrainingError
@@ -21,10 +21,6 @@ from ctt.token import install_token
 from ctt.validation import validate_rl
 
 log = logging.getLogger(__name__)
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
 class ContinueThinkingModule(L.LightningModule):
@@ -42,10 +38,10 @@ class ContinueThinkingModule(L.LightningModule):
     ):
         super().__init__()
         # Plain containers first: the hparams saved in checkpoints then load with torch.load(weights_only=True).
-        model, token, forcing, rl, prompt = map(_plain, (model, token, forcing, rl, prompt or {}))
+        model, token, forcing, rl, prompt = map(to_plain, (model, token, forcing, rl, prompt or {}))
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         for key, value in self.hparams.items():  # any other config argument too (e.g. `distributed`)
-            self.hparams[key] = _plain(value)
+            self.hparams[key] = to_plain(value)
         loaded = load_model(**model)
         install_token(loaded.model, loaded.tokenizer, token["init"], token.get("text", "<|continue-thinking|>"))
         self.model = loaded.model  # registered: Lightning moves it; only the overlay row requires grad
@@ -60,7 +56,7 @@ class ContinueThinkingModule(L.LightningModule):
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler_factory = scheduler
         self.seed = seed
-        self.distributed = _plain(distributed) or {}  # conf/distributed: multi-process settings (ZeRO-3 gather)
+        self.distributed = to_plain(distributed) or {}  # conf/distributed: multi-process settings (ZeRO-3 gather)
         self._step_gather = None  # ZeRO-3: the weights gathered for the current step, released after backward
         self.last_samples: list[tuple[Problem, Rollout, Score]] = []  # read by the rollout-logging callback
         self.skipped_steps = 0  # steps whose loss was not finite (see _skip_if_not_finite)

@@ -111,7 +111,6 @@ class _Row:
     rollout: Rollout
     phase: str = THINKING
     queue: list[int] = field(default_factory=list)  # forced tokens still to feed
-    fed_marker_prefix: int = 0  # marker tokens already fed to the model that match the marker's prefix
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path

@@ -98,11 +98,11 @@ class ContinueThinkingModule(L.LightningModule):
 
     # --- one RL step ----------------------------------------------------------------------------------------
 
-    def sampling(self, temperature: float | None = None) -> SamplingConfig:
+    def sampling(self) -> SamplingConfig:
         # Seeded by (seed, step, rank): reproducible, independent across ranks, and stable across a resume.
         seed = self.seed * 1_000_003 + self.global_step * 7919 + self.global_rank
         return SamplingConfig(
-            temperature=self.rl.get("temperature", 1.0) if temperature is None else temperature,
+            temperature=self.rl.get("temperature", 1.0),
             top_p=self.rl.get("top_p", 1.0),
             seed=seed,
         )

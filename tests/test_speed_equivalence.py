@@ -15,7 +15,6 @@ from collections import Counter
 from functools import lru_cache
 
 import pytest
-import torch
 
 from ctt.generation import EngineConfig, ForcingConfig, SamplingConfig, generate_forced
 from ctt.reference import generate_batch, inloop_forced, s1_forced

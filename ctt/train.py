@@ -95,7 +95,8 @@ def train(cfg: DictConfig) -> dict:
 
         # ZeRO-3: every rank takes part in gathering the weights once, then rank 0 evaluates alone (a no-op gather
         # under any other strategy).
-        with gathered_for_generation(module, module.distributed.get("zero3_gather_max_memory_fraction", DEFAULT_MAX_MEMORY_FRACTION)):
+        fraction = module.distributed.get("zero3_gather_max_memory_fraction", DEFAULT_MAX_MEMORY_FRACTION)
+        with gathered_for_generation(module, fraction):
             if trainer.is_global_zero:
                 evaluate_policy(module.policy, cfg, Path(cfg.paths.output_dir))
     return metrics

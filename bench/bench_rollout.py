@@ -67,7 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=str, default=None, help="JSON path")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see README on shared CPUs)")
-    p.add_argument("--instruction", default=SHORT_INSTRUCTION, help="appended to each question")
+    p.add_argument("--data", choices=["gsm8k", "demo"], default="gsm8k",
+                   help="gsm8k: the first GSM8K test questions; demo: the training problems and instruction of "
+                        "`experiment=demo` (reasoning-gym sums), as composed by Hydra")
+    p.add_argument("--instruction", default=None,
+                   help=f"appended to each question (default: {SHORT_INSTRUCTION!r} for gsm8k, the demo's for demo)")
     p.add_argument("--continuation", default="Wait", help="word that replaces the marker in (a)-(c)")
     p.add_argument("--per-sequence", action="store_true", help="also time the s1 loop one sequence at a time")
     p.add_argument("--no-ablations", action="store_true", help="skip the ctt engine ablations")
@@ -99,11 +103,22 @@ def load(args):
     return loaded
 
 
-def questions(n: int) -> list[str]:
+def questions(args) -> tuple[list[str], str]:
+    """The first `args.batch` questions of the chosen workload, and the instruction appended to each."""
+    if args.data == "demo":
+        from hydra import compose, initialize_config_dir
+
+        from ctt.data import load_problems
+
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=["experiment=demo"])
+        problems = load_problems(**{**cfg.data.train, "size": max(args.batch, cfg.data.train.size)})
+        return [p.question for p in problems[: args.batch]], args.instruction or cfg.prompt.instruction
     if not GSM8K.is_file():
         raise SystemExit(f"GSM8K questions not found at {GSM8K}")
     with open(GSM8K) as f:
-        return [json.loads(line)["question"] for _, line in zip(range(n), f)]
+        return [json.loads(line)["question"] for _, line in zip(range(args.batch), f)], \
+            args.instruction or SHORT_INSTRUCTION
 
 
 def forcing_configs(args, loaded, prompts):
@@ -165,7 +180,9 @@ def bench_rollouts(args, loaded, prompts, word):
     eos = (tok.eos_token_id,)
     n0 = ForcingConfig(end_of_thinking_ids=eos, eos_token_ids=eos, max_new_tokens=args.max_new_tokens,
                        banned_ids=word.banned_ids)
-    one = prompts[:1]
+    # The prompt whose N=0 completion is longest, so that decode steps, not the prefill, dominate (d).
+    free = generate_forced(model, prompts, n0, greedy, pad)
+    one = [prompts[max(range(len(prompts)), key=lambda i: len(free[i].completion_ids))]]
     variants["(d) N=0 batch 1: ctt generate_forced"] = lambda: generate_forced(model, one, n0, greedy, pad)
     variants["(d) N=0 batch 1: plain generate"] = lambda: [
         _as_rollout(one[0], c) for c in generate_batch(model, one, list(n0.eos_token_ids), n0.max_new_tokens, pad,
@@ -407,11 +424,12 @@ def main(argv=None):
     if args.memory_child:
         return _memory_child(args)
     loaded = _LOADED = load(args)
-    prompts = [build_prompt_ids(loaded.tokenizer, q, args.instruction) for q in questions(args.batch)]
+    texts, args.instruction = questions(args)
+    prompts = [build_prompt_ids(loaded.tokenizer, q, args.instruction) for q in texts]
     word, learned, new_id = forcing_configs(args, loaded, prompts)
     meta = dict(
         model=args.model, batch=args.batch, n=args.n, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-        threads=torch.get_num_threads(), device=args.device, instruction=args.instruction,
+        threads=torch.get_num_threads(), device=args.device, data=args.data, instruction=args.instruction,
         continuation=args.continuation, marker=list(word.end_of_thinking_ids), prompt_lengths=[len(p) for p in prompts],
         date=datetime.datetime.now().isoformat(timespec="seconds"), machine=platform.platform(),
         cpu_count=os.cpu_count(), torch=torch.__version__, transformers=__import__("transformers").__version__,

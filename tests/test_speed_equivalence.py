@@ -11,8 +11,13 @@ never in some rows.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +116,24 @@ def test_references_reject_what_they_cannot_do():
         EngineConfig(compile=True)
     with pytest.raises(ValueError, match="cache"):
         EngineConfig(cache="paged")
+
+
+def test_benchmark_script_runs_and_checks_equality(tmp_path):
+    """bench/bench_rollout.py on the demo workload, tiny model, one round: it exits 0 (it exits non-zero when any
+    variant's greedy tokens differ from ctt's) and its JSON records the equality and a ratio for every variant."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench/bench_rollout.py", "--model", "tiny_random", "--data", "demo", "--batch", "3",
+           "--max-new-tokens", "24", "--repeats", "1", "--no-ablations", "--skip-train", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["meta"]["data"] == "demo"
+    assert report["meta"]["instruction"] == "Give the final answer as a number in \\boxed{}."
+    variants = {r["variant"]: r for r in report["rollouts"]}
+    assert {"(a) ctt generate_forced", "(b) s1 loop on generate, batched",
+            "(c) in-loop LogitsProcessor on generate", "(d) N=0 batch 1: plain generate"} <= set(variants)
+    for r in variants.values():
+        assert r["equal_to_ctt"], r["mismatch"]
+        assert r["time_vs_ctt"] > 0 and r["tokens"] > 0

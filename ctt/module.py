@@ -127,13 +127,23 @@ class ContinueThinkingModule(L.LightningModule):
             prefix_reuse=bool(self.rl.get("prefix_reuse", True)),
             gradient_checkpointing=bool(self.rl.get("gradient_checkpointing", False)),
         )
-        loss = reinforce_loss(scored, advantages, self.rl.get("aggregation", "token_mean"))
+        aggregation = self.rl.get("aggregation", "token_mean")
+        count = self._mean_token_count(scored) if aggregation == "token_mean" else None
+        loss = reinforce_loss(scored, advantages, aggregation, count)
         # Keeps the row in the graph when no rollout inserted a continuation (DDP expects every rank's grad).
         loss = loss + 0.0 * self.token_row.sum()
         step_loss = self._skip_if_not_finite(loss)
         self.last_samples = list(zip(problems, rollouts, scores))
         self._log_step(loss, rewards, scores, rollouts, scored.mask.sum())  # logs the raw loss, NaN included
         return step_loss
+
+    def _mean_token_count(self, scored) -> torch.Tensor | None:
+        """The scored-token count averaged over ranks (None on one process): the `token_mean` divisor that makes
+        DDP's / DeepSpeed's gradient averaging give the gradient of the global batch's token mean."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        total = self.trainer.strategy.reduce(scored.mask.sum().float(), reduce_op="sum")
+        return total / self.trainer.world_size
 
     def _skip_if_not_finite(self, loss: torch.Tensor) -> torch.Tensor:
         """A NaN/inf loss skips the optimizer step; `rl.max_bad_steps` such steps in a row stop the run.

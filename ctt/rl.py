@@ -229,22 +229,31 @@ def _suffix_hidden(model, seqs: list[list[int]], cuts: list[int], pad_token_id: 
 # --- the loss --------------------------------------------------------------------------------------------------
 
 
-def _sequence_sum(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+def _sequence_sum(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, token_count) -> torch.Tensor:
     return -(adv * (logp * mask).sum(-1)).mean()
 
 
-def _token_mean(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
-    return -(adv.unsqueeze(-1) * logp * mask).sum() / mask.sum().clamp(min=1)
+def _token_mean(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, token_count) -> torch.Tensor:
+    count = mask.sum() if token_count is None else token_count
+    return -(adv.unsqueeze(-1) * logp * mask).sum() / torch.as_tensor(count, dtype=logp.dtype).clamp(min=1)
 
 
-AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "sequence_sum": _sequence_sum,
     "token_mean": _token_mean,
 }
 
 
-def reinforce_loss(scored: ScoredTokens, advantages: torch.Tensor, aggregation: str = "token_mean") -> torch.Tensor:
-    """-(R - b) * log pi(scored tokens), aggregated per sequence or per token."""
+def reinforce_loss(
+    scored: ScoredTokens, advantages: torch.Tensor, aggregation: str = "token_mean", token_count=None
+) -> torch.Tensor:
+    """-(R - b) * log pi(scored tokens), aggregated per sequence or per token.
+
+    `token_count` replaces this batch's scored-token count as the `token_mean` divisor. Data-parallel training
+    passes the mean count over ranks: the all-reduced mean of the rank gradients is then the gradient of the
+    global-batch token mean, whatever each rank's own count.
+    """
     if aggregation not in AGGREGATIONS:
         raise ConfigError(f"rl.aggregation={aggregation!r} is not one of {sorted(AGGREGATIONS)}")
-    return AGGREGATIONS[aggregation](scored.logprobs, scored.mask, advantages.to(scored.logprobs.device))
+    logp = scored.logprobs
+    return AGGREGATIONS[aggregation](logp, scored.mask, advantages.to(logp.device), token_count)

@@ -7,7 +7,8 @@ with STRATEGY one of single, ddp, deepspeed_zero2, deepspeed_zero3.
 Run as a script (not under pytest): with `strategy=ddp` Lightning re-runs this very command for rank 1. Rollouts
 do not depend on the rank: each (problem, sample, step) draws its own seed, generates alone, and gets a
 deterministic reward from its own tokens (the random tiny model never answers right). With the per-prompt
-group-mean baseline and `sequence_sum` aggregation, the mean of the per-rank gradients (what DDP and ZeRO
+group-mean baseline and `sequence_sum` aggregation (or `token_mean`, which divides by the mean token count over
+ranks), the mean of the per-rank gradients (what DDP and ZeRO
 all-reduce) then equals the single-process gradient on the concatenated batch, so every strategy must end with the
 same row up to float rounding. Each rank writes `<strategy>_rank<r>.pt`: its batches' problem ids, rewards, the
 logged (rank-reduced) reward, the full gradient and the row after each step, the exported token file's row, and
@@ -34,6 +35,7 @@ from ctt.distributed import full_grad, full_row, gathered_for_generation, zero3_
 from ctt.generation import SamplingConfig, generate_forced  # noqa: E402
 from ctt.module import ContinueThinkingModule  # noqa: E402
 from ctt.rewards import Score  # noqa: E402
+from ctt.rl import scored_positions  # noqa: E402
 from ctt.token import load_token_file  # noqa: E402
 
 PER_RANK_BATCH = 2
@@ -95,6 +97,7 @@ class Recorder(L.Callback):
             "logged_reward": float(trainer.callback_metrics["train/reward"]),
             "grad": self._grad,
             "row": full_row(module.token_row).cpu().clone(),
+            "scored_tokens": sum(len(scored_positions(r)) for _, r, _ in module.last_samples),
         })
 
     def save(self, trainer, name: str, extra: dict) -> None:
@@ -129,6 +132,7 @@ def main() -> None:
     parser.add_argument("--zero3-fraction", type=float, default=0.5)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--resume", action="store_true", help="save a checkpoint, reload it in a fresh trainer")
+    parser.add_argument("--aggregation", default="sequence_sum", help="rl.aggregation")
     args, _ = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # Several strategies in one launch save the start-up of the processes; the process group is set up once and
@@ -142,7 +146,7 @@ def run(args, strategy: str) -> None:
     overrides = [
         "experiment=smoke", f"trainer={trainer_cfg}", f"data.batch_size={PER_RANK_BATCH * WORLD // args.devices}",
         f"data.train.size={PER_RANK_BATCH * WORLD}", "rl.samples_per_prompt=2", "rl.baseline=group_mean",
-        "rl.aggregation=sequence_sum", "optimizer=sgd", "optimizer.lr=0.5",
+        f"rl.aggregation={args.aggregation}", "optimizer=sgd", "optimizer.lr=0.5",
         f"distributed.zero3_gather_max_memory_fraction={args.zero3_fraction}",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

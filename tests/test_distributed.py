@@ -254,6 +254,22 @@ def test_deepspeed_two_processes_equal_one_process_and_resume(stage, single, two
 
 
 @pytest.mark.slow
+def test_ddp_token_mean_equals_one_process_although_ranks_score_different_token_counts(tmp_path):
+    """`token_mean` divides by the scored-token count. Each rank divides by the mean count over ranks, so the
+    averaged rank gradients are the global batch's token-mean gradient even when the ranks' counts differ."""
+    _run_worker(tmp_path / "single", "single", 1, "--aggregation", "token_mean")
+    _run_worker(tmp_path / "ddp", "ddp", 2, "--aggregation", "token_mean")
+    single = torch.load(tmp_path / "single" / "single_rank0.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / "ddp" / f"ddp_rank{r}.pt", weights_only=True) for r in range(2)]
+    counts = [[s["scored_tokens"] for s in r["steps"]] for r in ranks]
+    assert counts[0] != counts[1]  # otherwise dividing by each rank's own count would pass too
+    for i, ref in enumerate(single["steps"]):
+        assert ref["scored_tokens"] == counts[0][i] + counts[1][i]
+        torch.testing.assert_close(ranks[0]["steps"][i]["grad"], ref["grad"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(ranks[0]["steps"][i]["row"], ref["row"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow
 def test_ddp_cpu_from_the_cli_makes_one_run_dir(tmp_path):
     """Lightning re-runs `python -m ctt.train ...` for rank 1 with the same hydra.run.dir and hydra.output_subdir=null:
     one run dir, rank-0-only outputs, rank 1's log in a file of its own."""

@@ -50,6 +50,28 @@ def test_loss_aggregations():
     assert reinforce_loss(scored, adv, "token_mean").item() == pytest.approx(-1.0)
 
 
+def test_token_mean_with_the_mean_rank_count_makes_averaged_rank_gradients_equal_the_global_gradient():
+    """What DDP does: each rank's gradient, then their mean. With each rank dividing by its own token count (3 and
+    1 here) the mean is not the global token mean's gradient; with the mean count over ranks it is."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    adv = torch.tensor([1.0, -2.0])
+
+    def grad(loss):
+        (g,) = torch.autograd.grad(loss, logp)
+        return g
+
+    global_grad = grad(reinforce_loss(ScoredTokens(logp, mask), adv, "token_mean"))
+    ranks = [(logp[:1], mask[:1], adv[:1]), (logp[1:], mask[1:], adv[1:])]
+    mean_count = mask.sum() / 2
+
+    def averaged(count):
+        return sum(grad(reinforce_loss(ScoredTokens(lp, m), a, "token_mean", count)) for lp, m, a in ranks) / 2
+
+    assert torch.allclose(averaged(mean_count), global_grad)
+    assert not torch.allclose(averaged(None), global_grad)
+
+
 def test_only_tokens_sampled_after_the_first_continuation_are_scored():
     r = Rollout(prompt_ids=[1, 2], completion_ids=[5, 6, 99, 7, 8, 99, 9], sampled=[True, True, False, True, True, False, True],
                 continuation_starts=[2, 5])

@@ -48,13 +48,21 @@ def length_reward(text: str, gold: str) -> Score:
 
 
 class RankFreeModule(ContinueThinkingModule):
-    """Each rollout is seeded by (problem id, sample index, step) and generated alone: the same whatever the rank."""
+    """Each rollout is seeded by (problem id, sample index, step) and generated alone: the same whatever the rank.
 
-    def __init__(self, *args, **kwargs):
+    `nan_step`: at that step, rank 1's rewards (and so its loss) are NaN, the other ranks' finite."""
+
+    def __init__(self, *args, nan_step: int = -1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reward_fn = length_reward
+        self.nan_step = nan_step
+        self.reward_fn = self._reward
         self.policy.rollout = self._rollout
         self.rollout_fully_gathered: list[bool] = []  # ZeRO-3: every weight gathered when a rollout starts
+
+    def _reward(self, text: str, gold: str) -> Score:
+        if self.global_step == self.nan_step and self.global_rank == 1:
+            return Score(reward=float("nan"), correct=False, extracted=None, status="incorrect")
+        return length_reward(text, gold)
 
     def _rollout(self, problems, forcing, sampling, samples_per_prompt=1):
         params = zero3_params(self)
@@ -98,6 +106,7 @@ class Recorder(L.Callback):
             "grad": self._grad,
             "row": full_row(module.token_row).cpu().clone(),
             "scored_tokens": sum(len(scored_positions(r)) for _, r, _ in module.last_samples),
+            "skipped_steps": module.skipped_steps,
         })
 
     def save(self, trainer, name: str, extra: dict) -> None:
@@ -108,7 +117,7 @@ class Recorder(L.Callback):
 def build(args, strategy: str, cfg, max_steps: int, recorder: Recorder, callbacks: list) -> tuple:
     module = RankFreeModule(
         model=cfg.model, token=cfg.token, forcing=cfg.forcing, rl=cfg.rl, prompt=cfg.prompt,
-        optimizer=instantiate(cfg.optimizer), seed=cfg.seed, distributed=cfg.distributed,
+        optimizer=instantiate(cfg.optimizer), seed=cfg.seed, distributed=cfg.distributed, nan_step=args.nan_step,
     )
     kwargs = dict(accelerator="cpu", devices=args.devices, precision=args.precision, max_steps=max_steps,
                   logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -133,6 +142,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--resume", action="store_true", help="save a checkpoint, reload it in a fresh trainer")
     parser.add_argument("--aggregation", default="sequence_sum", help="rl.aggregation")
+    parser.add_argument("--nan-step", type=int, default=-1, help="rank 1's loss is NaN at this step")
     args, _ = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # Several strategies in one launch save the start-up of the processes; the process group is set up once and

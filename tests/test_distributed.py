@@ -270,6 +270,23 @@ def test_ddp_token_mean_equals_one_process_although_ranks_score_different_token_
 
 
 @pytest.mark.slow
+def test_ddp_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Rank 1's loss is NaN at step 1 (0-based), rank 0's is finite. Both ranks skip that optimizer step together (a
+    rank that skipped alone would desynchronise the rows or hang the all-reduce), and training goes on after it."""
+    _run_worker(tmp_path, "ddp", 2, "--nan-step", "1", "--steps", "3")  # the last --steps wins
+    ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=True) for r in range(2)]
+    rows = [[s["row"] for s in r["steps"]] for r in ranks]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for i in range(3):
+        assert torch.equal(rows[0][i], rows[1][i])
+    assert not torch.equal(rows[0][0], ranks[0]["restored_row"])  # step 0 moved the row
+    assert torch.equal(rows[0][1], rows[0][0])  # step 1 was skipped on both ranks
+    assert not torch.equal(rows[0][2], rows[0][1])  # step 2 trained again
+    for r in ranks:
+        assert [s["skipped_steps"] for s in r["steps"]] == [0, 1, 1]
+
+
+@pytest.mark.slow
 def test_ddp_cpu_from_the_cli_makes_one_run_dir(tmp_path):
     """Lightning re-runs `python -m ctt.train ...` for rank 1 with the same hydra.run.dir and hydra.output_subdir=null:
     one run dir, rank-0-only outputs, rank 1's log in a file of its own."""

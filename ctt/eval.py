@@ -22,6 +22,7 @@ from ctt.models import load_model
 from ctt.plots import scaling_plot
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import get_reward_fn
+from ctt.rl import RLSettings
 from ctt.token import install_token, load_token_file
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path) -> list[dict
     benchmarks = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"))
     runs = mode_runs(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
     sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
-    reward_fn = get_reward_fn(cfg.rl.get("reward", "math_verify"))
+    reward_fn = get_reward_fn(RLSettings.from_config(to_plain(cfg.rl)).reward)
     results, records = evaluate(policy, benchmarks, runs, ev.samples, sampling, reward_fn)
     path = write_results(out_dir, results, records)
     scaling_plot(results, Path(out_dir) / "scaling.png")

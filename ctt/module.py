@@ -16,9 +16,8 @@ from ctt.generation import Rollout, SamplingConfig
 from ctt.models import load_model
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import Score, get_reward_fn
-from ctt.rl import completion_logprobs, compute_advantages, reinforce_loss
+from ctt.rl import RLSettings, completion_logprobs, compute_advantages, reinforce_loss
 from ctt.token import install_token
-from ctt.validation import validate_rl
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,8 @@ class ContinueThinkingModule(L.LightningModule):
             prompt.get("instruction") or DEFAULT_INSTRUCTION,
             prompt.get("system_prompt"),
         )
-        self.rl = validate_rl(rl)
-        self.reward_fn = get_reward_fn(rl.get("reward", "math_verify"))
+        self.rl = RLSettings.from_config(rl)
+        self.reward_fn = get_reward_fn(self.rl.reward)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler_factory = scheduler
         self.seed = seed
@@ -102,13 +101,13 @@ class ContinueThinkingModule(L.LightningModule):
         # Seeded by (seed, step, rank): reproducible, independent across ranks, and stable across a resume.
         seed = self.seed * 1_000_003 + self.global_step * 7919 + self.global_rank
         return SamplingConfig(
-            temperature=self.rl.get("temperature", 1.0),
-            top_p=self.rl.get("top_p", 1.0),
+            temperature=self.rl.temperature,
+            top_p=self.rl.top_p,
             seed=seed,
         )
 
     def training_step(self, batch: list[Problem], batch_idx: int) -> torch.Tensor:
-        k = int(self.rl.get("samples_per_prompt", 4))
+        k = self.rl.samples_per_prompt
         forcing = self.policy.forcing("learned", self.policy.settings.num_continuations)
         sampling = self.sampling()
         # ZeRO-3: every weight gathered ONCE for the rollout, the scoring forward and its backward (released in
@@ -119,17 +118,14 @@ class ContinueThinkingModule(L.LightningModule):
         problems = [p for p in batch for _ in range(k)]
         scores = [self.reward_fn(r.text, p.answer) for r, p in zip(rollouts, problems)]
         rewards = torch.tensor([s.reward for s in scores], device=self.device)
-        advantages = compute_advantages(
-            rewards, k, self.rl.get("baseline", "group_mean"), self.rl.get("scale", "none")
-        )
+        advantages = compute_advantages(rewards, k, self.rl.baseline, self.rl.scale)
         scored = completion_logprobs(
             self.model, rollouts, max(sampling.temperature, 1e-5), (self.policy.token_id,), self.policy.pad_id,
-            prefix_reuse=bool(self.rl.get("prefix_reuse", True)),
-            gradient_checkpointing=bool(self.rl.get("gradient_checkpointing", False)),
+            prefix_reuse=self.rl.prefix_reuse,
+            gradient_checkpointing=self.rl.gradient_checkpointing,
         )
-        aggregation = self.rl.get("aggregation", "token_mean")
-        count = self._mean_token_count(scored) if aggregation == "token_mean" else None
-        loss = reinforce_loss(scored, advantages, aggregation, count)
+        count = self._mean_token_count(scored) if self.rl.aggregation == "token_mean" else None
+        loss = reinforce_loss(scored, advantages, self.rl.aggregation, count)
         # Keeps the row in the graph when no rollout inserted a continuation (DDP expects every rank's grad).
         loss = loss + 0.0 * self.token_row.sum()
         step_loss = self._skip_if_not_finite(loss)
@@ -163,7 +159,7 @@ class ContinueThinkingModule(L.LightningModule):
         self.skipped_steps += 1
         self._bad_in_a_row += 1
         self._drop_grad = True
-        limit = int(self.rl.get("max_bad_steps", 5))
+        limit = self.rl.max_bad_steps
         log.warning(
             "step %d: loss is %s; optimizer step skipped (%d in a row, rl.max_bad_steps=%d)",
             self.global_step, loss.detach().item(), self._bad_in_a_row, limit,

@@ -8,8 +8,9 @@ Each variant is a name in a registry, so an ablation is a config override (`rl.b
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -257,3 +258,52 @@ def reinforce_loss(
         raise ConfigError(f"rl.aggregation={aggregation!r} is not one of {sorted(AGGREGATIONS)}")
     logp = scored.logprobs
     return AGGREGATIONS[aggregation](logp, scored.mask, advantages.to(logp.device), token_count)
+
+
+# --- the `rl` config group -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RLSettings:
+    """The `rl` config group, typed and checked once at start-up (conf/rl/reinforce.yaml documents each key)."""
+
+    samples_per_prompt: int = 4
+    baseline: str = "group_mean"
+    scale: str = "none"
+    aggregation: str = "token_mean"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward: str = "math_verify"
+    max_bad_steps: int = 5
+    prefix_reuse: bool = True
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_config(cls, rl: Mapping[str, Any] | None) -> "RLSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(rl or {}) - known)
+        if unknown:
+            raise ConfigError(f"unknown rl key(s) {unknown}; valid: {', '.join(sorted(known))}")
+        return cls(**(rl or {}))
+
+    def __post_init__(self):
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        checks = {
+            "samples_per_prompt": (is_int(self.samples_per_prompt) and self.samples_per_prompt >= 1, "an integer >= 1"),
+            "max_bad_steps": (is_int(self.max_bad_steps) and self.max_bad_steps >= 1, "an integer >= 1"),
+            "temperature": (is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            "top_p": (is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            "prefix_reuse": (isinstance(self.prefix_reuse, bool), "true or false"),
+            "gradient_checkpointing": (isinstance(self.gradient_checkpointing, bool), "true or false"),
+            "baseline": (self.baseline in BASELINES, f"one of {sorted(BASELINES)}"),
+            "scale": (self.scale in SCALES, f"one of {sorted(SCALES)}"),
+            "aggregation": (self.aggregation in AGGREGATIONS, f"one of {sorted(AGGREGATIONS)}"),
+        }
+        for key, (ok, expected) in checks.items():
+            if not ok:
+                raise ConfigError(f"rl.{key} must be {expected}, got {getattr(self, key)!r}")

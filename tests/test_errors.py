@@ -105,6 +105,8 @@ def jsonl_data(path: Path) -> list[str]:
         ("rl.samples_per_prompt=0", ["ConfigError", "rl.samples_per_prompt must be an integer >= 1"]),
         ("rl.top_p=abc", ["ConfigError", "rl.top_p"]),
         ("rl.max_bad_steps=0", ["ConfigError", "rl.max_bad_steps"]),
+        ("rl.baseline=median", ["ConfigError", "rl.baseline must be one of", "'median'"]),
+        ("+rl.temprature=0.5", ["ConfigError", "unknown rl key(s) ['temprature']", "temperature"]),
         ("data.batch_size=0", ["ConfigError", "data.batch_size must be an integer >= 1"]),
         ("optimizer.lr=abc", ["ConfigError", "optimizer.lr must be a number", "'abc'"]),
         ("trainer.max_steps=abc", ["ConfigError", "Trainer", "full_key: trainer"]),

@@ -3,7 +3,8 @@
 
 Not a test. Same model, prompts (GSM8K test questions through the chat template), forcing settings, greedy:
 
-  (a) ctt `generate_forced` (and its engine ablations: HF DynamicCache, finished rows kept, StaticCache)
+  (a) ctt `generate_forced` (and its engine ablations: HF DynamicCache, finished rows kept, no prefix sharing,
+      StaticCache)
   (b) the s1 recipe on `generate`: stop at the end-of-thinking marker, strip it, append the continuation, call
       `generate` again on the whole text: N+1 calls, all rows needing a call sent as one left-padded batch
       (`--per-sequence` adds the one-sequence-at-a-time version)
@@ -169,6 +170,7 @@ def bench_rollouts(args, loaded, prompts, word):
     if not args.no_ablations:
         variants["(a) ctt, cache=dynamic (HF DynamicCache)"] = ctt(EngineConfig(cache="dynamic"))
         variants["(a) ctt, finished rows kept"] = ctt(EngineConfig(drop_finished=False))
+        variants["(a) ctt, no prefix sharing"] = ctt(EngineConfig(share_prefix=False))
         variants["(a) ctt, cache=static (HF StaticCache)"] = ctt(EngineConfig(cache="static"))
     if args.compile:
         variants["(a) ctt, cache=static + torch.compile"] = ctt(EngineConfig(cache="static", compile=True))

@@ -93,11 +93,14 @@ class EngineConfig:
         whole preallocated length, for torch.compile).
     compile: torch.compile the decode step (only sensible with cache="static": other caches change shapes every step).
     drop_finished: compact finished rows out of the batch (and their cache rows). Forced off with cache="static".
+    share_prefix: feed a prefix common to all prompts once, and each distinct prompt once, then copy their cache
+        rows (prefix caching). Off with cache="static" (its batch size is fixed at the first call).
     """
 
     cache: str = "buffer"
     compile: bool = False
     drop_finished: bool = True
+    share_prefix: bool = True
 
     def __post_init__(self):
         if self.cache not in CACHES:
@@ -237,8 +240,7 @@ def generate_forced(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     rows = [_Row(Rollout(prompt_ids=list(p))) for p in prompts]
     active = list(range(len(rows)))  # original index of each batch row still in the batch
-    ids, prompt_mask = left_pad(prompts, pad_token_id, device)
-    width = ids.shape[1]
+    width = max(len(p) for p in prompts)
     capacity = width + _step_bound(forcing)
     static = engine.cache == "static"
     drop_finished = engine.drop_finished and not static
@@ -252,24 +254,13 @@ def generate_forced(
     # One preallocated mask: column j is 1 once a real token sits there; step t passes the view [:, :width + t]
     # (static: the whole buffer, as the cache attends over its full length).
     attn = torch.zeros(len(prompts), capacity, dtype=torch.long, device=device)
-    attn[:, :width] = prompt_mask
     cur = width  # columns in use
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids,
-        attention_mask=attn if static else attn[:, :cur],
-        position_ids=positions,
-        past_key_values=cache,
-        logits_to_keep=1,
-        **({"cache_position": torch.arange(width, device=device)} if static else {}),
-    )
+    logits, next_pos = _prefill(model, prompts, cache, attn, pad_token_id, static, engine.share_prefix and not static)
     step_fn = _compiled_forward(model) if engine.compile else model
-    next_pos = prompt_mask.sum(-1)  # [B] position id of the next token per row
     marker = list(forcing.end_of_thinking_ids)
-    banned = [i for i in forcing.banned_ids if i < out.logits.shape[-1]]
+    banned = [i for i in forcing.banned_ids if i < logits.shape[-1]]
 
     while True:
-        logits = out.logits[:, -1, :]
         if logits.dtype != torch.float32:
             logits = logits.float()
         if banned:
@@ -308,14 +299,14 @@ def generate_forced(
         attn[:, cur] = 1
         cur += 1
         step_ids = torch.tensor(feed, device=device).unsqueeze(-1)
-        out = step_fn(
+        logits = step_fn(
             input_ids=step_ids,
             attention_mask=attn if static else attn[:, :cur],
             position_ids=next_pos.unsqueeze(-1),
             past_key_values=cache,
             logits_to_keep=1,
             **({"cache_position": torch.tensor([cur - 1], device=device)} if static else {}),
-        )
+        ).logits[:, -1, :]
         next_pos = next_pos + 1
 
     results = [r.rollout for r in rows]
@@ -323,6 +314,56 @@ def generate_forced(
         for r in results:
             r.text = decode(r.completion_ids)
     return results
+
+
+def _prefill(model, prompts, cache, attn, pad_token_id: int, static: bool, share: bool):
+    """Feed the prompts into `cache`; fills `attn[:, :width]`. Returns the next-token logits `[B, V]` and the
+    position id of each row's next token.
+
+    share: run the prefix common to all prompts once (batch 1) and each distinct prompt once, then copy their cache
+    rows to the rows that need them, as vLLM's prefix caching does. RL samples K completions per prompt and chat
+    templates start every prompt with the same system text, so otherwise most of the prefill is repeated work.
+    Layout `[shared prefix | left-padded rest]`: the padding in between is masked out and the position ids skip
+    it, so every row computes what its unpadded prompt would.
+    """
+    device, width = attn.device, max(len(p) for p in prompts)
+    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+    shared = min(_common_prefix_len(distinct), min(len(p) for p in distinct) - 1) if share else 0  # keep >= 1 each
+    if not share or (shared == 0 and len(distinct) == len(prompts)):
+        ids, mask = left_pad(prompts, pad_token_id, device)
+        attn[:, :width] = mask
+        out = model(
+            input_ids=ids,
+            attention_mask=attn if static else attn[:, :width],
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            logits_to_keep=1,
+            **({"cache_position": torch.arange(width, device=device)} if static else {}),
+        )
+        return out.logits[:, -1, :], mask.sum(-1)
+    if shared:
+        prefix = torch.tensor([distinct[0][:shared]], device=device)
+        model(input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], past_key_values=cache,
+              logits_to_keep=1)
+        cache.batch_select_indices(torch.zeros(len(distinct), dtype=torch.long, device=device))
+    ids, rest_mask = left_pad([list(d[shared:]) for d in distinct], pad_token_id, device)
+    mask = torch.cat([rest_mask.new_ones(len(distinct), shared), rest_mask], dim=-1)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, shared:], past_key_values=cache,
+        logits_to_keep=1,
+    ).logits[:, -1, :]
+    if len(distinct) < len(prompts):
+        which = {d: i for i, d in enumerate(distinct)}
+        index = torch.tensor([which[tuple(p)] for p in prompts], device=device)
+        cache.batch_select_indices(index)
+        logits, mask = logits[index], mask[index]
+    attn[:, :width] = mask
+    return logits, mask.sum(-1)
+
+
+def _common_prefix_len(seqs: list[tuple[int, ...]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    return next((i for i in range(n) if any(s[i] != first[i] for s in seqs)), n)
 
 
 def _advance(row: _Row, token: int, was_sampled: bool, marker: list[int], forcing: ForcingConfig) -> tuple[int, int]:

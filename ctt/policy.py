@@ -28,7 +28,7 @@ class ForcingSettings:
     max_answer_tokens: int = 64
     max_new_tokens: int = 256
     batch_size: int = 16  # rollouts generated together (micro-batch)
-    engine: dict | None = None  # EngineConfig fields: cache (buffer|dynamic|static), compile, drop_finished
+    engine: dict | None = None  # EngineConfig fields: cache, compile, drop_finished, share_prefix
 
     def __post_init__(self):
         for name in ("num_continuations", "max_answer_tokens", "max_new_tokens", "batch_size", "thinking_budget"):

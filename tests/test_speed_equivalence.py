@@ -31,7 +31,11 @@ PROMPTS = [
 ]
 ENGINES = [
     EngineConfig(), EngineConfig(cache="dynamic"), EngineConfig(drop_finished=False), EngineConfig(cache="static"),
+    EngineConfig(share_prefix=False),
 ]
+# Chat-template-like: every prompt starts with the same text, and RL repeats each prompt K times.
+SHARED = "<sys> You are a careful assistant. <user> "
+SHARED_PROMPTS = [SHARED + p for p in PROMPTS[:5]] + [SHARED + PROMPTS[1]] * 2 + [SHARED + PROMPTS[3]]
 FIELDS = ("completion_ids", "sampled", "continuation_starts", "thinking_tokens", "answer_tokens", "stop_reason")
 
 
@@ -56,7 +60,8 @@ def _same(a, b, what):
             assert getattr(ra, f) == getattr(rb, f), f"row {i}: {f} differs from {what}"
 
 
-@pytest.mark.parametrize("engine", ENGINES, ids=lambda e: f"{e.cache}-drop{int(e.drop_finished)}")
+@pytest.mark.parametrize("engine", ENGINES,
+                         ids=lambda e: f"{e.cache}-drop{int(e.drop_finished)}-share{int(e.share_prefix)}")
 def test_n0_equals_plain_generate(engine):
     loaded, prompts, _ = _setup()
     model, tok = loaded.model, loaded.tokenizer
@@ -90,6 +95,48 @@ def test_n2_equals_s1_loop_and_inloop_processor(marker_is_eos, continuation):
         _same(ours, inloop_forced(model, prompts, cfg, tok.pad_token_id), "the in-loop processor")
     for engine in ENGINES[1:]:
         _same(ours, generate_forced(model, prompts, cfg, greedy, tok.pad_token_id, engine=engine), str(engine))
+
+
+def _input_shapes(model, run):
+    """(batch, length) of the input ids of every forward call made by `run()`, and its result."""
+    shapes, original = [], model.forward
+
+    def spy(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    model.forward = spy
+    try:
+        result = run()
+    finally:
+        del model.forward
+    return shapes, result
+
+
+def test_shared_prefix_and_repeated_prompts_are_fed_once_and_change_nothing():
+    """Prefix caching: the common prefix runs at batch 1, each distinct prompt once (5 of 8), and the rollouts are
+    the ones plain `generate` (N=0), the s1 loop (N=2) and the unshared engine give, token for token; sampled ones
+    too (same seed)."""
+    loaded, _, marker = _setup()
+    model, tok = loaded.model, loaded.tokenizer
+    prompts = [tok.encode(p) for p in SHARED_PROMPTS]
+    eos = tok.eos_token_id
+    greedy, unshared = SamplingConfig(temperature=0), EngineConfig(share_prefix=False)
+    n0 = ForcingConfig(end_of_thinking_ids=(eos,), eos_token_ids=(eos,), max_new_tokens=40)
+    shapes, ours = _input_shapes(model, lambda: generate_forced(model, prompts, n0, greedy, tok.pad_token_id))
+    shared = len(tok.encode(SHARED))  # byte-level: the prompts agree on exactly these tokens
+    assert shapes[:3] == [(1, shared), (5, max(map(len, prompts)) - shared), (8, 1)]  # then decode, all 8 rows
+    assert [r.completion_ids for r in ours] == generate_batch(model, prompts, [eos], 40, tok.pad_token_id)
+    n2 = ForcingConfig(end_of_thinking_ids=(marker,), eos_token_ids=(marker,), num_continuations=2,
+                       continuation_ids=tuple(tok.encode("Wait")), max_new_tokens=48)
+    ours = generate_forced(model, prompts, n2, greedy, tok.pad_token_id)
+    assert any(r.num_forced for r in ours)
+    _same(ours, s1_forced(model, prompts, n2, tok.pad_token_id), "the batched s1 loop")
+    _same(ours, generate_forced(model, prompts, n2, greedy, tok.pad_token_id, engine=unshared), "unshared")
+    sampled = SamplingConfig(temperature=1.0, seed=3)
+    a = generate_forced(model, prompts, n2, sampled, tok.pad_token_id)
+    _same(a, generate_forced(model, prompts, n2, sampled, tok.pad_token_id, engine=unshared), "unshared, sampled")
+    assert len({tuple(r.completion_ids) for r in a[5:7]}) == 2  # repeated prompts still get their own samples
 
 
 def test_per_sequence_s1_loop_equals_batched():

@@ -13,6 +13,7 @@ Not a test. Same model, prompts (GSM8K test questions through the chat template)
   (e) a training step (rollout with the learned token + loss + backward + Adam step on the row) with the full
       recompute of the loss pass, with prefix reuse, and with prefix reuse + gradient checkpointing: time, and
       peak memory of the loss pass (measured in a child process, see `_memory_child`)
+  (f) an RL batch (batch/4 prompts x 4 samples, T=0.7, seeded): ctt with and without prefix sharing
 
 Greedy outputs of (a) must equal (b) and (c) token for token (asserted unless --no-check). Prints a markdown table
 and writes JSON. Example (see bench/README.md):
@@ -52,6 +53,7 @@ from ctt.token import get_overlay, install_token  # noqa: E402
 
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 SHORT_INSTRUCTION = "Answer with only the final number."
+RL_SAMPLES, RL_TEMPERATURE = 4, 0.7  # (f): rl.samples_per_prompt and rl.temperature of experiment=demo
 LOSS_VARIANTS = {
     "full recompute": dict(prefix_reuse=False),
     "prefix reuse": dict(prefix_reuse=True),
@@ -190,6 +192,15 @@ def bench_rollouts(args, loaded, prompts, word):
         _as_rollout(one[0], c) for c in generate_batch(model, one, list(n0.eos_token_ids), n0.max_new_tokens, pad,
                                                         [i for i in n0.banned_ids if i < _vocab(model)])]
 
+    if not args.no_ablations and args.batch % RL_SAMPLES == 0:
+        # (f) An RL batch: batch/K prompts, each sampled K times (seeded, so both variants draw the same tokens).
+        rl_prompts = [p for p in prompts[: args.batch // RL_SAMPLES] for _ in range(RL_SAMPLES)]
+        sampled = SamplingConfig(temperature=RL_TEMPERATURE, seed=0)
+        for name, engine in [("ctt generate_forced", EngineConfig()),
+                             ("ctt, no prefix sharing", EngineConfig(share_prefix=False))]:
+            variants[f"(f) RL batch: {name}"] = (
+                lambda e=engine: generate_forced(model, rl_prompts, word, sampled, pad, engine=e))
+
     times = {k: [] for k in variants}
     outputs, warmup = {}, {}
     for k, fn in variants.items():  # warm-up (allocator, lazy init, compilation), also the equality check
@@ -205,12 +216,11 @@ def bench_rollouts(args, loaded, prompts, word):
             times[k].append(time.perf_counter() - t)
         print(f"  repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
 
-    ref_a, ref_d = outputs["(a) ctt generate_forced"], outputs["(d) N=0 batch 1: ctt generate_forced"]
+    references = {"(d)": "(d) N=0 batch 1: ctt generate_forced", "(f)": "(f) RL batch: ctt generate_forced"}
     results = []
     for k in variants:
-        ref_key = "(d) N=0 batch 1: ctt generate_forced" if k.startswith("(d)") else "(a) ctt generate_forced"
-        ref = ref_d if k.startswith("(d)") else ref_a
-        mismatch = first_mismatch(ref, outputs[k])
+        ref_key = references.get(k[:3], "(a) ctt generate_forced")
+        mismatch = first_mismatch(outputs[ref_key], outputs[k])
         tokens = sum(len(r.completion_ids) for r in outputs[k])
         med = statistics.median(times[k])
         paired = statistics.median(t / c for t, c in zip(times[k], times[ref_key]))

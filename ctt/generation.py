@@ -17,6 +17,7 @@ Engine (`EngineConfig`): the KV cache lives in preallocated per-layer buffers wr
 default; HF's `DynamicCache` re-allocates and copies every layer's K/V on every step), the attention mask is one
 preallocated buffer too, and finished rows are compacted away (`drop_finished`). `cache="static"` (HF `StaticCache`,
 fixed shapes) with `compile=True` is the torch.compile route; it keeps finished rows in the batch (fixed shapes).
+The prefill feeds a prefix common to all prompts once, and each distinct prompt once (`share_prefix`).
 See bench/README.md for measurements.
 """
 

@@ -325,23 +325,11 @@ def _prefill(model, prompts, cache, attn, pad_token_id: int, static: bool, share
     rows to the rows that need them, as vLLM's prefix caching does. RL samples K completions per prompt and chat
     templates start every prompt with the same system text, so otherwise most of the prefill is repeated work.
     Layout `[shared prefix | left-padded rest]`: the padding in between is masked out and the position ids skip
-    it, so every row computes what its unpadded prompt would.
+    it, so every row computes what its unpadded prompt would. Without sharing it is the plain left-padded batch.
     """
     device, width = attn.device, max(len(p) for p in prompts)
-    distinct = list(dict.fromkeys(tuple(p) for p in prompts))
+    distinct = list(dict.fromkeys(tuple(p) for p in prompts)) if share else [tuple(p) for p in prompts]
     shared = min(_common_prefix_len(distinct), min(len(p) for p in distinct) - 1) if share else 0  # keep >= 1 each
-    if not share or (shared == 0 and len(distinct) == len(prompts)):
-        ids, mask = left_pad(prompts, pad_token_id, device)
-        attn[:, :width] = mask
-        out = model(
-            input_ids=ids,
-            attention_mask=attn if static else attn[:, :width],
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
-            logits_to_keep=1,
-            **({"cache_position": torch.arange(width, device=device)} if static else {}),
-        )
-        return out.logits[:, -1, :], mask.sum(-1)
     if shared:
         prefix = torch.tensor([distinct[0][:shared]], device=device)
         model(input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], past_key_values=cache,
@@ -349,9 +337,15 @@ def _prefill(model, prompts, cache, attn, pad_token_id: int, static: bool, share
         cache.batch_select_indices(torch.zeros(len(distinct), dtype=torch.long, device=device))
     ids, rest_mask = left_pad([list(d[shared:]) for d in distinct], pad_token_id, device)
     mask = torch.cat([rest_mask.new_ones(len(distinct), shared), rest_mask], dim=-1)
+    if static:  # static: never shared, so `mask` already has a row per prompt; the cache attends over the whole buffer
+        attn[:, :width] = mask
     logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1)[:, shared:], past_key_values=cache,
+        input_ids=ids,
+        attention_mask=attn if static else mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, shared:],
+        past_key_values=cache,
         logits_to_keep=1,
+        **({"cache_position": torch.arange(width, device=device)} if static else {}),
     ).logits[:, -1, :]
     if len(distinct) < len(prompts):
         which = {d: i for i, d in enumerate(distinct)}

@@ -18,7 +18,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ctt.errors import ConfigError
-from ctt.generation import Rollout
+from ctt.generation import Rollout, left_pad
 
 
 class ScoredTokens(NamedTuple):
@@ -201,15 +201,8 @@ def _suffix_hidden(model, seqs: list[list[int]], cuts: list[int], pad_token_id: 
     suffix_ids, suffix_mask = _right_padded([s[c:] for s, c in zip(seqs, cuts)], pad_token_id, device)
     if not any(cuts):
         return base(input_ids=suffix_ids, attention_mask=suffix_mask, use_cache=False).last_hidden_state
-    # Left-pad the prefixes so that they all end at column P and the suffixes all start there.
-    p = max(cuts)
-    prefix_ids = torch.full((len(seqs), p), pad_token_id, dtype=torch.long)
-    prefix_mask = torch.zeros_like(prefix_ids)
-    for j, (s, c) in enumerate(zip(seqs, cuts)):
-        if c:
-            prefix_ids[j, p - c :] = torch.tensor(s[:c], dtype=torch.long)
-            prefix_mask[j, p - c :] = 1
-    prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+    # Left-pad the prefixes so that they all end at one column and the suffixes all start there.
+    prefix_ids, prefix_mask = left_pad([s[:c] for s, c in zip(seqs, cuts)], pad_token_id, device)
     filled = DynamicCache()
     with torch.no_grad():
         base(

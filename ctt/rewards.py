@@ -129,6 +129,11 @@ def _parse_gold(gold: str, timeout: int | None) -> list:
     return parse(_as_boxed(gold), extraction_config=_CONFIG, parsing_timeout=timeout)
 
 
+def _whole_seconds(timeout_s: float | None) -> int | None:
+    """math_verify's timeouts are whole seconds (`signal.alarm`); None or <= 0 means no timeout."""
+    return None if timeout_s is None or timeout_s <= 0 else max(1, math.ceil(timeout_s))
+
+
 _PLAIN_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -140,7 +145,7 @@ def gold_parses(gold: str, timeout_s: float | None = 5.0) -> bool:
     """
     if _PLAIN_NUMBER_RE.fullmatch(gold.strip()):
         return True
-    timeout = None if timeout_s is None or timeout_s <= 0 else max(1, math.ceil(timeout_s))
+    timeout = _whole_seconds(timeout_s)
     if threading.current_thread() is not threading.main_thread():
         timeout = None  # signal-based timeouts only work in the main thread; gold strings are short
     try:
@@ -157,7 +162,7 @@ def _verify_or_raise(predicted: str, gold: str, timeout_s: float | None) -> bool
     global _warned_thread
     if len(predicted) > MAX_ANSWER_CHARS:
         return False
-    timeout = None if timeout_s is None or timeout_s <= 0 else max(1, math.ceil(timeout_s))
+    timeout = _whole_seconds(timeout_s)
     if timeout is not None and threading.current_thread() is not threading.main_thread():
         if not _warned_thread:
             log.warning("math_verify timeouts need the main thread; scoring as error (pass timeout_s=None to allow)")

@@ -55,7 +55,10 @@ class ContinueThinkingModule(L.LightningModule):
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler_factory = scheduler
         self.seed = seed
-        self.distributed = to_plain(distributed) or {}  # conf/distributed: multi-process settings (ZeRO-3 gather)
+        # conf/distributed: ZeRO-3 gathers every weight once per step when they fit in this fraction of free memory
+        self.zero3_gather_fraction = (to_plain(distributed) or {}).get(
+            "zero3_gather_max_memory_fraction", DEFAULT_MAX_MEMORY_FRACTION
+        )
         self._step_gather = None  # ZeRO-3: the weights gathered for the current step, released after backward
         self.last_samples: list[tuple[Problem, Rollout, Score]] = []  # read by the rollout-logging callback
         self.skipped_steps = 0  # steps whose loss was not finite (see _skip_if_not_finite)
@@ -112,8 +115,7 @@ class ContinueThinkingModule(L.LightningModule):
         sampling = self.sampling()
         # ZeRO-3: every weight gathered ONCE for the rollout, the scoring forward and its backward (released in
         # on_after_backward), not per layer per token; a no-op under any other strategy. See ctt/distributed.py.
-        fraction = self.distributed.get("zero3_gather_max_memory_fraction", DEFAULT_MAX_MEMORY_FRACTION)
-        self._step_gather = gather_zero3(self, fraction)
+        self._step_gather = gather_zero3(self, self.zero3_gather_fraction)
         rollouts = self.policy.rollout(batch, forcing, sampling, samples_per_prompt=k)
         problems = [p for p in batch for _ in range(k)]
         scores = [self.reward_fn(r.text, p.answer) for r, p in zip(rollouts, problems)]

@@ -90,13 +90,12 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("evaluate"):
-        from ctt.distributed import DEFAULT_MAX_MEMORY_FRACTION, gathered_for_generation
+        from ctt.distributed import gathered_for_generation
         from ctt.eval import evaluate_policy  # eval imports are heavy-ish; only needed here
 
         # ZeRO-3: every rank takes part in gathering the weights once, then rank 0 evaluates alone (a no-op gather
         # under any other strategy).
-        fraction = module.distributed.get("zero3_gather_max_memory_fraction", DEFAULT_MAX_MEMORY_FRACTION)
-        with gathered_for_generation(module, fraction):
+        with gathered_for_generation(module, module.zero3_gather_fraction):
             if trainer.is_global_zero:
                 evaluate_policy(module.policy, cfg, Path(cfg.paths.output_dir))
     return metrics

@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -52,14 +53,10 @@ class RSSSampler(L.Callback):
 def slope_mb_per_100_steps(series: list[tuple[int, float]], warmup: int) -> float:
     """Least-squares slope of RSS against step over the samples at or after `warmup`, in MB per 100 steps."""
     points = [(s, r) for s, r in series if s >= warmup]
-    if len(points) < 2:
+    if len({s for s, _ in points}) < 2:
         return 0.0
-    n = len(points)
-    mean_s = sum(s for s, _ in points) / n
-    mean_r = sum(r for _, r in points) / n
-    var = sum((s - mean_s) ** 2 for s, _ in points)
-    cov = sum((s - mean_s) * (r - mean_r) for s, r in points)
-    return 100.0 * cov / var if var else 0.0
+    steps, rss = zip(*points)
+    return 100.0 * statistics.linear_regression(steps, rss).slope
 
 
 def soak(steps: int = 300, every: int = 50, warmup: int = 50, overrides: list[str] | None = None,

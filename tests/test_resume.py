@@ -37,12 +37,7 @@ STEPS = 8  # experiment=smoke: 8 problems, batch 2 -> 4 steps per epoch, so runs
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU: more threads only add contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --- atomic checkpoint files ----------------------------------------------------------------------------------------

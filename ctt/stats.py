@@ -14,11 +14,21 @@ Which interval `pass_at_1_ci` reports:
   passed) is reported instead -- conservative, since k samples per problem carry no more independent evidence.
 
 `pass_at_1_ci` returns the method it used ("wilson" or "bootstrap"); results.csv keeps it in `ci_method`.
+
+Paired comparisons (two modes on the same problems, see `ctt.comparisons`):
+
+* `paired_delta_ci`: delta = mean over problems of (pass_a - pass_b), with a seeded percentile bootstrap that
+  resamples PROBLEMS, the same indices for both modes (equivalently: resamples the per-problem differences).
+  When every per-problem difference is the same value the bootstrap has nothing to resample (zero width);
+  Newcombe's hybrid score interval for paired proportions (`newcombe_paired_ci`) is reported instead.
+* `paired_p_value`: exact two-sided sign test on the problems whose difference is non-zero; with one sample per
+  problem it is the exact McNemar test.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from statistics import NormalDist
 from typing import Sequence
 
@@ -56,11 +66,15 @@ def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float
         raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
     if n == 0:
         return math.nan, math.nan
-    z = _z(level)
-    p = successes / n
+    return _wilson(successes / n, n, _z(level))
+
+
+def _wilson(p: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson score bounds for an observed proportion p out of n (n may be a fractional count; see
+    `paired_cells`)."""
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    half = z * math.sqrt(max(0.0, p * (1 - p)) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
@@ -99,3 +113,120 @@ def pass_at_1_ci(
         return point, lo, hi, "wilson"
     lo, hi = bootstrap_ci(scores, level, resamples, seed)
     return point, lo, hi, "bootstrap"
+
+
+# ---------------------------------------------------------------- paired comparisons
+
+# Per-problem differences closer than this are equal (pass rates are fractions j/k, so real ones differ by >= 1/k^2).
+_TIE = 1e-12
+
+
+def _paired_arrays(pass_a: Sequence[float], pass_b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(pass_a, dtype=float), np.asarray(pass_b, dtype=float)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"need two per-problem pass-rate lists of the same length, got {a.shape} and {b.shape}")
+    if a.size and (a.min() < 0 or a.max() > 1 or b.min() < 0 or b.max() > 1):
+        raise ValueError("per-problem pass rates must lie in [0, 1]")
+    return a, b
+
+
+def paired_cells(pass_a: Sequence[float], pass_b: Sequence[float]) -> tuple[float, float, float, float]:
+    """The paired 2x2 table (a, b, c, d) = (both pass, only A, only B, neither) summed over problems.
+
+    With one sample per problem (rates 0 or 1) these are the exact counts. With k > 1 samples each problem
+    contributes FRACTIONAL cells that sum to 1: a_i = min(pa, pb), b_i = max(pa - pb, 0), c_i = max(pb - pa, 0),
+    d_i = 1 - max(pa, pb) -- the table of maximally overlapping outcomes with those marginals. It keeps the
+    marginals (a + b = sum pa, a + c = sum pb) and the difference (b - c = sum (pa - pb)) exact.
+    """
+    pa, pb = _paired_arrays(pass_a, pass_b)
+    return (
+        float(np.minimum(pa, pb).sum()),
+        float(np.maximum(pa - pb, 0.0).sum()),
+        float(np.maximum(pb - pa, 0.0).sum()),
+        float((1.0 - np.maximum(pa, pb)).sum()),
+    )
+
+
+def newcombe_paired_ci(a: float, b: float, c: float, d: float, level: float = 0.95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval for the paired difference p1 - p2 = (b - c) / n.
+
+    Newcombe (1998), "Improved confidence intervals for the difference between binomial proportions based on
+    paired data", Stat. Med. 17:2635, method 10: with Wilson intervals (l1, u1) of p1 = (a + b) / n and (l2, u2)
+    of p2 = (a + c) / n, and phi = (ad - bc) / sqrt((a+b)(c+d)(a+c)(b+d)) (0 when that product is 0),
+
+        lower = delta - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
+        upper = delta + sqrt((p2 - l2)^2 - 2 phi (p2 - l2)(u1 - p1) + (u1 - p1)^2)
+
+    One guard, ours: with no discordant pair (b = c = 0) and both a, d > 0, phi is 1 by construction and the
+    formula shrinks to +-|(p - l) - (u - p)|, which is zero width at a = d. There the interval is +-z^2/(n + z^2)
+    -- the Wilson upper bound of 0 discordant out of n, which bounds |delta|, and exactly what method 10 itself
+    gives at a = n or d = n -- for every split of a and d. Cells may be fractional (see `paired_cells`).
+    (nan, nan) for an empty table.
+    """
+    if min(a, b, c, d) < 0:
+        raise ValueError(f"cells must be non-negative, got {(a, b, c, d)}")
+    n = a + b + c + d
+    if n <= 0:
+        return math.nan, math.nan
+    z = _z(level)
+    if b <= 0 and c <= 0:
+        half = z * z / (n + z * z)
+        return -half, half
+    p1, p2, delta = (a + b) / n, (a + c) / n, (b - c) / n
+    l1, u1 = _wilson(p1, n, z)
+    l2, u2 = _wilson(p2, n, z)
+    denom = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(denom) if denom > 0 else 0.0
+    down = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
+    up = (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2
+    return max(-1.0, delta - math.sqrt(max(0.0, down))), min(1.0, delta + math.sqrt(max(0.0, up)))
+
+
+def paired_delta_ci(
+    pass_a: Sequence[float],
+    pass_b: Sequence[float],
+    level: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float, float, str]:
+    """(delta, ci_low, ci_high, method) for mode A minus mode B, from per-problem pass rates on the same problems.
+
+    `pass_a[i]` and `pass_b[i]` belong to the same problem i. delta = mean(pass_a - pass_b). The interval is a
+    seeded percentile bootstrap that resamples problems with the same indices for both modes (method
+    "bootstrap"); when every per-problem difference is the same value (the bootstrap would be zero width), it is
+    `newcombe_paired_ci` of `paired_cells` (method "newcombe": exact counts for k = 1, fractional cells for
+    k > 1). (nan, nan, nan, "none") for no problems.
+    """
+    pa, pb = _paired_arrays(pass_a, pass_b)
+    if pa.size == 0:
+        return math.nan, math.nan, math.nan, "none"
+    diff = pa - pb
+    delta = float(diff.mean())
+    if float(np.ptp(diff)) <= _TIE:
+        lo, hi = newcombe_paired_ci(*paired_cells(pa, pb), level=level)
+        return delta, lo, hi, "newcombe"
+    lo, hi = bootstrap_ci(diff, level, resamples, seed)
+    return delta, lo, hi, "bootstrap"
+
+
+def sign_test_p(positive: int, negative: int) -> float:
+    """Exact two-sided sign test: min(1, 2 P[Binom(m, 1/2) <= min(positive, negative)]), m = positive + negative.
+
+    With one sample per problem, positive = b and negative = c are the discordant cells and this is the exact
+    McNemar test. 1.0 when m = 0. Exact integer arithmetic, rounded once to a float.
+    """
+    if positive < 0 or negative < 0:
+        raise ValueError(f"counts must be non-negative, got {positive}, {negative}")
+    m = positive + negative
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, i) for i in range(min(positive, negative) + 1))
+    return float(min(Fraction(1), Fraction(2 * tail, 2**m)))
+
+
+def paired_p_value(pass_a: Sequence[float], pass_b: Sequence[float]) -> float:
+    """Exact two-sided sign test on the problems where pass_a != pass_b (`sign_test_p`); only the signs of the
+    per-problem differences count, not their sizes. For k = 1 this is the exact McNemar test."""
+    pa, pb = _paired_arrays(pass_a, pass_b)
+    diff = pa - pb
+    return sign_test_p(int((diff > _TIE).sum()), int((diff < -_TIE).sum()))

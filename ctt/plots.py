@@ -1,4 +1,4 @@
-"""Test-time scaling plot: accuracy against mean thinking tokens, one curve per mode, one panel per benchmark."""
+"""Plots: test-time scaling (accuracy against mean thinking tokens) and paired accuracy deltas against N."""
 
 from __future__ import annotations
 
@@ -66,6 +66,55 @@ def scaling_plot(results: list[dict], path: str | Path | None = None) -> Figure:
         ax.set_xlabel("mean thinking tokens")
         ax.set_ylabel("accuracy (pass@1, 95% CI)")
         ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def deltas_plot(comparisons: list[dict], path: str | Path | None = None) -> Figure:
+    """One subplot per benchmark: x = N (num_continuations), y = accuracy delta (mode minus versus) with its 95%
+    CI as error bars, from the rows of `ctt.comparisons.compare` (or comparisons.csv read back as strings).
+
+    One line per (mode, versus) pair, labelled "<mode> vs <versus>", so `ax.get_lines()` holds exactly one Line2D
+    per pair; the dashed zero line is an `axhline` labelled "_zero" (kept out of the legend) and the error bars are
+    line collections. Pairs that share an N are dodged sideways by at most +-0.2 so their bars stay apart.
+    Rendered with the Agg canvas; saved to `path` when given.
+    """
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in comparisons))
+    ncols = max(1, len(benchmarks))
+    fig = Figure(figsize=(5.0 * ncols, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    if not benchmarks:
+        axes[0].set_title("no comparisons")
+    for ax, bench in zip(axes, benchmarks):
+        rows = [r for r in comparisons if r["benchmark"] == bench]
+        pairs = list(dict.fromkeys((r["mode"], r["versus"]) for r in rows))
+        ax.axhline(0.0, color="0.4", linewidth=0.8, linestyle="--", label="_zero")
+        width = min(0.4, 0.08 * (len(pairs) - 1))
+        for i, (mode, versus) in enumerate(pairs):
+            points = sorted(
+                (r for r in rows if (r["mode"], r["versus"]) == (mode, versus)),
+                key=lambda r: _num(r["num_continuations"]),
+            )
+            shift = 0.0 if len(pairs) == 1 else -width / 2 + width * i / (len(pairs) - 1)
+            xs = [_num(r["num_continuations"]) + shift for r in points]
+            color = f"C{i % 10}"
+            ax.plot(xs, [_num(r["delta"]) for r in points], marker="o", color=color, label=f"{mode} vs {versus}",
+                    linestyle="-" if len(points) > 1 else "none")
+            bars = [(x, _num(r.get("ci_low")), _num(r.get("ci_high"))) for x, r in zip(xs, points)]
+            bars = [b for b in bars if not (math.isnan(b[1]) or math.isnan(b[2]))]
+            if bars:
+                ax.vlines([b[0] for b in bars], [b[1] for b in bars], [b[2] for b in bars], colors=color, alpha=0.6)
+        ns = sorted({int(_num(r["num_continuations"])) for r in rows})
+        ax.set_xticks(ns)
+        ax.set_title(bench)
+        ax.set_xlabel("N (forced continuations)")
+        ax.set_ylabel("accuracy delta (pass@1, paired 95% CI)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if path is not None:

@@ -11,6 +11,11 @@ whose value contains the run's own directory. The keys whose values differ betwe
 Metrics per run:
   train/reward                     last logged value in the CSV logger's metrics.csv (csv/metrics.csv)
   <bench>/<mode>/N=<n>             accuracy (pass@1) from results.csv
+  <bench>/<mode>-<versus>/N=<n>    paired delta from comparisons.csv (`ctt.comparisons`): <mode> at N minus
+                                   <versus> (a baseline at N=0, or a same-N reference); the markdown cell shows
+                                   it with its 95% CI, "+0.1250 [+0.0312, +0.2188]", and report.csv adds
+                                   "<metric> ci_low" / "<metric> ci_high" columns
+Runs without comparisons.csv get deltas computed from results.csv instead (no CI):
   <bench>/learned-base/N=<n>       learned at N minus base (N=0)
   <bench>/learned-fixed:<w>/N=<n>  learned at N minus fixed word <w> at the same N
 
@@ -38,6 +43,7 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import OmegaConf
 
+from ctt.comparisons import COMPARISONS_CSV, read_comparisons
 from ctt.evaluate import markdown_table
 
 SKIP_PREFIXES = ("hydra", "paths")
@@ -53,6 +59,8 @@ class Run:
     local_keys: set[str] = field(default_factory=set)  # keys holding this run's own directory
     metrics: dict[str, float] = field(default_factory=dict)
     status: str = "ok"
+    # delta metrics (a subset of `metrics`) -> their 95% CI, or None for deltas computed without one
+    deltas: dict[str, tuple[float, float] | None] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- discovery
@@ -195,13 +203,37 @@ def read_train_reward(run_dir: Path) -> float | None:
     return last
 
 
-def eval_metrics(rows: Iterable[dict]) -> dict[str, float]:
-    """Accuracy per `<bench>/<mode>/N=<n>`, then the learned-base and learned-fixed:<w> deltas per bench and N."""
+def _accuracies(rows: Iterable[dict]) -> dict[tuple[str, str, int], float]:
     acc: dict[tuple[str, str, int], float] = {}
     for row in rows:
         value = _float(row.get("accuracy"))
         if value is not None:
             acc[(row["benchmark"], row["mode"], int(float(row["num_continuations"])))] = value
+    return acc
+
+
+def accuracy_metrics(rows: Iterable[dict]) -> dict[str, float]:
+    """Accuracy per `<bench>/<mode>/N=<n>` from the rows of results.csv."""
+    return {f"{b}/{m}/N={n}": v for (b, m, n), v in _accuracies(rows).items()}
+
+
+def comparison_metrics(rows: Iterable[dict]) -> dict[str, tuple[float, float, float]]:
+    """(delta, ci_low, ci_high) per `<bench>/<mode>-<versus>/N=<n>` from the rows of comparisons.csv."""
+    out = {}
+    for row in rows:
+        delta = _float(row.get("delta"))
+        if delta is None:
+            continue
+        lo, hi = _float(row.get("ci_low")), _float(row.get("ci_high"))
+        name = f"{row['benchmark']}/{row['mode']}-{row['versus']}/N={int(float(row['num_continuations']))}"
+        out[name] = (delta, math.nan if lo is None else lo, math.nan if hi is None else hi)
+    return out
+
+
+def eval_metrics(rows: Iterable[dict]) -> dict[str, float]:
+    """Accuracy per `<bench>/<mode>/N=<n>`, then the learned-base and learned-fixed:<w> deltas per bench and N
+    computed from those accuracies (for runs without comparisons.csv)."""
+    acc = _accuracies(rows)
     out = {f"{b}/{m}/N={n}": v for (b, m, n), v in acc.items()}
     for bench in dict.fromkeys(b for b, _, _ in acc):
         base = acc.get((bench, "base", 0))
@@ -252,10 +284,19 @@ def load_run(path: Path, name: str) -> Run:
     if reward is not None:
         metrics["train/reward"] = reward
     results = read_results(path)
-    if results:
-        metrics.update(eval_metrics(results))
+    comparisons = read_comparisons(path / COMPARISONS_CSV)
+    deltas: dict[str, tuple[float, float] | None] = {}
+    if comparisons is not None:  # paired deltas with CIs replace the ones computed from accuracies
+        metrics.update(accuracy_metrics(results or []))
+        for metric, (delta, lo, hi) in comparison_metrics(comparisons).items():
+            metrics[metric] = delta
+            deltas[metric] = (lo, hi)
+    elif results:
+        computed = eval_metrics(results)
+        metrics.update(computed)
+        deltas = {m: None for m in computed if m not in accuracy_metrics(results)}
     status = run_status(path, bool(results), reward is not None, config.get("evaluate"))
-    return Run(path, name, config, local, metrics, status)
+    return Run(path, name, config, local, metrics, status, deltas)
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
@@ -268,17 +309,33 @@ def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
 def metric_columns(runs: Sequence[Run]) -> list[str]:
     """train/reward first, then accuracies, then deltas, each in first-seen order."""
     names = list(dict.fromkeys(k for r in runs for k in r.metrics))
+    delta_names = {k for r in runs for k in r.deltas}
 
     def rank(name: str) -> int:
         if name == "train/reward":
             return 0
-        return 2 if "/learned-" in name else 1
+        return 2 if name in delta_names else 1
 
     return sorted(names, key=rank)  # stable: keeps first-seen order inside each rank
 
 
-def _fmt_metric(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
+def _fmt_metric(value: float | None, interval: tuple[float, float] | None = None) -> str:
+    """"0.1250"; a delta with its CI as "+0.1250 [+0.0312, +0.2188]"."""
+    if value is None:
+        return ""
+    if interval is None:
+        return f"{value:.4f}"
+    lo, hi = interval
+    return f"{value:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _interval_columns(runs: Sequence[Run], metrics: Sequence[str]) -> list[str]:
+    """The metric columns, each delta that has a CI in some run followed by its `ci_low` / `ci_high` columns."""
+    with_ci = {k for r in runs for k, v in r.deltas.items() if v is not None}
+    cols: list[str] = []
+    for m in metrics:
+        cols += [m, f"{m} ci_low", f"{m} ci_high"] if m in with_ci else [m]
+    return cols
 
 
 def report_rows(runs: Sequence[Run], group_seeds: bool = False) -> tuple[list[str], list[dict], list[str], list[dict]]:
@@ -287,12 +344,17 @@ def report_rows(runs: Sequence[Run], group_seeds: bool = False) -> tuple[list[st
     metrics = metric_columns(runs)
     if not group_seeds:
         md_cols = ["run", "status", *keys, *metrics]
-        csv_cols = ["run", "status", *keys, *metrics, "path"]
+        csv_cols = ["run", "status", *keys, *_interval_columns(runs, metrics), "path"]
         md_rows, csv_rows = [], []
         for r in runs:
             cells = {k: fmt_value(r.config[k]) if k in r.config else ABSENT for k in keys}
-            md_rows.append({"run": r.name, "status": r.status, **cells, **{m: _fmt_metric(r.metrics.get(m)) for m in metrics}})
-            csv_rows.append({"run": r.name, "status": r.status, **cells, **{m: r.metrics.get(m, "") for m in metrics}, "path": str(r.path)})
+            md_rows.append({"run": r.name, "status": r.status, **cells,
+                            **{m: _fmt_metric(r.metrics.get(m), r.deltas.get(m)) for m in metrics}})
+            values: dict[str, Any] = {m: r.metrics.get(m, "") for m in metrics}
+            for m, interval in r.deltas.items():
+                if interval is not None:
+                    values[f"{m} ci_low"], values[f"{m} ci_high"] = interval
+            csv_rows.append({"run": r.name, "status": r.status, **cells, **values, "path": str(r.path)})
         return md_cols, md_rows, csv_cols, csv_rows
 
     group_keys = [k for k in keys if k != "seed"]

@@ -112,6 +112,7 @@ def deltas_plot(comparisons: list[dict], path: str | Path | None = None) -> Figu
                 ax.vlines([b[0] for b in bars], [b[1] for b in bars], [b[2] for b in bars], colors=color, alpha=0.6)
         ns = sorted({int(_num(r["num_continuations"])) for r in rows})
         ax.set_xticks(ns)
+        ax.set_xlim(ns[0] - 0.5, ns[-1] + 0.5)  # a lone N would otherwise stretch the dodge across the panel
         ax.set_title(bench)
         ax.set_xlabel("N (forced continuations)")
         ax.set_ylabel("accuracy delta (pass@1, paired 95% CI)")

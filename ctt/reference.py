@@ -90,17 +90,21 @@ def _apply_thinking(r: Rollout, state: dict, new: list[int], forcing: ForcingCon
     r.thinking_tokens += len(new)
     last = new[-1] if new else None
     if last == marker:
-        if r.num_forced < forcing.num_continuations:
+        room = len(r.completion_ids) + len(forcing.continuation_ids) <= forcing.max_new_tokens  # marker out, +1 token
+        if r.num_forced < forcing.num_continuations and room:
             r.completion_ids.pop(), r.sampled.pop()
             r.thinking_tokens -= 1
+            r.replaced_markers.append((marker,))
             r.continuation_starts.append(len(r.completion_ids))
             r.completion_ids += forcing.continuation_ids
             r.sampled += [False] * len(forcing.continuation_ids)
             r.thinking_tokens += len(forcing.continuation_ids)
         elif marker in eos:
             state["phase"], r.stop_reason = _DONE, "eos"
+            r.answer_start = len(r.completion_ids)
         else:
             state["phase"] = _ANSWER
+            r.answer_start = len(r.completion_ids)
     elif last is not None and last in eos:
         state["phase"], r.stop_reason = _DONE, "eos"
     else:
@@ -178,13 +182,16 @@ class _InLoopForcing(LogitsProcessor):
             was_sampled = not self.queue[b]
             token = greedy[b] if was_sampled else self.queue[b].pop(0)
             if self.phase[b] == _THINK:
-                if was_sampled and token == marker and r.num_forced < f.num_continuations:
+                room = len(r.completion_ids) + len(f.continuation_ids) + 1 <= f.max_new_tokens
+                if was_sampled and token == marker and r.num_forced < f.num_continuations and room:
+                    r.replaced_markers.append((marker,))
                     r.continuation_starts.append(len(r.completion_ids))
                     token, was_sampled = f.continuation_ids[0], False
                     self.queue[b] = list(f.continuation_ids[1:])
                 elif was_sampled and token == marker:
                     self.phase[b] = _DONE if marker in eos else _ANSWER
                     r.stop_reason = "eos" if marker in eos else ""
+                    r.answer_start = len(r.completion_ids) + 1
                 elif was_sampled and token in eos:
                     self.phase[b], r.stop_reason = _DONE, "eos"
                 r.thinking_tokens += 1

@@ -17,23 +17,27 @@ PROMPTS = ["hello there", "what is 2+2?", "x", "a much longer prompt about sums 
 
 @torch.no_grad()
 def naive_forced(model, prompt, marker, n, continuation, eos, banned, max_new, max_answer):
-    """Reference: recompute the whole sequence every step (no cache), edit the sequence as s1 does."""
-    seq, out, sampled, forced, thinking = list(prompt), [], [], 0, True
-    answer = 0
+    """Reference: recompute the whole sequence every step (no cache), edit the sequence as s1 does. A continuation
+    goes in only if it and one more token fit into max_new; an empty one ("no string") bans the marker once."""
+    seq, out, sampled, forced, thinking, suppress = list(prompt), [], [], 0, True, None
+    answer, answer_start, k = 0, None, len(marker)
     while len(out) < max_new:
         logits = model(torch.tensor([seq])).logits[0, -1].float()
         logits[[b for b in banned if b < logits.shape[0]]] = float("-inf")
+        if suppress is not None:
+            logits[suppress], suppress = float("-inf"), None
         tok = int(logits.argmax())
         seq.append(tok), out.append(tok), sampled.append(True)
-        if thinking and out[-len(marker):] == marker and all(sampled[-len(marker):]):
-            if forced < n:
-                del seq[-len(marker):], out[-len(marker):], sampled[-len(marker):]
+        if thinking and out[-k:] == marker and all(sampled[-k:]):
+            if forced < n and len(out) - k + len(continuation) + 1 <= max_new:
+                del seq[-k:], out[-k:], sampled[-k:]
                 seq += continuation
                 out += continuation
                 sampled += [False] * len(continuation)
+                suppress = None if continuation else marker[0]
                 forced += 1
                 continue
-            thinking = False
+            thinking, answer_start = False, len(out)
             if marker == [eos]:
                 break
             continue
@@ -43,7 +47,7 @@ def naive_forced(model, prompt, marker, n, continuation, eos, banned, max_new, m
             answer += 1
             if answer >= max_answer:
                 break
-    return out, forced
+    return out, forced, answer_start
 
 
 def _unforced_greedy(loaded, prompts):
@@ -72,9 +76,11 @@ def test_forcing_matches_cache_free_reference(marker_len, n, continuation):
     rollouts = generate_forced(model, prompts, cfg, SamplingConfig(temperature=0), pad_token_id=tok.pad_token_id)
     emitted_any = False
     for prompt, r in zip(prompts, rollouts):
-        ref, ref_forced = naive_forced(model, prompt, marker, n, cont, tok.eos_token_id, [new_id], 30, 6)
+        ref, ref_forced, ref_answer_start = naive_forced(model, prompt, marker, n, cont, tok.eos_token_id, [new_id], 30, 6)
         assert r.completion_ids == ref
         assert r.num_forced == ref_forced <= n
+        assert r.replaced_markers == [tuple(marker)] * r.num_forced
+        assert r.answer_start == ref_answer_start
         # Each recorded insertion point holds the continuation, and exactly num_forced were inserted.
         for start in r.continuation_starts:
             assert r.completion_ids[start : start + len(cont)] == cont
@@ -161,3 +167,39 @@ def test_sampling_is_reproducible_for_a_seed():
     c = generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=1.0, top_p=0.9, seed=4))
     assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
+
+
+@pytest.mark.parametrize("word", ["Wait", "Alternatively, let me"])
+def test_a_continuation_is_inserted_only_when_it_fits(word):
+    """A marker sampled near max_new_tokens ends thinking instead of being replaced: a continuation never overruns
+    the limit (fixed "Wait" used to reach 15 of 12 tokens)."""
+    loaded = tiny(boost=6.0)  # the marker is the greedy choice: it comes at every step
+    tok = loaded.tokenizer
+    cont = tuple(tok.encode(word))
+    for max_new in range(2, 14):
+        cfg = ForcingConfig(end_of_thinking_ids=tuple(loaded.end_of_thinking_ids), eos_token_ids=(tok.eos_token_id,),
+                            num_continuations=50, continuation_ids=cont, max_new_tokens=max_new, max_answer_tokens=4)
+        prompts = [tok.encode(p) for p in PROMPTS]
+        for r in generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=0)):
+            assert len(r.completion_ids) <= max_new
+            for start in r.continuation_starts:  # each continuation is followed by a sample (kept, or a marker replaced)
+                after = start + len(cont)
+                assert after < len(r.completion_ids) and (r.sampled[after] or after in r.continuation_starts)
+            if max_new >= len(cont) + 2:
+                assert r.num_forced >= 1
+
+
+def test_no_string_suppresses_the_marker_instead_of_resampling_it():
+    """An empty continuation ("no string") must change what comes next: greedy, re-sampling the same context
+    unbanned would give the marker again at once and use up all N replacements."""
+    loaded = tiny(boost=6.0)
+    tok = loaded.tokenizer
+    marker = tuple(loaded.end_of_thinking_ids)
+    cfg = ForcingConfig(end_of_thinking_ids=marker, eos_token_ids=(tok.eos_token_id,), num_continuations=3,
+                        continuation_ids=(), max_new_tokens=30, max_answer_tokens=4)
+    for r in generate_forced(loaded.model, [tok.encode(p) for p in PROMPTS], cfg, SamplingConfig(temperature=0)):
+        assert r.num_forced == 3 and r.replaced_markers == [marker] * 3
+        starts = r.continuation_starts
+        assert len(set(starts)) == 3, f"each suppression must be followed by a new token: {starts}"
+        for s in starts:
+            assert r.completion_ids[s] != marker[0]

@@ -36,7 +36,8 @@ ENGINES = [
 # Chat-template-like: every prompt starts with the same text, and RL repeats each prompt K times.
 SHARED = "<sys> You are a careful assistant. <user> "
 SHARED_PROMPTS = [SHARED + p for p in PROMPTS[:5]] + [SHARED + PROMPTS[1]] * 2 + [SHARED + PROMPTS[3]]
-FIELDS = ("completion_ids", "sampled", "continuation_starts", "thinking_tokens", "answer_tokens", "stop_reason")
+FIELDS = ("completion_ids", "sampled", "continuation_starts", "replaced_markers", "answer_start", "thinking_tokens",
+          "answer_tokens", "stop_reason")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

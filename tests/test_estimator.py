@@ -1,0 +1,227 @@
+"""The REINFORCE estimator against the exact gradient, by enumerating every rollout of a tiny model.
+
+Sampling is restricted (every other id banned) to a few tokens: one or two that make the end-of-thinking marker, an
+ordinary token and end-of-sequence; rollouts are a handful of tokens long. `_enumerate` walks every sequence of
+sampled choices with the forcing rules written out independently of ctt.generation (a marker is replaced while
+forced < N and the continuation plus one token still fit; the context then holds the continuation instead of the
+marker), and gives each leaf its rollout record and its differentiable log-probability, computed by plain full
+forwards. Then:
+
+* the leaves' probabilities sum to 1 (the enumeration is complete), and rollouts sampled from ctt's engine are all
+  leaves, with the frequencies the leaves' probabilities predict (the records agree with the engine's);
+* sum_leaves P(leaf) * (R(leaf) - b) * grad(log P-hat(leaf)), with grad(log P-hat) what ctt's scorer and loss give
+  for that one rollout, equals grad(sum_leaves P(leaf) * R(leaf)), for b = 0 and a constant b: the estimator is
+  unbiased exactly when it scores every sampled choice that depends on the row (a missing choice makes the
+  constant-baseline term b * E[grad log P-hat] non-zero).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
+from ctt.rl import completion_logprobs, reinforce_loss
+from ctt.token import get_overlay
+from tests.conftest import tiny
+
+PROMPT = "ab"
+
+
+@dataclass
+class _State:
+    ctx: list[int]  # what the model sees
+    ro: Rollout
+    thinking: bool = True
+    done: bool = False
+    suppress: int | None = None
+    logp: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+
+def _distribution(model, ctx, allowed, suppress, temperature, top_p, cache) -> torch.Tensor:
+    """log-probs over `allowed` (a plain full forward, with grad): banned ids out, temperature, then the nucleus."""
+    key = (tuple(ctx), suppress)
+    if key not in cache:
+        logits = model(torch.tensor([ctx])).logits[0, -1].float()[allowed]
+        if suppress is not None:
+            logits = logits.masked_fill(torch.tensor(allowed) == suppress, float("-inf"))
+        logits = logits / temperature
+        if top_p < 1.0:  # written out here, independently of ctt.generation.nucleus_mask
+            probs = logits.detach().softmax(-1)
+            order = probs.argsort(descending=True).tolist()
+            kept, mass = [], 0.0
+            for i in order:
+                if mass >= top_p and kept:
+                    break
+                kept.append(i)
+                mass += probs[i].item()
+            logits = logits.masked_fill(~torch.isin(torch.arange(len(allowed)), torch.tensor(kept)), float("-inf"))
+        cache[key] = logits.log_softmax(-1)
+    return cache[key]
+
+
+def _apply(s: _State, tok: int, f: ForcingConfig) -> None:
+    """One sampled token through the forcing rules (the state machine of ctt.generation's docstring)."""
+    ro, marker, k = s.ro, list(f.end_of_thinking_ids), len(f.end_of_thinking_ids)
+    ro.completion_ids.append(tok), ro.sampled.append(True), s.ctx.append(tok)
+    if s.thinking:
+        ro.thinking_tokens += 1
+        if ro.completion_ids[-k:] == marker and all(ro.sampled[-k:]):
+            room = len(ro.completion_ids) - k + len(f.continuation_ids) + 1 <= f.max_new_tokens
+            if ro.num_forced < f.num_continuations and room:
+                ro.replaced_markers.append(tuple(marker))
+                del ro.completion_ids[-k:], ro.sampled[-k:], s.ctx[-k:]
+                ro.continuation_starts.append(len(ro.completion_ids))
+                ro.completion_ids += f.continuation_ids
+                ro.sampled += [False] * len(f.continuation_ids)
+                s.ctx += f.continuation_ids
+                ro.thinking_tokens += len(f.continuation_ids) - k
+                s.suppress = None if f.continuation_ids else marker[0]
+                return
+            s.thinking, ro.answer_start = False, len(ro.completion_ids)
+        elif tok in f.eos_token_ids:
+            s.done, ro.stop_reason = True, "eos"
+    elif tok in f.eos_token_ids:
+        s.done, ro.stop_reason = True, "eos"
+    else:
+        ro.answer_tokens += 1
+        if ro.answer_tokens >= f.max_answer_tokens:
+            s.done, ro.stop_reason = True, "answer_limit"
+    if not s.done and len(ro.completion_ids) >= f.max_new_tokens:
+        s.done, ro.stop_reason = True, "max_new_tokens"
+
+
+def _enumerate(model, prompt, f: ForcingConfig, allowed, temperature=1.0, top_p=1.0) -> list[_State]:
+    leaves, cache = [], {}
+    stack = [_State(list(prompt), Rollout(prompt_ids=list(prompt)))]
+    while stack:
+        s = stack.pop()
+        if s.done:
+            leaves.append(s)
+            continue
+        logp = _distribution(model, s.ctx, allowed, s.suppress, temperature, top_p, cache)
+        for j, tok in enumerate(allowed):
+            if logp[j].item() == float("-inf"):
+                continue
+            ro = s.ro
+            child = _State(list(s.ctx), Rollout(
+                list(ro.prompt_ids), list(ro.completion_ids), list(ro.sampled), list(ro.continuation_starts),
+                list(ro.replaced_markers), ro.answer_start, ro.thinking_tokens, ro.answer_tokens,
+            ), s.thinking, s.done, None, s.logp + logp[j])
+            _apply(child, tok, f)
+            stack.append(child)
+    return leaves
+
+
+def _record(r: Rollout) -> tuple:
+    return (tuple(r.completion_ids), tuple(r.sampled), tuple(r.continuation_starts), tuple(r.replaced_markers),
+            r.answer_start, r.thinking_tokens, r.answer_tokens, r.stop_reason)
+
+
+def _setup(marker_len: int, n: int, empty: bool = False):
+    loaded = tiny(boost=0.0, init_range=0.3, seed=1, init={"name": "random", "seed": 3})
+    model, tok = loaded.model, loaded.tokenizer
+    new_id = get_overlay(model).token_id
+    marker = tuple(loaded.end_of_thinking_ids) if marker_len == 1 else tuple(tok.encode("xy"))
+    allowed = sorted({*marker, tok.encode("a")[0], tok.eos_token_id})
+    vocab = model.get_output_embeddings().weight.shape[0]
+    banned = tuple(i for i in range(vocab) if i not in allowed) + (new_id,)
+    f = ForcingConfig(
+        end_of_thinking_ids=marker, eos_token_ids=(tok.eos_token_id,), num_continuations=n,
+        continuation_ids=() if empty else (new_id,), max_new_tokens=6 if marker_len == 1 else 5,
+        max_answer_tokens=2, banned_ids=banned,
+    )
+    return model, tok, f, allowed
+
+
+def _reward(r: Rollout, n: int, a_id: int) -> float:
+    """Depends on the forced-continuation count (so on re-emitted markers) and on the tokens after them."""
+    return float(r.num_forced == n) + 0.5 * float(r.completion_ids[-1:] == [a_id])
+
+
+CASES = [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+@pytest.mark.parametrize("marker_len,n", CASES)
+def test_enumeration_is_complete_and_matches_the_engine(marker_len, n, one_thread):
+    model, tok, f, allowed = _setup(marker_len, n)
+    prompt = tok.encode(PROMPT)
+    leaves = _enumerate(model, prompt, f, allowed)
+    probs = {_record(s.ro): s.logp.exp().item() for s in leaves}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert any(len(s.ro.replaced_markers) == n for s in leaves)
+    draws = 3000
+    sampled = generate_forced(model, [prompt] * draws, f, SamplingConfig(1.0, seed=7), tok.pad_token_id)
+    seen = Counter(_record(r) for r in sampled)
+    assert set(seen) <= set(probs), "the engine produced a rollout the enumeration does not have"
+    for forced in range(n + 1):  # frequency of each forced count within 4.5 standard errors of its probability
+        p = sum(v for k, v in probs.items() if len(k[2]) == forced)
+        freq = sum(c for k, c in seen.items() if len(k[2]) == forced) / draws
+        assert abs(freq - p) <= 4.5 * (p * (1 - p) / draws) ** 0.5 + 1e-9, (forced, freq, p)
+
+
+def _exact_and_estimated(marker_len, n, baseline, temperature=1.0, top_p=1.0):
+    model, tok, f, allowed = _setup(marker_len, n)
+    row = get_overlay(model).row
+    a_id = tok.encode("a")[0]
+    leaves = _enumerate(model, tok.encode(PROMPT), f, allowed, temperature, top_p)
+    rewards = torch.tensor([_reward(s.ro, n, a_id) for s in leaves])
+    probs = torch.stack([s.logp for s in leaves]).exp()
+    (exact,) = torch.autograd.grad((probs * rewards).sum(), row)
+    # ctt's estimator for each leaf alone, weighted by the leaf's probability: sequence_sum over B leaves is
+    # -(1/B) sum_b adv_b * log P-hat_b, so advantages B * P * (R - b) make -grad(loss) the expectation.
+    rollouts = [s.ro for s in leaves]
+    advantages = len(leaves) * probs.detach() * (rewards - baseline)
+    scored = completion_logprobs(model, rollouts, temperature, f.banned_ids, tok.pad_token_id, top_p=top_p)
+    (estimated,) = torch.autograd.grad(-reinforce_loss(scored, advantages, "sequence_sum"), row)
+    return exact, estimated, scored
+
+
+@pytest.mark.parametrize("baseline", [0.0, 0.8])
+@pytest.mark.parametrize("marker_len,n", CASES)
+def test_expected_gradient_equals_the_gradient_of_the_expected_reward(marker_len, n, baseline, one_thread):
+    exact, estimated, _ = _exact_and_estimated(marker_len, n, baseline)
+    assert exact.norm() > 1e-3, "the row must matter for the test to mean anything"
+    torch.testing.assert_close(estimated, exact, rtol=2e-3, atol=2e-3 * exact.norm().item())
+
+
+def test_omitting_the_re_emitted_markers_is_biased(one_thread):
+    """The check above can fail: forget every replaced marker after the first (what ctt did before: the 2nd marker's
+    log-prob never entered the loss) and the expected gradient is off."""
+    model, tok, f, allowed = _setup(1, 2)
+    row = get_overlay(model).row
+    leaves = _enumerate(model, tok.encode(PROMPT), f, allowed)
+    rewards = torch.tensor([_reward(s.ro, 2, tok.encode("a")[0]) for s in leaves])
+    probs = torch.stack([s.logp for s in leaves]).exp()
+    (exact,) = torch.autograd.grad((probs * rewards).sum(), row)
+    for s in leaves:
+        s.ro.replaced_markers = s.ro.replaced_markers[:1]
+    scored = completion_logprobs(model, [s.ro for s in leaves], 1.0, f.banned_ids, tok.pad_token_id)
+    advantages = len(leaves) * probs.detach() * (rewards - 0.8)
+    (old,) = torch.autograd.grad(-reinforce_loss(scored, advantages, "sequence_sum"), row)
+    assert (old - exact).norm() > 0.1 * exact.norm()
+
+
+def test_top_p_scored_with_the_full_softmax_would_be_biased(one_thread):
+    """The nucleus matters: scoring top-p samples under the full softmax misses the gradient by far."""
+    exact, _, _ = _exact_and_estimated(1, 2, 0.5, 1.0, 0.9)
+    model, tok, f, allowed = _setup(1, 2)
+    leaves = _enumerate(model, tok.encode(PROMPT), f, allowed, 1.0, 0.9)
+    rewards = torch.tensor([_reward(s.ro, 2, tok.encode("a")[0]) for s in leaves])
+    probs = torch.stack([s.logp for s in leaves]).exp().detach()
+    scored = completion_logprobs(model, [s.ro for s in leaves], 1.0, f.banned_ids, tok.pad_token_id, top_p=1.0)
+    (full,) = torch.autograd.grad(
+        -reinforce_loss(scored, len(leaves) * probs * (rewards - 0.5), "sequence_sum"), get_overlay(model).row
+    )
+    assert (full - exact).norm() > 0.5 * exact.norm()
+
+
+@pytest.mark.parametrize("top_p", [0.9])
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_top_p_and_temperature_are_scored_under_the_sampling_distribution(temperature, top_p, one_thread):
+    exact, estimated, _ = _exact_and_estimated(1, 2, 0.5, temperature, top_p)
+    assert exact.norm() > 1e-3
+    torch.testing.assert_close(estimated, exact, rtol=2e-3, atol=2e-3 * exact.norm().item())

@@ -16,7 +16,8 @@ from ctt.generation import Rollout, SamplingConfig
 from ctt.models import load_model
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import Score, get_reward_fn
-from ctt.rl import RLSettings, completion_logprobs, compute_advantages, reinforce_loss
+from ctt.modes import Mode
+from ctt.rl import RLSettings, completion_logprobs, compute_advantages, reinforce_loss, uniform_group_share
 from ctt.token import install_token
 
 log = logging.getLogger(__name__)
@@ -100,31 +101,37 @@ class ContinueThinkingModule(L.LightningModule):
 
     # --- one RL step ----------------------------------------------------------------------------------------
 
-    def sampling(self) -> SamplingConfig:
-        # Seeded by (seed, step, rank): reproducible, independent across ranks, and stable across a resume.
-        seed = self.seed * 1_000_003 + self.global_step * 7919 + self.global_rank
+    def sampling(self, batch_idx: int = 0) -> SamplingConfig:
+        # Seeded by (seed, step, micro-batch, rank): reproducible, independent across ranks and across the micro-batches
+        # of one accumulated step, and stable across a resume (batch_idx restarts with the epoch it resumes in).
+        micro = batch_idx % max(1, self._accumulation())
+        seed = self.seed * 1_000_003 + self.global_step * 7919 + micro * 104_729 + self.global_rank
         return SamplingConfig(
             temperature=self.rl.temperature,
             top_p=self.rl.top_p,
             seed=seed,
         )
 
+    def _accumulation(self) -> int:
+        return self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+
     def training_step(self, batch: list[Problem], batch_idx: int) -> torch.Tensor:
         k = self.rl.samples_per_prompt
-        forcing = self.policy.forcing("learned", self.policy.settings.num_continuations)
-        sampling = self.sampling()
+        forcing = self.policy.forcing(Mode("learned", None, self.policy.settings.num_continuations))
+        sampling = self.sampling(batch_idx)
         # ZeRO-3: every weight gathered ONCE for the rollout, the scoring forward and its backward (released in
         # on_after_backward), not per layer per token; a no-op under any other strategy. See ctt/distributed.py.
         self._step_gather = gather_zero3(self, self.zero3_gather_fraction)
         rollouts = self.policy.rollout(batch, forcing, sampling, samples_per_prompt=k)
         problems = [p for p in batch for _ in range(k)]
-        scores = [self.reward_fn(r.text, p.answer) for r, p in zip(rollouts, problems)]
+        scores = [self.reward_fn(r, p) for r, p in zip(rollouts, problems)]
         rewards = torch.tensor([s.reward for s in scores], device=self.device)
         advantages = compute_advantages(rewards, k, self.rl.baseline, self.rl.scale)
         scored = completion_logprobs(
-            self.model, rollouts, max(sampling.temperature, 1e-5), (self.policy.token_id,), self.policy.pad_id,
+            self.model, rollouts, sampling.temperature, (self.policy.token_id,), self.policy.pad_id,
             prefix_reuse=self.rl.prefix_reuse,
             gradient_checkpointing=self.rl.gradient_checkpointing,
+            top_p=sampling.top_p,
         )
         count = self._mean_token_count(scored) if self.rl.aggregation == "token_mean" else None
         loss = reinforce_loss(scored, advantages, self.rl.aggregation, count)
@@ -132,7 +139,7 @@ class ContinueThinkingModule(L.LightningModule):
         loss = loss + 0.0 * self.token_row.sum()
         step_loss = self._skip_if_not_finite(loss)
         self.last_samples = list(zip(problems, rollouts, scores))
-        self._log_step(loss, rewards, scores, rollouts, scored.mask.sum())  # logs the raw loss, NaN included
+        self._log_step(loss, rewards, scores, rollouts, scored.mask.sum(), uniform_group_share(rewards, k))
         return step_loss
 
     def _mean_token_count(self, scored) -> torch.Tensor | None:
@@ -173,7 +180,8 @@ class ContinueThinkingModule(L.LightningModule):
             )
         return 0.0 * self.token_row.sum()
 
-    def _log_step(self, loss, rewards, scores: list[Score], rollouts: list[Rollout], scored_tokens) -> None:
+    def _log_step(self, loss, rewards, scores: list[Score], rollouts: list[Rollout], scored_tokens, uniform) -> None:
+        """Logs the raw loss (NaN included) and what the step's rollouts did."""
         as_t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=self.device).mean()  # noqa: E731
         metrics = {
             "train/loss": loss.detach(),
@@ -184,6 +192,7 @@ class ContinueThinkingModule(L.LightningModule):
             "train/thinking_tokens": as_t([r.thinking_tokens for r in rollouts]),
             "train/answer_tokens": as_t([r.answer_tokens for r in rollouts]),
             "train/scored_tokens": scored_tokens.float(),
+            "train/uniform_groups": torch.tensor(uniform, device=self.device),  # groups with no signal
             "train/embedding_norm": self.token_row.detach().norm(),
             "train/skipped_steps": torch.tensor(float(self.skipped_steps), device=self.device),
         }

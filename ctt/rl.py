@@ -1,7 +1,12 @@
-"""REINFORCE for the continue-thinking row: advantages, log-probs of the scored tokens, the loss.
+"""REINFORCE for the continue-thinking row: advantages, log-probs of the scored choices, the loss.
 
-Only tokens sampled *after* the first inserted continuation depend on the learned row, so only those are scored.
-Forced tokens (the continuation itself, budget-forced text) are not the policy's choices and are never scored.
+A rollout's probability is the product of pi(choice | context) over every token the model *sampled*, including
+each end-of-thinking marker that was sampled and then replaced by a continuation (all k tokens of a multi-token
+marker). Only choices whose context holds the learned row depend on it: those after the first inserted
+continuation, so the first replaced marker is not scored, the 2nd..Nth are. Forced tokens (the continuation,
+budget-forced text) are not the policy's choices and are never scored. Each choice is scored under the
+distribution it was drawn from (temperature, banned ids, the top-p nucleus). tests/test_estimator.py checks the
+resulting gradient against the exact gradient of the expected reward by enumerating every rollout of a tiny model.
 Each variant is a name in a registry, so an ablation is a config override (`rl.baseline=group_mean`).
 """
 
@@ -18,12 +23,24 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ctt.errors import ConfigError
-from ctt.generation import Rollout, left_pad
+from ctt.generation import Rollout, left_pad, nucleus_mask
 
 
 class ScoredTokens(NamedTuple):
-    logprobs: torch.Tensor  # [B, T] log-prob of each completion token (0 where not scored)
-    mask: torch.Tensor  # [B, T] bool, True where the token is scored
+    logprobs: torch.Tensor  # [B, S] log-prob of each rollout's scored choices, in sampling order (0 past the end)
+    mask: torch.Tensor  # [B, S] bool, True for the scored choices
+
+
+class Choice(NamedTuple):
+    """One sampled token whose probability depends on the learned row.
+
+    context: the ids the model saw (prompt + completion[:position], then marker[:offset] for a replaced marker);
+    token: what it sampled there.
+    """
+
+    position: int  # completion index: where the token stands, or where the replaced marker stood
+    offset: int  # -1 for a kept completion token; t for token t of a replaced marker
+    token: int
 
 
 # --- advantages ----------------------------------------------------------------------------------------------
@@ -50,31 +67,55 @@ SCALES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 def compute_advantages(
     rewards: torch.Tensor, group_size: int, baseline: str = "group_mean", scale: str = "none", eps: float = 1e-4
 ) -> torch.Tensor:
-    """`(R - b) / s` per sample. Zero-variance groups get advantage 0 (a no-op, never NaN)."""
+    """`(R - b) / (s + eps)` per sample. With a std scale, samples whose group (or batch) has zero reward variance get
+    advantage 0 whatever the baseline: dividing their non-zero `R - b` by eps would give 1e4-sized advantages."""
     if baseline not in BASELINES:
         raise ConfigError(f"rl.baseline={baseline!r} is not one of {sorted(BASELINES)}")
     if scale not in SCALES:
         raise ConfigError(f"rl.scale={scale!r} is not one of {sorted(SCALES)}")
     rewards = rewards.float()
     centred = rewards - BASELINES[baseline](rewards, group_size)
-    return centred / (SCALES[scale](rewards, group_size) + eps) if scale != "none" else centred
+    if scale == "none":
+        return centred
+    std = SCALES[scale](rewards, group_size)
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+
+
+def uniform_group_share(rewards: torch.Tensor, group_size: int) -> float:
+    """Share of groups whose rewards are all equal: with a group baseline they carry no learning signal."""
+    groups = _group_view(rewards.float(), group_size)
+    return (groups.max(1).values == groups.min(1).values).float().mean().item()
 
 
 # --- log-probs with grad -------------------------------------------------------------------------------------
 
 
-def scored_positions(rollout: Rollout) -> list[int]:
-    """Completion indices whose token depends on the learned row: sampled, after the first continuation."""
+def scored_choices(rollout: Rollout) -> list[Choice]:
+    """Every sampled choice that depends on the learned row, in sampling order: the sampled tokens after the first
+    continuation, and every token of each replaced marker after the first."""
     if not rollout.continuation_starts:
         return []
     first = rollout.continuation_starts[0]
-    return [i for i in range(first, len(rollout.completion_ids)) if rollout.sampled[i]]
+    markers = list(zip(rollout.continuation_starts, rollout.replaced_markers))[1:]
+    out = [Choice(start, t, tok) for start, marker in markers for t, tok in enumerate(marker)]
+    ids, sampled = rollout.completion_ids, rollout.sampled
+    out += [Choice(i, -1, ids[i]) for i in range(first, len(ids)) if sampled[i]]
+    # A replaced marker came before the token standing at its position (the continuation, or the re-sample).
+    return sorted(out, key=lambda c: (c.position, 0 if c.offset >= 0 else 1, c.offset))
 
 
-def _token_logprobs(hidden, targets, lm_head, temperature: float, banned: list[int]) -> torch.Tensor:
-    logits = lm_head(hidden).float() / temperature
+def _token_logprobs(hidden, targets, lm_head, temperature: float, banned: list[int], top_p: float) -> torch.Tensor:
+    """log pi(target) under the distribution the rollout sampled from: banned ids removed, temperature, and the top-p
+    nucleus (recomputed from detached logits, always holding the target) renormalised."""
+    logits = lm_head(hidden).float()
     if banned:
-        logits[:, banned] = float("-inf")  # the same distribution the rollout sampled from
+        logits[:, banned] = float("-inf")
+    logits = logits / temperature
+    if top_p < 1.0:
+        with torch.no_grad():
+            keep = nucleus_mask(logits.detach(), top_p)
+            keep[torch.arange(len(targets), device=keep.device), targets] = True  # float noise at the nucleus edge
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -133,6 +174,47 @@ def _holds_learned_token(model: PreTrainedModel, seqs: list[list[int]]) -> bool:
     return token_id is not None and any(token_id in s for s in seqs)
 
 
+class _Plan(NamedTuple):
+    """The loss pass's input sequences and, per scored choice, where its prediction is read."""
+
+    seqs: list[list[int]]  # one main sequence per scored rollout, plus one per replaced multi-token marker
+    cuts: list[int]  # per sequence: tokens before this index cannot depend on the row
+    seq_of: list[int]  # per choice: its sequence
+    pred_at: list[int]  # per choice: the index whose hidden state predicts it
+    targets: list[int]
+    out: list[tuple[int, int]]  # per choice: (rollout, column) in ScoredTokens
+
+
+def _plan(rollouts: list[Rollout], choices: list[list[Choice]]) -> _Plan:
+    plan = _Plan([], [], [], [], [], [])
+    for i, (r, cs) in enumerate(zip(rollouts, choices)):
+        if not cs:
+            continue
+        full, n = r.prompt_ids + r.completion_ids, len(r.prompt_ids)
+        # A prediction for completion index p is read at n + p - 1; a marker's later tokens from a branch that
+        # appends marker[:t] to the context the marker was sampled in.
+        main_end = max(n + c.position for c in cs if c.offset <= 0)
+        cut = min(n + r.continuation_starts[0], min(n + c.position - 1 for c in cs))
+        main = len(plan.seqs)
+        plan.seqs.append(full[:main_end])
+        plan.cuts.append(cut)
+        branches: dict[int, int] = {}
+        for col, c in enumerate(cs):
+            seq = main
+            if c.offset > 0:
+                if c.position not in branches:
+                    marker = r.replaced_markers[r.continuation_starts.index(c.position)]
+                    branches[c.position] = len(plan.seqs)
+                    plan.seqs.append(full[: n + c.position] + list(marker[:-1]))
+                    plan.cuts.append(cut)
+                seq = branches[c.position]
+            plan.seq_of.append(seq)
+            plan.pred_at.append(n + c.position + max(c.offset, 0) - 1)
+            plan.targets.append(c.token)
+            plan.out.append((i, col))
+    return plan
+
+
 def completion_logprobs(
     model: PreTrainedModel,
     rollouts: list[Rollout],
@@ -142,8 +224,9 @@ def completion_logprobs(
     chunk_size: int = 1024,
     prefix_reuse: bool = True,
     gradient_checkpointing: bool = False,
+    top_p: float = 1.0,
 ) -> ScoredTokens:
-    """Recompute, with grad, the log-probs of every scored token (see `scored_positions`).
+    """Recompute, with grad, the log-prob of every scored choice (see `scored_choices`).
 
     prefix_reuse: the tokens before the first inserted continuation cannot depend on the learned row, so they run
         once under no_grad into a KV cache (left-padded so that every row's prefix ends at the same column) and only
@@ -152,44 +235,33 @@ def completion_logprobs(
         holds the learned token (a prompt that contains it).
     gradient_checkpointing: keep only each decoder layer's input for the backward pass and recompute the layer then.
     """
-    width = max((len(r.completion_ids) for r in rollouts), default=0)
+    if temperature <= 0:
+        raise ConfigError("log-probs of sampled tokens need a temperature > 0 (greedy choices have no gradient)")
+    choices = [scored_choices(r) for r in rollouts]
+    width = max((len(c) for c in choices), default=0)
     device = next(model.parameters()).device
     logprobs = torch.zeros(len(rollouts), width, device=device)
     mask = torch.zeros(len(rollouts), width, dtype=torch.bool, device=device)
-    positions = [scored_positions(r) for r in rollouts]
-    rows = [i for i, p in enumerate(positions) if p]
-    if not rows:
+    plan = _plan(rollouts, choices)
+    if not plan.seqs:
         return ScoredTokens(logprobs, mask)
-    prompt_lens = [len(rollouts[i].prompt_ids) for i in rows]
-    # Each input sequence stops before the last scored token: the hidden state at t-1 predicts the token at t.
-    seqs = [rollouts[i].prompt_ids + rollouts[i].completion_ids[: positions[i][-1]] for i in rows]
-    # Prefix: everything before the first continuation (and before the first scored prediction).
-    cuts = [n + min(rollouts[i].continuation_starts[0], positions[i][0] - 1) for n, i in zip(prompt_lens, rows)]
-    if prefix_reuse and _holds_learned_token(model, [s[:c] for s, c in zip(seqs, cuts)]):
-        prefix_reuse = False
-    if not prefix_reuse:
-        cuts = [0] * len(rows)
+    cuts = plan.cuts
+    if not prefix_reuse or _holds_learned_token(model, [s[:c] for s, c in zip(plan.seqs, cuts)]):
+        cuts = [0] * len(plan.seqs)
     with _checkpointed_layers(model, gradient_checkpointing):
-        hidden = _suffix_hidden(model, seqs, cuts, pad_token_id, device)
-    # Flat (row, suffix index) pairs.
-    flat_row, flat_pred, flat_target, out_row, out_col = [], [], [], [], []
-    for j, i in enumerate(rows):
-        for c in positions[i]:
-            flat_row.append(j)
-            flat_pred.append(prompt_lens[j] + c - 1 - cuts[j])
-            flat_target.append(rollouts[i].completion_ids[c])
-            out_row.append(i)
-            out_col.append(c)
-    selected = hidden[torch.tensor(flat_row, device=device), torch.tensor(flat_pred, device=device)]
-    targets = torch.tensor(flat_target, device=device)
+        hidden = _suffix_hidden(model, plan.seqs, cuts, pad_token_id, device)
+    rows = torch.tensor(plan.seq_of, device=device)
+    preds = torch.tensor([p - cuts[s] for p, s in zip(plan.pred_at, plan.seq_of)], device=device)
+    selected = hidden[rows, preds]
+    targets = torch.tensor(plan.targets, device=device)
     lm_head = model.get_output_embeddings()
     banned = [b for b in banned_ids if b < lm_head.weight.shape[0]]
     # Chunked + checkpointed: never holds [tokens, vocab] logits for the backward pass.
     pieces = [
-        checkpoint(_token_logprobs, h, t, lm_head, temperature, banned, use_reentrant=False)
+        checkpoint(_token_logprobs, h, t, lm_head, temperature, banned, top_p, use_reentrant=False)
         for h, t in zip(selected.split(chunk_size), targets.split(chunk_size))
     ]
-    index = (torch.tensor(out_row, device=device), torch.tensor(out_col, device=device))
+    index = tuple(torch.tensor(x, device=device) for x in zip(*plan.out))
     logprobs = logprobs.index_put(index, torch.cat(pieces))
     mask[index] = True
     return ScoredTokens(logprobs, mask)
@@ -289,7 +361,8 @@ class RLSettings:
         checks = {
             "samples_per_prompt": (is_int(self.samples_per_prompt) and self.samples_per_prompt >= 1, "an integer >= 1"),
             "max_bad_steps": (is_int(self.max_bad_steps) and self.max_bad_steps >= 1, "an integer >= 1"),
-            "temperature": (is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            # Training samples: at T=0 (greedy) no choice has a gradient, and scoring at T=1e-5 would scale it by 1e5.
+            "temperature": (is_number(self.temperature) and self.temperature > 0, "a number > 0 (training samples)"),
             "top_p": (is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             "prefix_reuse": (isinstance(self.prefix_reuse, bool), "true or false"),
             "gradient_checkpointing": (isinstance(self.gradient_checkpointing, bool), "true or false"),

@@ -35,16 +35,17 @@ from ctt.distributed import full_grad, full_row, gathered_for_generation, zero3_
 from ctt.generation import SamplingConfig, generate_forced  # noqa: E402
 from ctt.module import ContinueThinkingModule  # noqa: E402
 from ctt.rewards import Score  # noqa: E402
-from ctt.rl import scored_positions  # noqa: E402
+from ctt.modes import Mode  # noqa: E402
+from ctt.rl import scored_choices  # noqa: E402
 from ctt.token import load_token_file  # noqa: E402
 
 PER_RANK_BATCH = 2
 WORLD = 2  # the global batch is WORLD * PER_RANK_BATCH problems, whatever the strategy
 
 
-def length_reward(text: str, gold: str) -> Score:
+def length_reward(rollout, problem) -> Score:
     """Deterministic, varied rewards from the rollout alone."""
-    return Score(reward=(len(text) % 5) / 4.0, correct=False, extracted=None, status="incorrect")
+    return Score(reward=(len(rollout.completion_ids) % 5) / 4.0, correct=False, extracted=None, status="incorrect")
 
 
 class RankFreeModule(ContinueThinkingModule):
@@ -59,10 +60,10 @@ class RankFreeModule(ContinueThinkingModule):
         self.policy.rollout = self._rollout
         self.rollout_fully_gathered: list[bool] = []  # ZeRO-3: every weight gathered when a rollout starts
 
-    def _reward(self, text: str, gold: str) -> Score:
+    def _reward(self, rollout, problem) -> Score:
         if self.global_step == self.nan_step and self.global_rank == 1:
             return Score(reward=float("nan"), correct=False, extracted=None, status="incorrect")
-        return length_reward(text, gold)
+        return length_reward(rollout, problem)
 
     def _rollout(self, problems, forcing, sampling, samples_per_prompt=1):
         params = zero3_params(self)
@@ -78,9 +79,7 @@ class RankFreeModule(ContinueThinkingModule):
             for j in range(samples_per_prompt):
                 seed = zlib.crc32(f"{p.id}/{j}/{self.global_step}".encode())
                 one = SamplingConfig(sampling.temperature, sampling.top_p, seed)
-                out += generate_forced(
-                    self.model, [self.policy.prompt_ids(p)], forcing, one, self.policy.pad_id, self.policy.answer_text
-                )
+                out += generate_forced(self.model, [self.policy.prompt_ids(p)], forcing, one, self.policy.pad_id)
         return out
 
 
@@ -105,7 +104,7 @@ class Recorder(L.Callback):
             "logged_reward": float(trainer.callback_metrics["train/reward"]),
             "grad": self._grad,
             "row": full_row(module.token_row).cpu().clone(),
-            "scored_tokens": sum(len(scored_positions(r)) for _, r, _ in module.last_samples),
+            "scored_tokens": sum(len(scored_choices(r)) for _, r, _ in module.last_samples),
             "skipped_steps": module.skipped_steps,
         })
 
@@ -172,7 +171,7 @@ def run(args, strategy: str) -> None:
     with gathered_for_generation(module):
         if trainer.is_global_zero:
             problem = module.last_samples[0][0]
-            rollouts = module._rollout([problem], module.policy.forcing("learned", 1), SamplingConfig(0.0), 2)
+            rollouts = module._rollout([problem], module.policy.forcing(Mode("learned", None, 1)), SamplingConfig(0.0), 2)
             extra["eval_rollouts"] = len(rollouts)
     if args.resume:
         ckpt = args.out / f"{strategy}.ckpt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import lru_cache
 
 import pytest
@@ -93,3 +94,26 @@ def test_no_scored_rows_gives_an_empty_mask():
     plain = [r for r in rollouts if not r.continuation_starts]
     scored = completion_logprobs(loaded.model, plain, TEMPERATURE, (new_id,))
     assert not scored.mask.any() and not scored.logprobs.any()
+
+
+def test_prefix_reuse_matches_full_recompute_with_a_two_token_marker():
+    """Replaced two-token markers are scored from branch sequences (context + the marker's first token); with prefix
+    reuse those branches attend to the same cached prefix."""
+    loaded = tiny(boost=4.0)  # </think> is frequent: so is the pair "</think></think>", re-emitted after continuations
+    tok = loaded.tokenizer
+    new_id = tok.convert_tokens_to_ids("<|continue-thinking|>")
+    free = ForcingConfig(end_of_thinking_ids=(tok.eos_token_id,), eos_token_ids=(tok.eos_token_id,), max_new_tokens=30)
+    prompts = [tok.encode(p) for p in PROMPTS * 2]
+    outs = [r.completion_ids for r in generate_forced(loaded.model, prompts, free, SamplingConfig(TEMPERATURE, seed=1))]
+    pairs = Counter(tuple(o[i : i + 2]) for o in outs for i in range(len(o) - 1))
+    marker = pairs.most_common(1)[0][0]  # the pair the model emits most: forcing has work to do
+    cfg = ForcingConfig(end_of_thinking_ids=marker, eos_token_ids=(tok.eos_token_id,), num_continuations=3,
+                        continuation_ids=(new_id,), max_new_tokens=40, max_answer_tokens=6, banned_ids=(new_id,))
+    rollouts = generate_forced(loaded.model, prompts, cfg, SamplingConfig(TEMPERATURE, seed=2), tok.pad_token_id)
+    assert any(len(r.replaced_markers) >= 2 for r in rollouts), "no second replaced marker: no branch to check"
+    full, g_full = _grad(loaded, rollouts, new_id, prefix_reuse=False)
+    reuse, g_reuse = _grad(loaded, rollouts, new_id, prefix_reuse=True)
+    assert torch.equal(full.mask, reuse.mask)
+    torch.testing.assert_close(reuse.logprobs, full.logprobs, rtol=1e-4, atol=1e-6)
+    assert g_full.abs().sum() > 0
+    torch.testing.assert_close(g_reuse, g_full, rtol=1e-4, atol=1e-6)

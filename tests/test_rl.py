@@ -9,7 +9,7 @@ import torch
 
 from ctt.errors import ConfigError
 from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
-from ctt.rl import ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_positions
+from ctt.rl import Choice, ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_choices
 from ctt.token import get_overlay
 from tests.conftest import tiny
 
@@ -72,11 +72,12 @@ def test_token_mean_with_the_mean_rank_count_makes_averaged_rank_gradients_equal
     assert not torch.allclose(averaged(None), global_grad)
 
 
-def test_only_tokens_sampled_after_the_first_continuation_are_scored():
+def test_scored_choices_are_the_sampled_tokens_after_the_first_continuation_and_the_later_replaced_markers():
+    # Marker (40, 41) sampled at 2 and at 5, replaced by 99 both times; only the second replacement is scored.
     r = Rollout(prompt_ids=[1, 2], completion_ids=[5, 6, 99, 7, 8, 99, 9], sampled=[True, True, False, True, True, False, True],
-                continuation_starts=[2, 5])
-    assert scored_positions(r) == [3, 4, 6]
-    assert scored_positions(Rollout(prompt_ids=[1], completion_ids=[5, 6], sampled=[True, True])) == []
+                continuation_starts=[2, 5], replaced_markers=[(40, 41), (40, 41)])
+    assert scored_choices(r) == [Choice(3, -1, 7), Choice(4, -1, 8), Choice(5, 0, 40), Choice(5, 1, 41), Choice(6, -1, 9)]
+    assert scored_choices(Rollout(prompt_ids=[1], completion_ids=[5, 6], sampled=[True, True])) == []
 
 
 def test_logprobs_match_a_plain_forward():
@@ -87,19 +88,25 @@ def test_logprobs_match_a_plain_forward():
                         num_continuations=2, continuation_ids=(new_id,), max_new_tokens=20, banned_ids=(new_id,))
     rollouts = generate_forced(model, [tok.encode("abc"), tok.encode("de")], cfg, SamplingConfig(1.0, seed=1))
     scored = completion_logprobs(model, rollouts, temperature=0.7, banned_ids=(new_id,))
+    assert any(len(r.replaced_markers) > 1 for r in rollouts), "a second replaced marker must be scored too"
     for i, r in enumerate(rollouts):
-        with torch.no_grad():
-            logits = model(torch.tensor([r.prompt_ids + r.completion_ids])).logits[0].float() / 0.7
-        logits[:, new_id:] = float("-inf")  # the new id is outside the tiny vocab; nothing to ban there
-        logp = logits.log_softmax(-1)
-        for c in scored_positions(r):
-            expected = logp[len(r.prompt_ids) + c - 1, r.completion_ids[c]]
-            assert scored.mask[i, c] and scored.logprobs[i, c].item() == pytest.approx(expected.item(), abs=1e-4)
-        assert scored.mask[i].sum() == len(scored_positions(r))
+        for col, c in enumerate(scored_choices(r)):
+            context = r.prompt_ids + r.completion_ids[: c.position]
+            if c.offset >= 0:  # a replaced marker: the context it was sampled in, then its first tokens
+                context += list(r.replaced_markers[r.continuation_starts.index(c.position)][: c.offset])
+            with torch.no_grad():
+                logits = model(torch.tensor([context])).logits[0, -1].float() / 0.7
+            logits[new_id:] = float("-inf")  # the new id is outside the tiny vocab; nothing to ban there
+            expected = logits.log_softmax(-1)[c.token]
+            assert scored.mask[i, col] and scored.logprobs[i, col].item() == pytest.approx(expected.item(), abs=1e-4)
+        assert scored.mask[i].sum() == len(scored_choices(r))
 
 
 def test_reinforce_raises_a_toy_reward():
-    """Reward: the fraction of inserted continuations followed by a chosen token id. Only the row can learn it."""
+    """Reward: 1 when some inserted continuation is followed by a chosen token id. Only the row can learn it.
+
+    (Not the *fraction* of continuations so followed: its exact gradient also pays for emitting fewer second markers,
+    a term the pre-fix estimator missed, and at this learning rate that reward does not rise within 30 steps.)"""
     # A wider init than the default makes the tiny model's next token react to its input embedding.
     loaded = tiny(boost=4.0, init_range=0.2)
     model, tok = loaded.model, loaded.tokenizer
@@ -116,8 +123,7 @@ def test_reinforce_raises_a_toy_reward():
     target = next(t for t, _ in followers.most_common() if t < 256)
 
     def reward(r: Rollout) -> float:
-        hits = [r.completion_ids[s + 1] == target for s in r.continuation_starts if s + 1 < len(r.completion_ids)]
-        return sum(hits) / len(hits) if hits else 0.0
+        return float(any(r.completion_ids[s + 1] == target for s in r.continuation_starts if s + 1 < len(r.completion_ids)))
 
     history = []
     for step in range(30):
@@ -131,3 +137,23 @@ def test_reinforce_raises_a_toy_reward():
         optimizer.step()
     start, end = sum(history[:3]) / 3, sum(history[-5:]) / 5
     assert end > start + 0.25 and end > 3 * start, f"reward did not rise: {history}"
+
+
+@pytest.mark.parametrize("baseline", ["none", "batch_mean", "group_mean"])
+@pytest.mark.parametrize("scale", ["none", "batch", "group"])
+def test_zero_variance_groups_never_explode(baseline, scale):
+    """An all-correct group next to a mixed one: with std scaling its advantage is 0 whatever the baseline (it was
+    (1 - b) / 1e-4 with baseline none or batch_mean); no advantage is larger than the rewards' own scale."""
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    adv = compute_advantages(rewards, 4, baseline, scale)
+    assert torch.isfinite(adv).all() and adv.abs().max() <= 3.0, adv
+    if scale == "group":
+        assert torch.equal(adv[:4], torch.zeros(4))
+    everything_equal = compute_advantages(torch.ones(8), 4, baseline, scale)
+    assert torch.equal(everything_equal, torch.zeros(8) if scale != "none" or baseline != "none" else torch.ones(8))
+
+
+def test_uniform_group_share():
+    from ctt.rl import uniform_group_share
+
+    assert uniform_group_share(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2) == pytest.approx(2 / 3)

@@ -9,17 +9,6 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 
-def render(decode, rollout, width: int = 1, open_mark: str = "[[", close_mark: str = "]]") -> str:
-    """Decode a completion with every inserted continuation (`width` tokens) wrapped in marks."""
-    ids, pieces, last = rollout.completion_ids, [], 0
-    for start in rollout.continuation_starts:
-        pieces.append(decode(ids[last:start]))
-        pieces.append(open_mark + decode(ids[start : start + width]) + close_mark)
-        last = start + width
-    pieces.append(decode(ids[last:]))
-    return "".join(pieces)
-
-
 class RolloutSampleLogger(L.Callback):
     def __init__(self, dirpath: str, every_n_steps: int = 10, num_samples: int = 2, filename: str = "rollouts.jsonl"):
         self.path = Path(dirpath) / filename
@@ -34,7 +23,7 @@ class RolloutSampleLogger(L.Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             for i, (problem, rollout, score) in enumerate(samples):
-                text = render(module.policy.decode, rollout)  # training inserts the 1-token learned continuation
+                text = rollout.text  # rendered by the policy: every inserted continuation wrapped in [[ ]]
                 row = {"step": step, "problem_id": problem.id, "gold": problem.answer, "answer": score.extracted,
                        "reward": score.reward, "forced": rollout.num_forced, "completion": text}
                 f.write(json.dumps(row) + "\n")

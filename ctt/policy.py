@@ -1,6 +1,7 @@
 """The frozen model plus its continue-thinking token: problems in, budget-forced rollouts out.
 
-Shared by training (mode `learned`) and evaluation (modes `base`, `fixed`, `learned`).
+Shared by training (mode `learned`) and evaluation (every mode of ctt.modes). Renders rollouts as text and says
+which text is graded.
 """
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from ctt.data import Problem, build_prompt_ids
-from ctt.errors import ConfigError
+from ctt.errors import ConfigError, DataError
 from ctt.generation import EngineConfig, ForcingConfig, Rollout, SamplingConfig, generate_forced
 from ctt.models import LoadedModel
+from ctt.modes import Mode
 from ctt.token import get_overlay
-
-MODES = ("base", "fixed", "learned")
 
 
 @dataclass(frozen=True)
@@ -67,35 +67,40 @@ class Policy:
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos])
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
-        self._prompt_cache: dict[str, list[int]] = {}
+        self._prompt_cache: dict[str, list[int]] = {}  # keyed by question text: ids collide across benchmarks
 
     @property
     def row(self) -> torch.nn.Parameter:
         return get_overlay(self.model).row
 
+    @property
+    def learned_ids(self) -> tuple[int, ...]:
+        return (self.token_id,)
+
+    @property
+    def marker_is_eos(self) -> bool:
+        return len(self.marker) == 1 and self.marker[0] in self.eos_ids
+
     def prompt_ids(self, problem: Problem) -> list[int]:
-        if problem.id not in self._prompt_cache:
-            self._prompt_cache[problem.id] = build_prompt_ids(
-                self.tokenizer, problem.question, self.instruction, self.system_prompt
-            )
-        return self._prompt_cache[problem.id]
+        if problem.question not in self._prompt_cache:
+            ids = build_prompt_ids(self.tokenizer, problem.question, self.instruction, self.system_prompt)
+            if self.token_id in ids:
+                # The row would then shape tokens before the first continuation, which are never scored.
+                raise DataError(f"problem {problem.id}: the prompt contains the learned token itself")
+            self._prompt_cache[problem.question] = ids
+        return self._prompt_cache[problem.question]
 
     def encode_text(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def forcing(self, mode: str, num_continuations: int, word: str | None = None) -> ForcingConfig:
-        if mode not in MODES:
-            raise ConfigError(f"mode {mode!r} is not one of {MODES}")
-        if mode == "fixed" and not word:
-            raise ConfigError("mode 'fixed' needs a word (eval.fixed_words)")
-        continuation = {"base": (), "fixed": self.encode_text(word or ""), "learned": (self.token_id,)}[mode]
+    def forcing(self, mode: Mode) -> ForcingConfig:
         s = self.settings
         return ForcingConfig(
             end_of_thinking_ids=self.marker,
             eos_token_ids=self.eos_ids,
             # The base model is never forced: N is a property of forcing modes only.
-            num_continuations=0 if mode == "base" else num_continuations,
-            continuation_ids=continuation,
+            num_continuations=mode.num_continuations if mode.spec.forced else 0,
+            continuation_ids=mode.continuation(self),
             thinking_budget=s.thinking_budget,
             budget_force_ids=self.encode_text(s.budget_force_text) if s.budget_force_text else None,
             max_answer_tokens=s.max_answer_tokens,
@@ -113,7 +118,7 @@ class Policy:
         sampling: SamplingConfig,
         samples_per_prompt: int = 1,
     ) -> list[Rollout]:
-        """`samples_per_prompt` rollouts per problem, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]."""
+        """`samples_per_prompt` rollouts per problem, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]; text filled in."""
         prompts = [self.prompt_ids(p) for p in problems for _ in range(samples_per_prompt)]
         out: list[Rollout] = []
         size = self.settings.batch_size
@@ -121,11 +126,39 @@ class Policy:
             seed = None if sampling.seed is None else sampling.seed + start
             chunk_sampling = SamplingConfig(sampling.temperature, sampling.top_p, seed)
             out += generate_forced(
-                self.model, prompts[start : start + size], forcing, chunk_sampling, self.pad_id, self.answer_text,
+                self.model, prompts[start : start + size], forcing, chunk_sampling, self.pad_id,
                 engine=self.settings.engine_config,
             )
+        width = len(forcing.continuation_ids)
+        for r in out:
+            r.text = self.render(r, width)
+            r.answer_text = self.answer_text(r, width)
         return out
 
-    def answer_text(self, ids: list[int]) -> str:
-        """The completion as text for grading: special tokens (the learned token, markers) dropped."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def _segments(self, rollout: Rollout, width: int) -> list[tuple[list[int], bool]]:
+        """The completion cut at the inserted continuations: (ids, is a continuation) pieces, in order."""
+        ids, pieces, last = rollout.completion_ids, [], 0
+        for start in rollout.continuation_starts:
+            pieces += [(ids[last:start], False), (ids[start : start + width], True)]
+            last = start + width
+        return pieces + [(ids[last:], False)]
+
+    def render(self, rollout: Rollout, width: int, open_mark: str = "[[", close_mark: str = "]]") -> str:
+        """The completion as text, special tokens kept, every inserted continuation wrapped in marks."""
+        return "".join(
+            open_mark + self.decode(seg) + close_mark if inserted else self.decode(seg)
+            for seg, inserted in self._segments(rollout, width)
+        )
+
+    def answer_text(self, rollout: Rollout, width: int) -> str:
+        """What a reader grades. With a real end-of-thinking marker (`</think>`): the text after the kept one (empty
+        when thinking never ended). When the marker is end-of-sequence, the whole completion, with a line break at
+        every segment boundary, so an answer followed by a continuation ("... is 9." + "Wait") is not read as
+        "9.Wait"; special tokens (the learned token) are dropped."""
+        if not self.marker_is_eos:
+            if rollout.answer_start is None:
+                return ""
+            return self.tokenizer.decode(rollout.completion_ids[rollout.answer_start :], skip_special_tokens=True)
+        return "\n".join(
+            self.tokenizer.decode(seg, skip_special_tokens=True) for seg, _ in self._segments(rollout, width)
+        )

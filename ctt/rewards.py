@@ -12,6 +12,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
@@ -19,6 +20,10 @@ from math_verify import verify as _mv_verify
 from math_verify.errors import TimeoutException
 
 from ctt.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # type names only: ctt.data imports this module
+    from ctt.data import Problem
+    from ctt.generation import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -38,41 +43,58 @@ _NOISE = ("\\!", "\\,", "\\$", "\\%", "%", "^{\\circ}", "^\\circ")
 _CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 
 
-def _boxed_content(text: str, start: int) -> str | None:
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each balanced `{` -> index of its `}`, in one pass (a stack): extraction stays linear in the text."""
+    match, stack = {}, []
+    for i, ch in enumerate(text):
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            match[stack.pop()] = i
+    return match
+
+
+def _boxed_content(text: str, start: int, match: dict[int, int]) -> str | None:
     """Content of the box whose command ends at `start`: `{...}` with balanced braces, or `\\boxed x`."""
     i = start
     while i < len(text) and text[i] == " ":
         i += 1
     if i < len(text) and text[i] == "{":
-        depth = 0
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1 : j].strip()
-        return None  # unbalanced, e.g. a truncated completion
+        end = match.get(i)
+        return text[i + 1 : end].strip() if end is not None else None  # None: unbalanced, e.g. truncated
     if i > start:  # "\boxed 42": up to the next whitespace or math delimiter
-        m = re.match(r"[^\s$]+", text[i:])
+        m = re.match(r"[^\s$]+", text[i : i + MAX_ANSWER_CHARS + 1])
         return m.group(0) if m else None
     return None
 
 
 def _last_boxed(text: str) -> str | None:
-    for m in reversed(list(_BOXED_RE.finditer(text))):
-        content = _boxed_content(text, m.end())
+    starts = [m.end() for m in _BOXED_RE.finditer(text)]
+    if not starts:
+        return None
+    match = _matching_braces(text)
+    for start in reversed(starts):
+        content = _boxed_content(text, start, match)
         if content:
             return content
     return None
 
 
+# What may follow "the answer is": a $...$ or \(...\) span, a number, or else text up to the end of the clause.
+_LEADING_MATH_RE = re.compile(r"\$([^$\n]+)\$|\\\((.+?)\\\)")
+
+
 def _clean_phrase(s: str) -> str:
-    s = re.split(r"\.\s", s, maxsplit=1)[0].strip()  # keep the first sentence only
-    s = s.rstrip(".").strip()
-    if len(s) >= 2 and s.startswith("$") and s.endswith("$"):
-        s = s.strip("$").strip()
-    return s
+    """The answer stated after "answer is" / "####": not the rest of the line ("9, let me check" -> "9")."""
+    s = s.strip().lstrip(":").strip()
+    m = _LEADING_MATH_RE.match(s)
+    if m:
+        return (m.group(1) or m.group(2)).strip()
+    number = _NUMBER_RE.match(s)
+    if number and not re.match(r"[\w\\^({]", s[number.end() :]):  # a number ("12 dollars"), not "2x" or "3^2"
+        return re.sub(r"\s+", "", number.group(0))
+    s = re.split(r"[.!?](?:\s|$)|[,;]|\s(?:because|since|and|so|but|which)\b", s, maxsplit=1)[0]
+    return s.strip().rstrip(".").strip()
 
 
 def extract_answer(text: str) -> str | None:
@@ -81,11 +103,15 @@ def extract_answer(text: str) -> str | None:
     if boxed:
         return boxed
     for pattern in (_GSM8K_RE, _ANSWER_IS_RE):
-        matches = pattern.findall(text)
-        if matches and (found := _clean_phrase(matches[-1])):
+        last = None
+        for last in pattern.finditer(text):
+            pass
+        if last is not None and (found := _clean_phrase(last.group(1))):
             return found
-    numbers = _NUMBER_RE.findall(text)
-    return re.sub(r"\s+", "", numbers[-1]) if numbers else None
+    last_number = None
+    for last_number in _NUMBER_RE.finditer(text):
+        pass
+    return re.sub(r"\s+", "", last_number.group(0)) if last_number else None
 
 
 ANSWER_FORMATS = ("gsm8k", "boxed", "plain")
@@ -225,8 +251,14 @@ def summarize(scores: Iterable[Score]) -> dict[str, float]:
     }
 
 
-RewardFn = Callable[[str, str], Score]
-REWARD_FUNCTIONS: dict[str, RewardFn] = {"math_verify": score_completion}
+def correctness(rollout: "Rollout", problem: "Problem") -> Score:
+    """1.0 when the rollout's graded text (`Rollout.answer_text`: what follows the end of thinking) is correct."""
+    return score_completion(rollout.answer_text, problem.answer)
+
+
+# A reward sees the whole rollout (lengths, forced continuations, the graded text) and the problem.
+RewardFn = Callable[["Rollout", "Problem"], Score]
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"math_verify": correctness}
 
 
 def get_reward_fn(name: str) -> RewardFn:

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from ctt.errors import ConfigError, DataError
+from ctt.data import Problem
+from ctt.generation import Rollout
 from ctt.rewards import (
     REWARD_FUNCTIONS,
     Score,
@@ -151,7 +153,8 @@ def test_summarize_counts():
 
 
 def test_reward_registry():
-    assert get_reward_fn("math_verify") is REWARD_FUNCTIONS["math_verify"]
-    assert get_reward_fn("math_verify")("\\boxed{4}", "4").correct
+    graded = Rollout(prompt_ids=[1], answer_text="so \\boxed{4}")
+    assert get_reward_fn("math_verify")(graded, Problem("p", "2+2?", "4")).correct
+    assert not get_reward_fn("math_verify")(graded, Problem("p", "2+3?", "5")).correct
     with pytest.raises(ConfigError, match="math_verify"):
         get_reward_fn("exact_match")

@@ -5,8 +5,8 @@ per-sample records (the rows of samples.jsonl) and, for every benchmark, every m
 mode with
 
 * each N-independent baseline (`baseline_modes`, e.g. "base") at the baseline's N=0 run, and
-* each same-N reference (`same_n_references`, e.g. "fixed:Wait") at the same N -- a reference is compared with
-  every other reference too (both ways round), never with itself.
+* each same-N reference (`same_n_references`, e.g. "fixed:Wait") at the same N, unless the mode is itself a
+  reference (references are baselines for the learned token, not each other's: that would double the table).
 
 Mode labels are opaque strings: which label plays which role is the caller's choice. Baselines are not
 compared with anything as `mode`; only their N=0 run is used.
@@ -90,7 +90,7 @@ def compare(
     for bench in benchmarks:
         for mode in modes:
             for n in sorted(k for b, m, k in rates if b == bench and m == mode):
-                versus = [(base, 0) for base in baselines] + [(ref, n) for ref in references if ref != mode]
+                versus = [(base, 0) for base in baselines] + ([] if mode in references else [(ref, n) for ref in references])
                 for other, other_n in versus:
                     if (bench, other, other_n) in rates:
                         row = _row(bench, mode, n, other, other_n, rates[(bench, mode, n)], rates[(bench, other, other_n)])

@@ -9,7 +9,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ctt.data import Problem, load_problems
+from ctt.data import Problem, drop_training_overlap, load_problems
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
@@ -44,15 +44,22 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def load_benchmarks(benchmarks: DictConfig, limit: int | None = None) -> dict[str, list[Problem]]:
-    """`benchmarks` maps a name to `load_problems` keyword arguments."""
-    out = {}
+def load_benchmarks(
+    benchmarks: DictConfig, limit: int | None = None, training: list[Problem] | None = None
+) -> tuple[dict[str, list[Problem]], list[str]]:
+    """`benchmarks` maps a name to `load_problems` keyword arguments. Problems that are also `training` problems are
+    dropped first, then the first `limit` are kept. Returns the problems and one note per benchmark that lost some."""
+    out, notes = {}, []
     for name, spec in benchmarks.items():
-        kwargs = OmegaConf.to_container(spec, resolve=True)
-        if limit is not None:
-            kwargs["limit"] = min(limit, kwargs.get("limit") or limit)
-        out[name] = load_problems(**kwargs)
-    return out
+        problems = load_problems(**OmegaConf.to_container(spec, resolve=True))
+        if training is not None:
+            problems, dropped = drop_training_overlap(problems, training, name)
+            if dropped:
+                notes.append(
+                    f"{name}: {dropped} problems that are also training problems were dropped before evaluation"
+                )
+        out[name] = problems[:limit] if limit is not None else problems
+    return out, notes
 
 
 def to_plain(cfg: Any) -> Any:

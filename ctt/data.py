@@ -172,6 +172,24 @@ def _drop_unverifiable(problems: list[Problem], origin: str) -> list[Problem]:
     return kept
 
 
+def normalise_question(text: str) -> str:
+    """Question text as compared for overlap: case and whitespace ignored."""
+    return " ".join(text.lower().split())
+
+
+def drop_training_overlap(problems: list[Problem], training: list[Problem], name: str) -> tuple[list[Problem], int]:
+    """The evaluation problems whose question is not among the training questions (normalised), and how many were
+    dropped; one warning that counts them. A problem trained on is not held out."""
+    seen = {normalise_question(p.question) for p in training}
+    kept = [p for p in problems if normalise_question(p.question) not in seen]
+    dropped = len(problems) - len(kept)
+    if dropped:
+        log.warning("%s: dropped %d of %d evaluation problems that are also training problems", name, dropped, len(problems))
+    if not kept:
+        raise DataError(f"benchmark {name}: every evaluation problem is also a training problem")
+    return kept, dropped
+
+
 def format_user_message(question: str, instruction: str) -> str:
     # str.replace, not str.format: the default instruction contains "\boxed{}" which format() chokes on.
     if "{question}" in instruction:

@@ -14,31 +14,44 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from ctt.comparisons import compare, comparisons_markdown
 from ctt.config import CONFIG_DIR, load_benchmarks, to_plain
-from ctt.data import DEFAULT_INSTRUCTION
-from ctt.evaluate import RESULT_COLUMNS, evaluate, markdown_table, mode_runs, write_results
+from ctt.data import DEFAULT_INSTRUCTION, Problem, load_problems
+from ctt.evaluate import RESULT_COLUMNS, evaluate, markdown_table, write_results
 from ctt.generation import SamplingConfig
 from ctt.models import load_model
-from ctt.plots import scaling_plot
+from ctt.modes import baseline_labels, expand_modes
+from ctt.plots import deltas_plot, scaling_plot
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import get_reward_fn
-from ctt.rl import RLSettings
 from ctt.token import install_token, load_token_file
 
 log = logging.getLogger(__name__)
 
 
+def training_problems(cfg: DictConfig) -> list[Problem] | None:
+    """The problems the token was trained on (`data.train`), for the held-out check; None when it is switched off."""
+    if not cfg.eval.get("exclude_training_problems", True) or not cfg.get("data") or not cfg.data.get("train"):
+        return None
+    return load_problems(**to_plain(cfg.data.train))
+
+
 def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path) -> list[dict]:
     ev = cfg.eval
-    benchmarks = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"))
-    runs = mode_runs(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
+    modes = expand_modes(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
+    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training_problems(cfg))
     sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
-    reward_fn = get_reward_fn(RLSettings.from_config(to_plain(cfg.rl)).reward)
-    results, records = evaluate(policy, benchmarks, runs, ev.samples, sampling, reward_fn)
-    path = write_results(out_dir, results, records)
+    reward_fn = get_reward_fn(ev.get("reward", "math_verify"))
+    results, records = evaluate(policy, benchmarks, modes, ev.samples, sampling, reward_fn)
+    comparisons = compare(records, *baseline_labels(modes))
+    path = write_results(out_dir, results, records, notes, comparisons)
     scaling_plot(results, Path(out_dir) / "scaling.png")
+    deltas_plot(comparisons, Path(out_dir) / "deltas.png")
     print(markdown_table(results, RESULT_COLUMNS))
-    log.info("results written to %s (plot: scaling.png)", path)
+    if notes:
+        print("\n" + "\n".join(notes))
+    print("\n" + comparisons_markdown(comparisons))
+    log.info("results written to %s (comparisons.csv, results.md, samples.jsonl, scaling.png, deltas.png)", path)
     return results
 
 
@@ -51,7 +64,7 @@ def load_policy(cfg: DictConfig) -> Policy:
         embedding, meta = load_token_file(cfg.token.path, overlay.row.shape[0], base)
         overlay.row.data.copy_(embedding)
         log.info("loaded token %s (step %s) from %s", meta.get("token"), meta.get("step"), cfg.token.path)
-    elif "learned" in cfg.eval.modes:
+    elif "learned" in list(cfg.eval.modes):
         log.warning("token.path is not set: mode 'learned' evaluates the untrained initialisation")
     forcing = ForcingSettings(**to_plain(cfg.forcing))
     prompt = to_plain(cfg.prompt)

@@ -1,4 +1,5 @@
-"""Evaluation of the three modes (base, fixed word, learned token) for each number of forced continuations N."""
+"""Evaluation of every mode (ctt.modes: base, fixed words, no string, filler, learned) for each number of forced
+continuations N: one record per sample, the results table computed from the records."""
 
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
+from ctt.comparisons import comparisons_markdown, write_comparisons
 from ctt.stats import pass_at_1_ci
 
 if TYPE_CHECKING:  # annotations only: keeps `ctt.evaluate` light (no torch) for `ctt-report` and notebooks
     from ctt.data import Problem
     from ctt.generation import SamplingConfig
+    from ctt.modes import Mode
     from ctt.policy import Policy
-    from ctt.rewards import Score
+    from ctt.rewards import RewardFn
 
 # The first seven columns are the original table; the rest were appended (readers may rely on the order).
 # accuracy is pass@1; ci_low / ci_high its 95% interval (method in ci_method, see ctt.stats); samples is k.
@@ -39,30 +42,16 @@ class SampleRecord:
     forced: int
     continuation_starts: list[int]
     stop_reason: str
-
-
-def mode_runs(modes: list[str], num_continuations: list[int], fixed_words: list[str]) -> list[tuple[str, str | None, int]]:
-    """(label, word, N) for every evaluation run. The base model is N-independent: it runs once, as N=0."""
-    runs: list[tuple[str, str | None, int]] = []
-    if "base" in modes:
-        runs.append(("base", None, 0))
-    for n in sorted(set(num_continuations)):
-        if n == 0 and "base" in modes:
-            continue  # forcing nothing is the base run
-        if "fixed" in modes:
-            runs += [(f"fixed:{w}", w, n) for w in fixed_words]
-        if "learned" in modes:
-            runs.append(("learned", None, n))
-    return runs
+    completion: str = ""  # the completion as text, every inserted continuation wrapped in [[ ]]
 
 
 def evaluate(
     policy: Policy,
     benchmarks: dict[str, list[Problem]],
-    runs: list[tuple[str, str | None, int]],
+    modes: list[Mode],
     samples: int,
     sampling: SamplingConfig,
-    reward_fn: Callable[[str, str], Score],
+    reward_fn: RewardFn,
 ) -> tuple[list[dict], list[SampleRecord]]:
     """pass@1 averaged over `samples` per problem, for every benchmark x run; plus one record per sample.
 
@@ -71,18 +60,16 @@ def evaluate(
     """
     records: list[SampleRecord] = []
     for bench, problems in benchmarks.items():
-        for label, word, n in runs:
-            mode = label.split(":")[0]
-            forcing = policy.forcing(mode, n, word)
-            rollouts = policy.rollout(problems, forcing, sampling, samples_per_prompt=samples)
+        for mode in modes:
+            rollouts = policy.rollout(problems, policy.forcing(mode), sampling, samples_per_prompt=samples)
             for i, rollout in enumerate(rollouts):
                 problem = problems[i // samples]
-                score = reward_fn(rollout.text, problem.answer)
+                score = reward_fn(rollout, problem)
                 records.append(
                     SampleRecord(
-                        bench, problem.id, label, n, i % samples, score.extracted, score.correct, score.status,
-                        rollout.thinking_tokens, rollout.total_tokens, rollout.num_forced,
-                        list(rollout.continuation_starts), rollout.stop_reason,
+                        bench, problem.id, mode.label, mode.num_continuations, i % samples, score.extracted,
+                        score.correct, score.status, rollout.thinking_tokens, rollout.total_tokens, rollout.num_forced,
+                        list(rollout.continuation_starts), rollout.stop_reason, rollout.text,
                     )
                 )
     return summarize_samples(asdict(r) for r in records), records
@@ -141,14 +128,25 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str | Path, results: list[dict], records: list[SampleRecord]) -> Path:
+def write_results(
+    out_dir: str | Path, results: list[dict], records: list[SampleRecord], notes: list[str] = (),
+    comparisons: list[dict] = (),
+) -> Path:
+    """results.csv, comparisons.csv, results.md (the table, `notes` such as what the held-out check dropped, then
+    the paired comparisons) and samples.jsonl."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
         writer.writerows(results)
-    (out_dir / "results.md").write_text(markdown_table(results, RESULT_COLUMNS) + "\n")
+    text = markdown_table(results, RESULT_COLUMNS) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    if comparisons:
+        write_comparisons(out_dir, list(comparisons))
+        text += "\n" + comparisons_markdown(list(comparisons))
+    (out_dir / "results.md").write_text(text)
     with open(out_dir / "samples.jsonl", "w") as f:
         for rec in records:
             f.write(json.dumps(asdict(rec)) + "\n")

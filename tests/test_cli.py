@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,13 @@ def test_smoke_trains_evaluates_and_the_token_round_trips(tmp_path):
     assert list(rows[0]) [: len(RESULT_COLUMNS)] == RESULT_COLUMNS
     assert {r["mode"] for r in rows} == {"base", "fixed:Wait", "learned"}
     assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    comparisons = list(csv.DictReader(open(run_dir / "comparisons.csv")))
+    assert {(c["mode"], c["versus"]) for c in comparisons} == {
+        ("fixed:Wait", "base"), ("learned", "base"), ("learned", "fixed:Wait")}
+    assert (run_dir / "deltas.png").stat().st_size > 0 and "## Paired comparisons" in (run_dir / "results.md").read_text()
+    samples = [json.loads(line) for line in open(run_dir / "samples.jsonl")]
+    forced = [s for s in samples if s["forced"]]
+    assert forced and all(s["completion"].count("[[") == s["forced"] for s in forced)
 
     # The learned token, loaded by ctt-eval into a fresh copy of the base model, reproduces the learned rows.
     eval_dir = tmp_path / "eval"

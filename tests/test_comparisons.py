@@ -45,10 +45,8 @@ BIG = {
 # (benchmark, mode, N, versus, delta, n, p_value), in the order compare must give
 EXPECTED = [
     ("toy", "fixed:Wait", 1, "base", 0.25, 4, 1.0),
-    ("toy", "fixed:Wait", 1, "fixed:Hmm", 0.25, 4, 1.0),
     ("toy", "fixed:Wait", 2, "base", 0.0, 4, 1.0),
     ("toy", "fixed:Hmm", 1, "base", 0.0, 4, 1.0),
-    ("toy", "fixed:Hmm", 1, "fixed:Wait", -0.25, 4, 1.0),
     ("toy", "learned", 1, "base", 0.5, 4, 0.5),
     ("toy", "learned", 1, "fixed:Wait", 0.25, 4, 1.0),
     ("toy", "learned", 1, "fixed:Hmm", 0.5, 4, 0.5),
@@ -139,7 +137,7 @@ def test_comparisons_csv(rows, tmp_path):
         written = list(reader)
     assert written == read_comparisons(path)
     assert read_comparisons(tmp_path / "nope.csv") is None
-    learned2 = written[8]
+    learned2 = written[6]
     assert (learned2["mode"], learned2["num_continuations"], learned2["versus"]) == ("learned", "2", "base")
     assert learned2["delta"] == "0.3333" and learned2["n"] == "3" and learned2["versus_num_continuations"] == "0"
     for r, raw in zip(written, rows):
@@ -158,12 +156,13 @@ def test_markdown_section(rows):
     def cell(x):
         return f"{100 * x:+.1f}"
 
-    learned2 = rows[8]
-    assert table[1 + 8] == (
+    learned2 = rows[6]
+    assert table[1 + 6] == (
         f"| toy | learned | 2 | base (N=0) | +33.3 [{cell(learned2['ci_low'])}, {cell(learned2['ci_high'])}] | 1.000 | 3 |"
     )
-    hmm = table[1 + 4]
-    assert hmm.startswith("| toy | fixed:Hmm | 1 | fixed:Wait | -25.0 [") and hmm.endswith("| 1.000 | 4 |")
+    hmm = table[1 + 2]
+    assert hmm.startswith("| toy | fixed:Hmm | 1 | base (N=0) | +0.0 [") and hmm.endswith("| 1.000 | 4 |")
+    assert "| fixed:Hmm | 1 | fixed:Wait |" not in md  # references are not compared with each other
     assert "| toy | fixed:Wait | 2 | base (N=0) | +0.0 [" in md  # a zero delta is "+0.0", never "-0.0"
     # rows read back from comparisons.csv (strings) give the same section up to the 4-decimal rounding
     assert comparisons_markdown([{k: str(v) for k, v in r.items()} for r in rows]) == md
@@ -185,7 +184,7 @@ def test_deltas_plot_lines(rows, tmp_path):
     assert (toy.get_title(), big.get_title()) == ("toy", "big")
     curves = {line.get_label(): line for line in toy.get_lines() if not line.get_label().startswith("_")}
     pairs = list(dict.fromkeys(f"{m} vs {v}" for b, m, _, v, *_ in EXPECTED if b == "toy"))
-    assert list(curves) == pairs and len(pairs) == 7
+    assert list(curves) == pairs and len(pairs) == 5
     assert [t.get_text() for t in toy.get_legend().get_texts()] == pairs
     learned = curves["learned vs base"]
     assert [round(x) for x in learned.get_xdata()] == [1, 2]  # x = N (dodged by less than 0.5)

@@ -197,3 +197,35 @@ def test_datamodule_config_errors(tmp_path):
         ProblemDataModule(train={}, batch_size=0)
     with pytest.raises(ConfigError, match="data.train: .*pathh"):
         ProblemDataModule(train={"source": "jsonl", "pathh": "x"}, batch_size=1).setup("fit")
+
+
+def test_evaluation_problems_overlapping_training_are_dropped_and_counted(caplog):
+    from ctt.data import drop_training_overlap, normalise_question
+
+    train = [Problem("t0", "What is 2 + 3?", "5"), Problem("t1", "What is 4+4?", "8")]
+    bench = [Problem("b0", "what is 2 +  3?", "5"), Problem("b1", "What is 1 + 1?", "2"), Problem("b2", "WHAT IS 4+4?", "8")]
+    assert normalise_question("  What is\n2 + 3? ") == normalise_question("what is 2 + 3?")
+    with caplog.at_level("WARNING"):
+        kept, dropped = drop_training_overlap(bench, train, "toy")
+    assert [p.id for p in kept] == ["b1"] and dropped == 2
+    assert "dropped 2 of 3" in caplog.text
+    with pytest.raises(DataError, match="every evaluation problem is also a training problem"):
+        drop_training_overlap(bench[:1], train, "toy")
+
+
+def test_demo_benchmark_is_disjoint_from_its_training_problems_after_the_check():
+    """The demo's held-out sums used to include training problems verbatim (9 of 32)."""
+    from hydra import compose, initialize_config_dir
+
+    from ctt.config import CONFIG_DIR, load_benchmarks
+    from ctt.data import normalise_question
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=demo"])
+    from ctt.config import to_plain
+
+    train = load_problems(**to_plain(cfg.data.train))
+    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=cfg.eval.limit, training=train)
+    seen = {normalise_question(p.question) for p in train}
+    for name, problems in benchmarks.items():
+        assert problems and not any(normalise_question(p.question) in seen for p in problems)

@@ -106,6 +106,7 @@ def jsonl_data(path: Path) -> list[str]:
         ("rl.top_p=abc", ["ConfigError", "rl.top_p"]),
         ("rl.max_bad_steps=0", ["ConfigError", "rl.max_bad_steps"]),
         ("rl.baseline=median", ["ConfigError", "rl.baseline must be one of", "'median'"]),
+        ("rl.temperature=0", ["ConfigError", "rl.temperature must be a number > 0"]),
         ("+rl.temprature=0.5", ["ConfigError", "unknown rl key(s) ['temprature']", "temperature"]),
         ("data.batch_size=0", ["ConfigError", "data.batch_size must be an integer >= 1"]),
         ("optimizer.lr=abc", ["ConfigError", "optimizer.lr must be a number", "'abc'"]),
@@ -429,7 +430,7 @@ def test_all_rewards_equal_is_a_zero_gradient_step(tmp_path, monkeypatch):
     module = ctt.module.ContinueThinkingModule(
         model=cfg.model, token=cfg.token, forcing=cfg.forcing, rl=cfg.rl, prompt=cfg.prompt, seed=0
     )
-    module.reward_fn = lambda text, gold: Score(1.0, True, gold, "correct")  # every rollout correct
+    module.reward_fn = lambda rollout, problem: Score(1.0, True, problem.answer, "correct")  # every rollout correct
     dm = instantiate(cfg.data)
     dm.setup("fit")
     batch = dm.train_problems[:2]
@@ -477,3 +478,44 @@ def test_rollouts_that_hit_the_length_limit_score_zero_and_are_counted(tmp_path)
     assert float(trainer.callback_metrics["train/missing_answer"]) == pytest.approx(missing)
     # And the status itself: a completion cut off before any answer is "missing" with reward 0.
     assert score_completion("Let me think step by step about", "4") == Score(0.0, False, None, "missing")
+
+
+def test_a_prompt_holding_the_learned_token_is_refused(tiny_loaded):
+    """Tokens before the first continuation are never scored: the row must not appear there."""
+    from ctt.data import Problem
+    from ctt.policy import ForcingSettings, Policy
+
+    policy = Policy(tiny_loaded, ForcingSettings(), "Answer.")
+    with pytest.raises(DataError, match="p7: the prompt contains the learned token"):
+        policy.prompt_ids(Problem("p7", "What is <|continue-thinking|> + 1?", "1"))
+
+
+def test_prompts_are_cached_by_question_not_by_id(tiny_loaded):
+    """Two benchmarks may both have a problem "0": each must be asked its own question."""
+    from ctt.data import Problem
+    from ctt.policy import ForcingSettings, Policy
+
+    policy = Policy(tiny_loaded, ForcingSettings(), "Answer.")
+    a, b = policy.prompt_ids(Problem("0", "What is 1+1?", "2")), policy.prompt_ids(Problem("0", "What is 7*6?", "42"))
+    assert a != b and "7*6" in tiny_loaded.tokenizer.decode(b)
+
+
+def test_micro_batches_of_one_step_sample_with_their_own_seeds(tmp_path, monkeypatch):
+    """With gradient accumulation, the micro-batches of one optimizer step used to share one sampling seed."""
+    from ctt.policy import Policy
+
+    seeds, rollout = [], Policy.rollout
+
+    def recording(self, problems, forcing, sampling, samples_per_prompt=1):
+        seeds.append(sampling.seed)
+        return rollout(self, problems, forcing, sampling, samples_per_prompt)
+
+    monkeypatch.setattr(Policy, "rollout", recording)
+    import lightning as L
+
+    from ctt.train import build_module
+
+    cfg = _compose(tmp_path)
+    L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(build_module(cfg), datamodule=instantiate(cfg.data))
+    assert len(seeds) == 4 and len(set(seeds)) == 4, seeds

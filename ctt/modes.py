@@ -51,7 +51,6 @@ def _nonempty_word(arg: str) -> str:
 
 KINDS: dict[str, ModeKind] = {
     "base": ModeKind(lambda p, a: (), lambda a: "base", "base", forced=False, reference=False),
-    "learned": ModeKind(lambda p, a: p.learned_ids, lambda a: "learned", "learned", reference=False),
     "no_string": ModeKind(lambda p, a: (), lambda a: "no_string", "no_string"),
     "fixed": ModeKind(
         lambda p, a: p.encode_text(a), lambda a: f"fixed:{a}", "fixed", takes_arg=True, parse_arg=_nonempty_word
@@ -60,7 +59,8 @@ KINDS: dict[str, ModeKind] = {
         lambda p, a: p.encode_text(_filler_text(a)), lambda a: f"filler:{a}", "filler", takes_arg=True,
         parse_arg=_parse_filler,
     ),
-}
+    "learned": ModeKind(lambda p, a: p.learned_ids, lambda a: "learned", "learned", reference=False),
+}  # in this order in tables and plots: the base model, the baselines, the learned token
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,12 @@ def label_family(label: str) -> str:
     """The kind a results label belongs to (`fixed:Wait` -> `fixed`), for plots and reports reading results.csv."""
     kind = label.partition(":")[0]
     return KINDS[kind].family if kind in KINDS else kind
+
+
+def label_rank(label: str) -> tuple[int, str]:
+    """Sort key for labels read back from results.csv: the order of KINDS, then the label."""
+    kind = label.partition(":")[0]
+    return (list(KINDS).index(kind) if kind in KINDS else len(KINDS), label)
 
 
 def baseline_labels(modes: list[Mode]) -> tuple[list[str], list[str]]:

@@ -8,6 +8,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ctt.modes import label_rank
+
 
 def _num(value) -> float:
     """results rows come as numbers (from `evaluate`) or strings (read back from results.csv)."""
@@ -17,8 +19,6 @@ def _num(value) -> float:
         return math.nan
 
 
-def _mode_order(mode: str) -> tuple[int, str]:
-    return ({"base": 0, "learned": 2}.get(mode, 1), mode)
 
 
 def scaling_plot(results: list[dict], path: str | Path | None = None) -> Figure:
@@ -40,7 +40,7 @@ def scaling_plot(results: list[dict], path: str | Path | None = None) -> Figure:
     for ax, bench in zip(axes, benchmarks):
         rows = [r for r in results if r["benchmark"] == bench]
         base = next((r for r in rows if r["mode"] == "base"), None)
-        modes = sorted(dict.fromkeys(r["mode"] for r in rows), key=_mode_order)
+        modes = sorted(dict.fromkeys(r["mode"] for r in rows), key=label_rank)
         for i, mode in enumerate(modes):
             points = sorted((r for r in rows if r["mode"] == mode), key=lambda r: int(_num(r["num_continuations"])))
             own = points

@@ -45,6 +45,7 @@ from omegaconf import OmegaConf
 
 from ctt.comparisons import COMPARISONS_CSV, read_comparisons
 from ctt.evaluate import markdown_table
+from ctt.modes import label_family
 
 SKIP_PREFIXES = ("hydra", "paths")
 ABSENT = "(absent)"
@@ -243,7 +244,7 @@ def eval_metrics(rows: Iterable[dict]) -> dict[str, float]:
             if base is not None:
                 out[f"{bench}/learned-base/N={n}"] = round(value - base, 4)
             for b, mode, n2 in acc:
-                if b == bench and n2 == n and mode.startswith("fixed:"):
+                if b == bench and n2 == n and label_family(mode) == "fixed":
                     out[f"{bench}/learned-{mode}/N={n}"] = round(value - acc[(b, mode, n2)], 4)
     return out
 

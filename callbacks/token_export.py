@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -24,10 +25,13 @@ class TokenExport(L.Callback):
         if not trainer.is_global_zero:
             return
         hp = module.hparams
+        train_data = getattr(trainer.datamodule, "train_cfg", None) if trainer.datamodule is not None else None
         save_token_file(
             self.path,
             row,
             {
+                # what it was trained on: ctt-eval's held-out check drops these problems from every benchmark
+                "train_data": json.dumps(train_data, sort_keys=True) if train_data else "",
                 "token": hp.token.get("text", "<|continue-thinking|>"),
                 "base_model": hp.model["name"],
                 "pretrained": hp.model.get("pretrained") or "",

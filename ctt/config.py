@@ -51,14 +51,18 @@ def load_benchmarks(
     dropped first, then the first `limit` are kept. Returns the problems and one note per benchmark that lost some."""
     out, notes = {}, []
     for name, spec in benchmarks.items():
-        problems = load_problems(**OmegaConf.to_container(spec, resolve=True))
+        kwargs = OmegaConf.to_container(spec, resolve=True)
+        own_limit = kwargs.pop("limit", None)  # applied after the check, like `limit`
+        problems = load_problems(**kwargs)
         if training is not None:
             problems, dropped = drop_training_overlap(problems, training, name)
             if dropped:
                 notes.append(
                     f"{name}: {dropped} problems that are also training problems were dropped before evaluation"
                 )
-        out[name] = problems[:limit] if limit is not None else problems
+        for cap in (own_limit, limit):
+            problems = problems[:cap] if cap is not None else problems
+        out[name] = problems
     return out, notes
 
 

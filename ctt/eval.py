@@ -7,6 +7,7 @@ it) and scaling.png (accuracy against mean thinking tokens, `ctt.plots.scaling_p
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -29,17 +30,27 @@ from ctt.token import install_token, load_token_file
 log = logging.getLogger(__name__)
 
 
-def training_problems(cfg: DictConfig) -> list[Problem] | None:
-    """The problems the token was trained on (`data.train`), for the held-out check; None when it is switched off."""
-    if not cfg.eval.get("exclude_training_problems", True) or not cfg.get("data") or not cfg.data.get("train"):
+def training_problems(cfg: DictConfig, token_meta: dict | None = None) -> list[Problem] | None:
+    """The problems the token was trained on, for the held-out check (None when `eval.exclude_training_problems` is
+    off): the training data recorded in its token file, else this config's `data.train` (with a warning when a
+    token file is loaded that does not record it)."""
+    if not cfg.eval.get("exclude_training_problems", True):
         return None
+    if token_meta and token_meta.get("train_data"):
+        return load_problems(**json.loads(token_meta["train_data"]))
+    if not cfg.get("data") or not cfg.data.get("train"):
+        return None
+    if token_meta is not None:
+        log.warning("the token file does not record its training data: the held-out check uses data.train of this "
+                    "config (%s)", to_plain(cfg.data.train))
     return load_problems(**to_plain(cfg.data.train))
 
 
-def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path) -> list[dict]:
+def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path, token_meta: dict | None = None) -> list[dict]:
     ev = cfg.eval
     modes = expand_modes(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
-    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training_problems(cfg))
+    training = training_problems(cfg, token_meta)
+    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training)
     sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
     reward_fn = get_reward_fn(ev.get("reward", "math_verify"))
     results, records = evaluate(policy, benchmarks, modes, ev.samples, sampling, reward_fn)
@@ -55,10 +66,12 @@ def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path) -> list[dict
     return results
 
 
-def load_policy(cfg: DictConfig) -> Policy:
-    """A fresh copy of the base model with the token installed and, if `token.path` is set, the learned row."""
+def load_policy(cfg: DictConfig) -> tuple[Policy, dict | None]:
+    """A fresh copy of the base model with the token installed and, if `token.path` is set, the learned row (and the
+    token file's metadata)."""
     loaded = load_model(**to_plain(cfg.model))
     overlay = install_token(loaded.model, loaded.tokenizer, to_plain(cfg.token.init), cfg.token.text)
+    meta = None
     if cfg.token.get("path"):
         base = None if cfg.token.get("allow_base_mismatch") else cfg.model.name
         embedding, meta = load_token_file(cfg.token.path, overlay.row.shape[0], base)
@@ -68,7 +81,8 @@ def load_policy(cfg: DictConfig) -> Policy:
         log.warning("token.path is not set: mode 'learned' evaluates the untrained initialisation")
     forcing = ForcingSettings(**to_plain(cfg.forcing))
     prompt = to_plain(cfg.prompt)
-    return Policy(loaded, forcing, prompt.get("instruction") or DEFAULT_INSTRUCTION, prompt.get("system_prompt"))
+    policy = Policy(loaded, forcing, prompt.get("instruction") or DEFAULT_INSTRUCTION, prompt.get("system_prompt"))
+    return policy, meta
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
@@ -77,7 +91,8 @@ def main(cfg: DictConfig) -> None:
 
     try:
         L.seed_everything(cfg.seed)
-        evaluate_policy(load_policy(cfg), cfg, Path(cfg.paths.output_dir))
+        policy, meta = load_policy(cfg)
+        evaluate_policy(policy, cfg, Path(cfg.paths.output_dir), meta)
     except Exception as err:
         exit_for_user_error(err, log, "evaluation")
 

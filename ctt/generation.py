@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache, DynamicLayer
@@ -57,6 +58,12 @@ class ForcingConfig:
     @property
     def marker_is_eos(self) -> bool:
         return len(self.end_of_thinking_ids) == 1 and self.end_of_thinking_ids[0] in self.eos_token_ids
+
+
+def mix_seed(*parts: int) -> int:
+    """One 32-bit seed from several integers (run seed, step, rank, chunk...), without the collisions of adding
+    them (rank r + chunk offset b == rank r + b + chunk offset 0)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)

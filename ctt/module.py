@@ -12,7 +12,7 @@ from ctt.config import to_plain
 from ctt.data import DEFAULT_INSTRUCTION, Problem
 from ctt.distributed import DEFAULT_MAX_MEMORY_FRACTION, full_grad, gather_zero3
 from ctt.errors import ConfigError, TrainingError
-from ctt.generation import Rollout, SamplingConfig
+from ctt.generation import Rollout, SamplingConfig, mix_seed
 from ctt.models import load_model
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import Score, get_reward_fn
@@ -105,7 +105,7 @@ class ContinueThinkingModule(L.LightningModule):
         # Seeded by (seed, step, micro-batch, rank): reproducible, independent across ranks and across the micro-batches
         # of one accumulated step, and stable across a resume (batch_idx restarts with the epoch it resumes in).
         micro = batch_idx % max(1, self._accumulation())
-        seed = self.seed * 1_000_003 + self.global_step * 7919 + micro * 104_729 + self.global_rank
+        seed = mix_seed(self.seed, self.global_step, micro, self.global_rank)
         return SamplingConfig(
             temperature=self.rl.temperature,
             top_p=self.rl.top_p,

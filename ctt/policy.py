@@ -12,7 +12,7 @@ import torch
 
 from ctt.data import Problem, build_prompt_ids
 from ctt.errors import ConfigError, DataError
-from ctt.generation import EngineConfig, ForcingConfig, Rollout, SamplingConfig, generate_forced
+from ctt.generation import EngineConfig, ForcingConfig, Rollout, SamplingConfig, generate_forced, mix_seed
 from ctt.models import LoadedModel
 from ctt.modes import Mode
 from ctt.token import get_overlay
@@ -123,7 +123,7 @@ class Policy:
         out: list[Rollout] = []
         size = self.settings.batch_size
         for start in range(0, len(prompts), size):
-            seed = None if sampling.seed is None else sampling.seed + start
+            seed = None if sampling.seed is None else mix_seed(sampling.seed, start)
             chunk_sampling = SamplingConfig(sampling.temperature, sampling.top_p, seed)
             out += generate_forced(
                 self.model, prompts[start : start + size], forcing, chunk_sampling, self.pad_id,
@@ -136,9 +136,10 @@ class Policy:
         return out
 
     def _segments(self, rollout: Rollout, width: int) -> list[tuple[list[int], bool]]:
-        """The completion cut at the inserted continuations: (ids, is a continuation) pieces, in order."""
+        """The completion cut at the inserted continuations: (ids, is a continuation) pieces, in order. (Starts are
+        sorted: with "no string" and a multi-token marker, a marker can be completed across an earlier removal.)"""
         ids, pieces, last = rollout.completion_ids, [], 0
-        for start in rollout.continuation_starts:
+        for start in sorted(set(rollout.continuation_starts)):
             pieces += [(ids[last:start], False), (ids[start : start + width], True)]
             last = start + width
         return pieces + [(ids[last:], False)]
@@ -153,12 +154,14 @@ class Policy:
     def answer_text(self, rollout: Rollout, width: int) -> str:
         """What a reader grades. With a real end-of-thinking marker (`</think>`): the text after the kept one (empty
         when thinking never ended). When the marker is end-of-sequence, the whole completion, with a line break at
-        every segment boundary, so an answer followed by a continuation ("... is 9." + "Wait") is not read as
-        "9.Wait"; special tokens (the learned token) are dropped."""
+        every inserted continuation, so an answer followed by a continuation ("... is 9." + "Wait") is not read as
+        "9.Wait"; special tokens (the learned token) are dropped. "No string" inserts nothing: no boundary there."""
         if not self.marker_is_eos:
             if rollout.answer_start is None:
                 return ""
             return self.tokenizer.decode(rollout.completion_ids[rollout.answer_start :], skip_special_tokens=True)
+        if not width:
+            return self.tokenizer.decode(rollout.completion_ids, skip_special_tokens=True)
         return "\n".join(
             self.tokenizer.decode(seg, skip_special_tokens=True) for seg, _ in self._segments(rollout, width)
         )

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 MAX_ANSWER_CHARS = 500
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
-_GSM8K_RE = re.compile(r"####\s*([^\n]*)")
-_ANSWER_IS_RE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?[ \t]*([^\n]*)", re.IGNORECASE)
+# [ \t]*, never \s*: a line break is a segment boundary (ctt.policy.Policy.answer_text), not part of the phrase.
+_GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
+_ANSWER_IS_RE = re.compile(r"(?:final answer|answer)[ \t]*(?:is|:)[ \t]*:?[ \t]*([^\n]*)", re.IGNORECASE)
 # Minus only when not following a word/closing bracket, so "3-5" yields 3 and 5, not -5.
 _NUMBER_RE = re.compile(
     r"(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?|(?:(?<![\w)\]}])-)?\.\d+"
@@ -80,21 +81,35 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-# What may follow "the answer is": a $...$ or \(...\) span, a number, or else text up to the end of the clause.
+# What may follow "the answer is": a $...$ or \\(...\\) span, a number, or else text up to the end of the clause.
 _LEADING_MATH_RE = re.compile(r"\$([^$\n]+)\$|\\\((.+?)\\\)")
+# After a number, what says the number is the whole answer: the end, sentence punctuation, or a unit word.
+_NUMBER_ENDS_RE = re.compile(r"\s*$|[.!?,;](?:\s|$)|\s+[A-Za-z]{2,}\b")
+# Where a clause ends (outside brackets): a sentence end, ";", ", <word>", or a conjunction.
+_CLAUSE_END_RE = re.compile(r"[.!?](?:\s|$)|;|,\s*(?=[A-Za-z]{2,}|[A-Za-z]\s)|\s(?:because|since|and|so|but|which|then)\b")
+
+
+def _first_clause(s: str) -> str:
+    depth, depths = 0, []
+    for ch in s:
+        depths.append(depth)
+        depth += ch in "([{" and 1 or (-1 if ch in ")]}" else 0)
+    cut = next((m.start() for m in _CLAUSE_END_RE.finditer(s) if depths[m.start()] <= 0), len(s))
+    return s[:cut].strip().rstrip(".").strip()
 
 
 def _clean_phrase(s: str) -> str:
-    """The answer stated after "answer is" / "####": not the rest of the line ("9, let me check" -> "9")."""
+    """The answer stated after "answer is" / "####", not the rest of the line: "9, let me check" -> "9", while
+    "2 + \\sqrt{3}", "(3, 4)", "x=5, y=3" and "4:30" stay whole."""
     s = s.strip().lstrip(":").strip()
     m = _LEADING_MATH_RE.match(s)
     if m:
         return (m.group(1) or m.group(2)).strip()
+    s = re.sub(r"^\\?\$(?=\s*[-.\d])", "", s)  # a currency sign ("$1,000"), not a $...$ span
     number = _NUMBER_RE.match(s)
-    if number and not re.match(r"[\w\\^({]", s[number.end() :]):  # a number ("12 dollars"), not "2x" or "3^2"
+    if number and _NUMBER_ENDS_RE.match(s, number.end()):
         return re.sub(r"\s+", "", number.group(0))
-    s = re.split(r"[.!?](?:\s|$)|[,;]|\s(?:because|since|and|so|but|which)\b", s, maxsplit=1)[0]
-    return s.strip().rstrip(".").strip()
+    return _first_clause(s)
 
 
 def extract_answer(text: str) -> str | None:

@@ -373,3 +373,8 @@ class RLSettings:
         for key, (ok, expected) in checks.items():
             if not ok:
                 raise ConfigError(f"rl.{key} must be {expected}, got {getattr(self, key)!r}")
+        if self.samples_per_prompt == 1 and (self.baseline == "group_mean" or self.scale == "group"):
+            raise ConfigError(
+                "rl.samples_per_prompt=1 with a per-group baseline or scale makes every advantage 0 (nothing is "
+                "learned): use rl.samples_per_prompt >= 2, or rl.baseline=batch_mean|none with rl.scale=none|batch"
+            )

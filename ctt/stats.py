@@ -9,20 +9,25 @@ Which interval `pass_at_1_ci` reports:
   with replacement (their k samples travel together, so the within-problem correlation is kept), pass@1 is
   recomputed for each of `resamples` (2000) resamples, and the (1-level)/2 and (1+level)/2 percentiles are the
   bounds. The generator is seeded (seed 0), so the same samples always give the same interval.
-  Exception: when every problem scores 0 (or every problem 1) the bootstrap has nothing to resample and would
-  report a zero-width interval; the Wilson interval over problems (each counted as one trial, all failed or all
-  passed) is reported instead -- conservative, since k samples per problem carry no more independent evidence.
+  Exception: when every problem has the same pass rate the bootstrap has nothing to resample and would report a
+  zero-width interval; the Wilson interval of that rate over n problems (each counted as one trial) is reported
+  instead -- conservative, since k samples per problem carry no more independent evidence.
 
 `pass_at_1_ci` returns the method it used ("wilson" or "bootstrap"); results.csv keeps it in `ci_method`.
 
 Paired comparisons (two modes on the same problems, see `ctt.comparisons`):
 
-* `paired_delta_ci`: delta = mean over problems of (pass_a - pass_b), with a seeded percentile bootstrap that
-  resamples PROBLEMS, the same indices for both modes (equivalently: resamples the per-problem differences).
-  When every per-problem difference is the same value the bootstrap has nothing to resample (zero width);
-  Newcombe's hybrid score interval for paired proportions (`newcombe_paired_ci`) is reported instead.
-* `paired_p_value`: exact two-sided sign test on the problems whose difference is non-zero; with one sample per
-  problem it is the exact McNemar test.
+* `paired_delta_ci`: delta = mean over problems of (pass_a - pass_b). With one sample per problem (every pass
+  rate 0 or 1) the interval is Newcombe's hybrid score interval for paired proportions (`newcombe_paired_ci`):
+  like Wilson's for one proportion, it keeps its coverage with few discordant problems, where the percentile
+  bootstrap does not (4 discordant of 100, all one way: the bootstrap excluded 0 while the exact McNemar p is
+  0.125). With k > 1 samples, a seeded percentile bootstrap that resamples PROBLEMS with the same indices for both
+  modes; Newcombe on fractional cells when every per-problem difference is the same (the bootstrap would be zero
+  width).
+* `paired_p_value`: the exact two-sided sign-flip (permutation) test of the per-problem differences: under "no
+  difference between the modes" each difference is as likely positive as negative, and the p-value is the share
+  of the 2^n sign assignments whose |sum| is at least the observed one, computed exactly by convolution. With one
+  sample per problem it is the exact McNemar test (`sign_test_p`), and it always points the way delta does.
 """
 
 from __future__ import annotations
@@ -108,8 +113,8 @@ def pass_at_1_ci(
     if all(len(s) == 1 for s in correct):
         lo, hi = wilson_ci(sum(int(bool(s[0])) for s in correct), len(correct), level)
         return point, lo, hi, "wilson"
-    if all(v == 0.0 for v in scores) or all(v == 1.0 for v in scores):  # the bootstrap would collapse to a point
-        lo, hi = wilson_ci(int(point) * len(scores), len(scores), level)
+    if max(scores) - min(scores) <= _TIE:  # one pass rate everywhere: the bootstrap would collapse to a point
+        lo, hi = _wilson(point, len(scores), _z(level))
         return point, lo, hi, "wilson"
     lo, hi = bootstrap_ci(scores, level, resamples, seed)
     return point, lo, hi, "bootstrap"
@@ -152,15 +157,13 @@ def newcombe_paired_ci(a: float, b: float, c: float, d: float, level: float = 0.
 
     Newcombe (1998), "Improved confidence intervals for the difference between binomial proportions based on
     paired data", Stat. Med. 17:2635, method 10: with Wilson intervals (l1, u1) of p1 = (a + b) / n and (l2, u2)
-    of p2 = (a + c) / n, and phi = (ad - bc) / sqrt((a+b)(c+d)(a+c)(b+d)) (0 when that product is 0),
+    of p2 = (a + c) / n, and the continuity-corrected correlation phi = A / sqrt((a+b)(c+d)(a+c)(b+d)) with
+    A = max(ad - bc - n/2, 0) when ad > bc, else ad - bc (phi = 0 when the product is 0),
 
         lower = delta - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
         upper = delta + sqrt((p2 - l2)^2 - 2 phi (p2 - l2)(u1 - p1) + (u1 - p1)^2)
 
-    One guard, ours: with no discordant pair (b = c = 0) and both a, d > 0, phi is 1 by construction and the
-    formula shrinks to +-|(p - l) - (u - p)|, which is zero width at a = d. There the interval is +-z^2/(n + z^2)
-    -- the Wilson upper bound of 0 discordant out of n, which bounds |delta|, and exactly what method 10 itself
-    gives at a = n or d = n -- for every split of a and d. Cells may be fractional (see `paired_cells`).
+    Reproduces the paper's worked examples (tests/test_stats.py). Cells may be fractional (see `paired_cells`).
     (nan, nan) for an empty table.
     """
     if min(a, b, c, d) < 0:
@@ -169,14 +172,14 @@ def newcombe_paired_ci(a: float, b: float, c: float, d: float, level: float = 0.
     if n <= 0:
         return math.nan, math.nan
     z = _z(level)
-    if b <= 0 and c <= 0:
-        half = z * z / (n + z * z)
-        return -half, half
     p1, p2, delta = (a + b) / n, (a + c) / n, (b - c) / n
     l1, u1 = _wilson(p1, n, z)
     l2, u2 = _wilson(p2, n, z)
     denom = (a + b) * (c + d) * (a + c) * (b + d)
-    phi = (a * d - b * c) / math.sqrt(denom) if denom > 0 else 0.0
+    cross = a * d - b * c
+    if cross > 0:
+        cross = max(cross - n / 2, 0.0)
+    phi = cross / math.sqrt(denom) if denom > 0 else 0.0
     down = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
     up = (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2
     return max(-1.0, delta - math.sqrt(max(0.0, down))), min(1.0, delta + math.sqrt(max(0.0, up)))
@@ -191,18 +194,19 @@ def paired_delta_ci(
 ) -> tuple[float, float, float, str]:
     """(delta, ci_low, ci_high, method) for mode A minus mode B, from per-problem pass rates on the same problems.
 
-    `pass_a[i]` and `pass_b[i]` belong to the same problem i. delta = mean(pass_a - pass_b). The interval is a
-    seeded percentile bootstrap that resamples problems with the same indices for both modes (method
-    "bootstrap"); when every per-problem difference is the same value (the bootstrap would be zero width), it is
-    `newcombe_paired_ci` of `paired_cells` (method "newcombe": exact counts for k = 1, fractional cells for
-    k > 1). (nan, nan, nan, "none") for no problems.
+    `pass_a[i]` and `pass_b[i]` belong to the same problem i; delta = mean(pass_a - pass_b). Method "newcombe":
+    `newcombe_paired_ci` of `paired_cells`, when every rate is 0 or 1 (one sample per problem) or every per-problem
+    difference is the same (the bootstrap would be zero width; fractional cells for k > 1). Otherwise "bootstrap":
+    a seeded percentile bootstrap resampling problems with the same indices for both modes. (nan, nan, nan, "none")
+    for no problems.
     """
     pa, pb = _paired_arrays(pass_a, pass_b)
     if pa.size == 0:
         return math.nan, math.nan, math.nan, "none"
     diff = pa - pb
     delta = float(diff.mean())
-    if float(np.ptp(diff)) <= _TIE:
+    binary = bool(np.all((pa == 0) | (pa == 1)) and np.all((pb == 0) | (pb == 1)))
+    if binary or float(np.ptp(diff)) <= _TIE:
         lo, hi = newcombe_paired_ci(*paired_cells(pa, pb), level=level)
         return delta, lo, hi, "newcombe"
     lo, hi = bootstrap_ci(diff, level, resamples, seed)
@@ -224,9 +228,27 @@ def sign_test_p(positive: int, negative: int) -> float:
     return float(min(Fraction(1), Fraction(2 * tail, 2**m)))
 
 
-def paired_p_value(pass_a: Sequence[float], pass_b: Sequence[float]) -> float:
-    """Exact two-sided sign test on the problems where pass_a != pass_b (`sign_test_p`); only the signs of the
-    per-problem differences count, not their sizes. For k = 1 this is the exact McNemar test."""
+def paired_p_value(pass_a: Sequence[float], pass_b: Sequence[float], max_denominator: int = 1000) -> float:
+    """Exact two-sided sign-flip test of the per-problem differences d_i = pass_a[i] - pass_b[i].
+
+    Under "the modes do not differ" each d_i is as likely +|d_i| as -|d_i|; p = P(|sum s_i |d_i|| >= |sum d_i|) over
+    the 2^n equally likely signs s_i. The |d_i| are fractions j/k (k samples per problem), so the sum lives on a grid:
+    its distribution is computed exactly by convolving two-point distributions, in float64. With one sample per
+    problem this is the exact McNemar test (`sign_test_p`, used then, in exact integer arithmetic). 1.0 when no
+    problem differs.
+    """
     pa, pb = _paired_arrays(pass_a, pass_b)
     diff = pa - pb
-    return sign_test_p(int((diff > _TIE).sum()), int((diff < -_TIE).sum()))
+    if np.all(np.isin(np.round(diff, 12), (-1.0, 0.0, 1.0))):
+        return sign_test_p(int((diff > _TIE).sum()), int((diff < -_TIE).sum()))
+    fractions = [Fraction(float(x)).limit_denominator(max_denominator) for x in diff if abs(x) > _TIE]
+    scale = math.lcm(*(f.denominator for f in fractions))
+    steps = [abs(int(f * scale)) for f in fractions]
+    total = sum(steps)
+    dist = np.zeros(2 * total + 1)
+    dist[total] = 1.0  # index total + s holds P(sum == s)
+    for step in steps:
+        dist = 0.5 * (np.roll(dist, step) + np.roll(dist, -step))  # no wrap-around: |sum| <= total
+    observed = abs(int(sum(fractions) * scale))
+    sums = np.abs(np.arange(-total, total + 1))
+    return float(min(1.0, dist[sums >= observed].sum()))

@@ -58,6 +58,7 @@ def test_smoke_trains_evaluates_and_the_token_round_trips(tmp_path):
     token_file = run_dir / TOKEN_FILE
     embedding, meta = load_token_file(token_file)
     assert meta["base_model"] == "tiny_random" and meta["step"] == "3" and meta["init"] == "word"
+    assert json.loads(meta["train_data"])["task"] == "basic_arithmetic"  # for ctt-eval's held-out check
     rows = list(csv.DictReader(open(run_dir / "results.csv")))
     assert list(rows[0]) [: len(RESULT_COLUMNS)] == RESULT_COLUMNS
     assert {r["mode"] for r in rows} == {"base", "fixed:Wait", "learned"}

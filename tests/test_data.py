@@ -229,3 +229,24 @@ def test_demo_benchmark_is_disjoint_from_its_training_problems_after_the_check()
     seen = {normalise_question(p.question) for p in train}
     for name, problems in benchmarks.items():
         assert problems and not any(normalise_question(p.question) in seen for p in problems)
+
+
+def test_held_out_check_uses_the_training_data_recorded_in_the_token_file(caplog):
+    """ctt-eval of a token trained on other data (or another seed) must check against what it was trained on."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from ctt.config import CONFIG_DIR
+    from ctt.eval import training_problems
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=["experiment=smoke"])
+    recorded = {"source": "reasoning_gym", "task": "basic_arithmetic", "size": 5, "seed": 77,
+                "task_kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}
+    from_file = training_problems(cfg, {"train_data": json.dumps(recorded)})
+    assert [p.question for p in from_file] == [p.question for p in load_problems(**recorded)]
+    with caplog.at_level("WARNING"):
+        fallback = training_problems(cfg, {"base_model": "tiny_random"})  # an older token file
+    assert "does not record its training data" in caplog.text
+    assert len(fallback) == cfg.data.train.size

@@ -107,6 +107,7 @@ def jsonl_data(path: Path) -> list[str]:
         ("rl.max_bad_steps=0", ["ConfigError", "rl.max_bad_steps"]),
         ("rl.baseline=median", ["ConfigError", "rl.baseline must be one of", "'median'"]),
         ("rl.temperature=0", ["ConfigError", "rl.temperature must be a number > 0"]),
+        ("rl.samples_per_prompt=1", ["ConfigError", "makes every advantage 0"]),
         ("+rl.temprature=0.5", ["ConfigError", "unknown rl key(s) ['temprature']", "temperature"]),
         ("data.batch_size=0", ["ConfigError", "data.batch_size must be an integer >= 1"]),
         ("optimizer.lr=abc", ["ConfigError", "optimizer.lr must be a number", "'abc'"]),

@@ -17,6 +17,7 @@ forwards. Then:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -63,14 +64,23 @@ def _distribution(model, ctx, allowed, suppress, temperature, top_p, cache) -> t
     return cache[key]
 
 
+def _force(s: _State, ids: list[int]) -> None:
+    s.ro.completion_ids += ids
+    s.ro.sampled += [False] * len(ids)
+    s.ctx += ids
+
+
 def _apply(s: _State, tok: int, f: ForcingConfig) -> None:
     """One sampled token through the forcing rules (the state machine of ctt.generation's docstring)."""
     ro, marker, k = s.ro, list(f.end_of_thinking_ids), len(f.end_of_thinking_ids)
+    marker_is_eos = marker == [f.eos_token_ids[0]]
     ro.completion_ids.append(tok), ro.sampled.append(True), s.ctx.append(tok)
     if s.thinking:
         ro.thinking_tokens += 1
         if ro.completion_ids[-k:] == marker and all(ro.sampled[-k:]):
-            room = len(ro.completion_ids) - k + len(f.continuation_ids) + 1 <= f.max_new_tokens
+            after = len(f.continuation_ids) + 1  # the continuation and one sampled token must fit
+            room = len(ro.completion_ids) - k + after <= f.max_new_tokens and (
+                f.thinking_budget is None or ro.thinking_tokens - k + after <= f.thinking_budget)
             if ro.num_forced < f.num_continuations and room:
                 ro.replaced_markers.append(tuple(marker))
                 del ro.completion_ids[-k:], ro.sampled[-k:], s.ctx[-k:]
@@ -82,8 +92,16 @@ def _apply(s: _State, tok: int, f: ForcingConfig) -> None:
                 s.suppress = None if f.continuation_ids else marker[0]
                 return
             s.thinking, ro.answer_start = False, len(ro.completion_ids)
+            if marker_is_eos:
+                s.done, ro.stop_reason = True, "eos"
         elif tok in f.eos_token_ids:
             s.done, ro.stop_reason = True, "eos"
+        elif f.thinking_budget is not None and ro.thinking_tokens >= f.thinking_budget:
+            s.thinking, ro.answer_start = False, len(ro.completion_ids)
+            if f.budget_force_ids is None and marker_is_eos:
+                s.done, ro.stop_reason = True, "thinking_budget"
+            else:  # the forced end of thinking (or its text): fed, never sampled, not counted as answer
+                _force(s, list(f.budget_force_ids or marker))
     elif tok in f.eos_token_ids:
         s.done, ro.stop_reason = True, "eos"
     else:
@@ -121,8 +139,9 @@ def _record(r: Rollout) -> tuple:
             r.answer_start, r.thinking_tokens, r.answer_tokens, r.stop_reason)
 
 
-def _setup(marker_len: int, n: int, empty: bool = False):
-    loaded = tiny(boost=0.0, init_range=0.3, seed=1, init={"name": "random", "seed": 3})
+def _setup(marker_len: int, n: int, empty: bool = False, eos_marker: bool = False, **limits):
+    loaded = tiny(boost=0.0, init_range=0.3, seed=1, init={"name": "random", "seed": 3},
+                  marker="eos" if eos_marker else "</think>")
     model, tok = loaded.model, loaded.tokenizer
     new_id = get_overlay(model).token_id
     marker = tuple(loaded.end_of_thinking_ids) if marker_len == 1 else tuple(tok.encode("xy"))
@@ -134,7 +153,9 @@ def _setup(marker_len: int, n: int, empty: bool = False):
         continuation_ids=() if empty else (new_id,), max_new_tokens=6 if marker_len == 1 else 5,
         max_answer_tokens=2, banned_ids=banned,
     )
-    return model, tok, f, allowed
+    if "budget_force" in limits:  # ids of text forced at the thinking budget
+        limits["budget_force_ids"] = tuple(tok.encode(limits.pop("budget_force")))
+    return model, tok, dataclasses.replace(f, **limits), allowed
 
 
 def _reward(r: Rollout, n: int, a_id: int) -> float:
@@ -142,12 +163,16 @@ def _reward(r: Rollout, n: int, a_id: int) -> float:
     return float(r.num_forced == n) + 0.5 * float(r.completion_ids[-1:] == [a_id])
 
 
-CASES = [(1, 1), (1, 2), (2, 1), (2, 2)]
+CASES = [(1, 1, {}), (1, 2, {}), (2, 1, {}), (2, 2, {}),
+         (1, 2, {"thinking_budget": 4}), (2, 2, {"thinking_budget": 4, "max_new_tokens": 7}),
+         (1, 2, {"thinking_budget": 3, "budget_force": "aa", "max_new_tokens": 7}),
+         (1, 1, {"eos_marker": True}), (1, 2, {"eos_marker": True, "max_new_tokens": 7})]
+IDS = ["1tok-N1", "1tok-N2", "2tok-N1", "2tok-N2", "budget", "2tok-budget", "budget-text", "eos-N1", "eos-N2"]
 
 
-@pytest.mark.parametrize("marker_len,n", CASES)
-def test_enumeration_is_complete_and_matches_the_engine(marker_len, n, one_thread):
-    model, tok, f, allowed = _setup(marker_len, n)
+@pytest.mark.parametrize("marker_len,n,extra", CASES, ids=IDS)
+def test_enumeration_is_complete_and_matches_the_engine(marker_len, n, extra, one_thread):
+    model, tok, f, allowed = _setup(marker_len, n, **extra)
     prompt = tok.encode(PROMPT)
     leaves = _enumerate(model, prompt, f, allowed)
     probs = {_record(s.ro): s.logp.exp().item() for s in leaves}
@@ -163,8 +188,8 @@ def test_enumeration_is_complete_and_matches_the_engine(marker_len, n, one_threa
         assert abs(freq - p) <= 4.5 * (p * (1 - p) / draws) ** 0.5 + 1e-9, (forced, freq, p)
 
 
-def _exact_and_estimated(marker_len, n, baseline, temperature=1.0, top_p=1.0):
-    model, tok, f, allowed = _setup(marker_len, n)
+def _exact_and_estimated(marker_len, n, baseline, temperature=1.0, top_p=1.0, **extra):
+    model, tok, f, allowed = _setup(marker_len, n, **extra)
     row = get_overlay(model).row
     a_id = tok.encode("a")[0]
     leaves = _enumerate(model, tok.encode(PROMPT), f, allowed, temperature, top_p)
@@ -181,9 +206,9 @@ def _exact_and_estimated(marker_len, n, baseline, temperature=1.0, top_p=1.0):
 
 
 @pytest.mark.parametrize("baseline", [0.0, 0.8])
-@pytest.mark.parametrize("marker_len,n", CASES)
-def test_expected_gradient_equals_the_gradient_of_the_expected_reward(marker_len, n, baseline, one_thread):
-    exact, estimated, _ = _exact_and_estimated(marker_len, n, baseline)
+@pytest.mark.parametrize("marker_len,n,extra", CASES, ids=IDS)
+def test_expected_gradient_equals_the_gradient_of_the_expected_reward(marker_len, n, extra, baseline, one_thread):
+    exact, estimated, _ = _exact_and_estimated(marker_len, n, baseline, **extra)
     assert exact.norm() > 1e-3, "the row must matter for the test to mean anything"
     torch.testing.assert_close(estimated, exact, rtol=2e-3, atol=2e-3 * exact.norm().item())
 

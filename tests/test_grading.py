@@ -82,3 +82,24 @@ def test_rendered_text_marks_every_continuation():
     assert policy.render(rollout, len(policy.encode_text("Wait"))) == "It is 9.[[Wait]] ok"
     learned = _continued(policy, stated, policy.learned_ids, policy.tokenizer.encode(" ok"))
     assert policy.render(learned, 1) == "It is 9.[[<|continue-thinking|>]] ok"
+
+
+def test_an_answer_phrase_at_a_boundary_does_not_swallow_the_continuation():
+    """"... so the answer is" + Wait + ", let me check. 9": the phrase regex must not read across the boundary
+    ("Wait" would be the answer) -- the learned token, decoding to "", must not grade differently from Wait."""
+    policy = _policy("eos")
+    stated = policy.tokenizer.encode("4 plus 5 makes 9, so the answer is")
+    after = policy.tokenizer.encode(", let me check.")
+    alone = _grade(policy, Rollout([1], stated + after, [True] * (len(stated) + len(after))), 0, "9")
+    for continuation in (policy.encode_text("Wait"), policy.learned_ids):
+        rollout = _continued(policy, stated, continuation, after)
+        assert _grade(policy, rollout, len(continuation), "9") == alone
+
+
+def test_no_string_inserts_no_boundary():
+    """The model's own text around a suppressed marker is one text: "1" + (suppressed) + "2." reads "12."."""
+    policy = _policy("eos")
+    ids = policy.tokenizer.encode("The answer is 12.")
+    cut = len(policy.tokenizer.encode("The answer is 1"))
+    rollout = Rollout([1], ids, [True] * len(ids), continuation_starts=[cut], replaced_markers=[tuple(policy.marker)])
+    assert _grade(policy, rollout, 0, "12").correct

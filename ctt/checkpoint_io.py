@@ -34,14 +34,19 @@ STALE_TMP_SECONDS = 3600.0  # temp files older than this are left-overs of a kil
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save` to `path` atomically: temp file in the same directory, fsync, `os.replace`, fsync the dir."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise fully before touching the disk: a failure here writes nothing
+    return atomic_write_bytes(buffer.getbuffer(), path)
+
+
+def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
+    """Replace `path` by `data` atomically: after a kill it holds the old or the new bytes, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is as readable as any other output

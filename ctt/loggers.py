@@ -1,19 +1,24 @@
-"""A CSV logger that survives a resume.
+"""A CSV logger that survives a resume and a kill.
 
 Lightning's CSVLogger deletes an existing `metrics.csv` when it starts, so resuming a run in its own directory
 (`ckpt_path=last`) would throw away the metrics of everything before the interruption. `ResumableCSVLogger` keeps
 the earlier rows up to the first step the resumed run logs (rows of steps that are trained again after the
-checkpoint are replaced), so the file stays one continuous history.
+checkpoint are replaced), so the file stays one continuous history. Lightning also rewrites the whole file in place
+(truncate, then write) whenever a new metric name appears; a kill in between lost every earlier row. Here every
+whole-file rewrite is atomic (`ctt.checkpoint_io.atomic_write_bytes`); only appends of new rows write in place.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from ctt.checkpoint_io import atomic_write_bytes
 
 
 def _step(row: dict) -> float:
@@ -21,6 +26,14 @@ def _step(row: dict) -> float:
         return float(row.get("step") or "nan")
     except ValueError:
         return float("nan")
+
+
+def _csv_bytes(fieldnames: list[str], rows: list[dict]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
 
 
 class _ResumingWriter(ExperimentWriter):
@@ -32,16 +45,18 @@ class _ResumingWriter(ExperimentWriter):
                 self._previous = list(reader)
                 self.metrics_keys = sorted(reader.fieldnames or [])
 
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        atomic_write_bytes(_csv_bytes(fieldnames, rows), self.metrics_file_path)
+
     def save(self) -> None:
         if self._previous is not None and self.metrics:
             first = min(m["step"] for m in self.metrics)
             kept = [r for r in self._previous if _step(r) < first]  # NaN steps compare False: dropped
             self._previous = None
             self._record_new_keys()
-            with open(self.metrics_file_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(kept)
+            atomic_write_bytes(_csv_bytes(self.metrics_keys, kept), self.metrics_file_path)
         super().save()
 
 

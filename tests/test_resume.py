@@ -149,6 +149,28 @@ def test_csv_metrics_survive_a_resume(tmp_path):
     assert rows[0]["train/new"] == "" and rows[-1]["train/new"] == "1.0"
 
 
+def test_a_kill_while_a_new_metric_rewrites_the_csv_loses_no_rows(tmp_path, monkeypatch):
+    """A new metric name makes the writer rewrite metrics.csv with a new header. Lightning truncates the file and
+    writes it again: a kill in between lost every earlier row (a resumed run then had no step 0). The rewrite is
+    atomic: a crash at the rename leaves the old, complete file."""
+    import ctt.checkpoint_io
+
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    for step in range(3):
+        logger.log_metrics({"train/loss": float(step)}, step=step)
+        logger.save()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while replacing the file")
+
+    monkeypatch.setattr(ctt.checkpoint_io.os, "replace", crash)
+    logger.log_metrics({"train/loss": 3.0, "train/token_grad_norm": 0.5}, step=3)
+    with pytest.raises(KeyboardInterrupt):
+        logger.save()
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+
+
 def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(tmp_path):
     from ctt.train import resolve_ckpt_path
 

@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import hydra
@@ -47,6 +47,7 @@ PROBE_QUESTIONS = (
     "Explain why the sky is blue.", "Write a short poem about the sea.", "Solve for x: 2x + 6 = 14.",
     "List three prime numbers greater than 20.",
 )
+PROBE_TOKENS = 64  # greedy tokens per probe question
 OUTPUT_MARGIN = 20.0  # target: the token's logit this many nats below the lowest other logit on the probe
 
 
@@ -137,11 +138,14 @@ def set_output_rows(policy: Policy, ids: list[int]) -> dict:
 
 
 def _probe(policy: Policy, head) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states `[P, hidden]` and logits `[P, V]` (fp32) at every position of the probe sequences."""
+    """Final hidden states `[P, hidden]` and logits `[P, V]` (fp32) at every position of the probe sequences (the
+    prompts and up to PROBE_TOKENS greedy tokens each)."""
     from ctt.data import Problem
 
     problems = [Problem(f"probe-{i}", q, "") for i, q in enumerate(PROBE_QUESTIONS)]
-    rollouts = policy.rollout(problems, policy.forcing(Mode("base")), SamplingConfig(temperature=0.0))
+    forcing = policy.forcing(Mode("base"))
+    forcing = replace(forcing, max_new_tokens=min(forcing.max_new_tokens, PROBE_TOKENS))
+    rollouts = policy.rollout(problems, forcing, SamplingConfig(temperature=0.0))
     captured: list[tuple[torch.Tensor, torch.Tensor]] = []
     hook = head.register_forward_hook(lambda mod, inp, out: captured.append((inp[0][0].float(), out[0].float())))
     try:

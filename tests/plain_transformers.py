@@ -108,6 +108,7 @@ def run_case(case: dict) -> dict:
     }
     if case.get("checks"):
         out |= never_emits(model, prompts[:2], token)
+    if case.get("card"):
         out["card_output"] = card_snippet(folder)
     if case.get("peft"):
         out |= peft_logits(case | {"prompts": prompts, "info": info}, model)

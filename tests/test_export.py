@@ -27,6 +27,7 @@ from ctt.models import load_model
 from ctt.modes import Mode
 from ctt.token import save_token_file
 from tests.test_errors import assert_user_error, run_main
+from tests.test_models import needs_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is 2+3?", "x", "Compute 17*3 and explain.", "ok so"]
@@ -52,13 +53,13 @@ def tiny_config(tie: bool, spare: int, token_path: Path | None, n: int = 2):
     return cfg
 
 
-def write_token_file(path: Path, tie: bool, spare: int) -> Path:
-    """A 'trained' row: the "Wait" initialisation moved by a fixed random step."""
-    policy, _ = policy_from_config(tiny_config(tie, spare, None))
+def write_token_file(path: Path, cfg) -> Path:
+    """A 'trained' row for the model of `cfg`: the "Wait" initialisation moved by a fixed random step."""
+    policy, _ = policy_from_config(cfg)
     gen = torch.Generator().manual_seed(7)
     row = policy.row.detach()
     vector = row + 0.5 * row.norm() * torch.randn(row.shape, generator=gen) / row.shape[0] ** 0.5
-    return save_token_file(path, vector, {"token": "<|continue-thinking|>", "base_model": "tiny_random",
+    return save_token_file(path, vector, {"token": "<|continue-thinking|>", "base_model": cfg.model.name,
                                           "init": "word", "init_word": "Wait", "step": 12})
 
 
@@ -70,11 +71,12 @@ def ctt_rollouts(cfg, n: int):
 
 @lru_cache(maxsize=1)
 def exported(root: str) -> dict:
-    """Every case's token file, hf folder, peft adapter and base folder, and the plain-transformers results."""
+    """Every case's token file, hf folder, peft adapter and base folder, and the plain-transformers results (one
+    subprocess for all)."""
     root, cases, meta = Path(root), [], {}
     for tie, spare in CASES:
         d = root / case_id((tie, spare))
-        token = write_token_file(d / "continue_thinking_token.safetensors", tie, spare)
+        token = write_token_file(d / "continue_thinking_token.safetensors", tiny_config(tie, spare, None))
         base = load_model(**tiny_config(tie, spare, None).model)
         base.model.save_pretrained(d / "base")
         base.tokenizer.save_pretrained(d / "base")
@@ -85,16 +87,22 @@ def exported(root: str) -> dict:
         messages = [format_user_message(q, "Answer.") for q in QUESTIONS]
         for n in (1, 2):
             cases.append({"folder": str(d / "hf"), "messages": messages, "n": n, "max_new": LIMITS["max_new_tokens"],
-                          "max_answer": LIMITS["max_answer_tokens"], "checks": n == 2, "tied": tie,
+                          "max_answer": LIMITS["max_answer_tokens"], "checks": n == 2, "card": n == 2, "tied": tie,
                           **({"peft": str(d / "peft"), "base": str(d / "base")} if n == 2 else {})})
             meta[(tie, spare, n)] = (len(cases) - 1, token)
+    results = run_plain(root, cases)
+    return {key: (results[i], token) for key, (i, token) in meta.items()}
+
+
+def run_plain(root: Path, cases: list[dict]) -> list[dict]:
+    """tests/plain_transformers.py on `cases`, in a fresh interpreter that never imports ctt."""
     job, out = root / "job.json", root / "out.json"
     job.write_text(json.dumps({"cases": cases}))
+    env = {"OMP_NUM_THREADS": "1", "PATH": "", "HF_HUB_OFFLINE": "1", "HOME": str(Path.home())}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "plain_transformers.py"), str(job), str(out)],
-                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())["cases"]
-    return {key: (results[i], token) for key, (i, token) in meta.items()}
+    return json.loads(out.read_text())["cases"]
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +186,7 @@ def test_tied_token_that_would_win_is_suppressed_by_the_generation_config(tmp_pa
 
 
 def test_ctt_export_command_and_its_bad_input(tmp_path, capfd):
-    token = write_token_file(tmp_path / "tok.safetensors", True, 0)
+    token = write_token_file(tmp_path / "tok.safetensors", tiny_config(True, 0, None))
     common = ("experiment=smoke", f"token.path={token}", f"hydra.run.dir={tmp_path}/run")
     code, out, err = run_main("ctt.export", *common, f"export.dir={tmp_path}/hf", capfd=capfd)
     assert code == 0, err[-3000:]
@@ -197,3 +205,39 @@ def test_ctt_export_command_and_its_bad_input(tmp_path, capfd):
     code, _, err = run_main("ctt.export", "model=exported", f"model.path={tmp_path}/hf", f"token.path={token}",
                             f"export.dir={tmp_path}/z", capfd=capfd)
     assert_user_error(code, err, "already holds the token")
+
+
+@pytest.mark.slow
+@needs_wheel
+def test_smollm2_exported_folder_reproduces_ctt_rollouts_with_plain_transformers(tmp_path):
+    """The real model (tied, no spare row, marker = end of sequence): the same checks as the tiny models, and the
+    streamed text of ctt-generate's API equals its rendered text with a real BPE tokenizer."""
+    from ctt import ContinueThinking
+
+    smol_limits = {"max_new_tokens": 64, "max_answer_tokens": 16}
+    limits = [f"forcing.{k}={v}" for k, v in (smol_limits | {"num_continuations": 2}).items()]
+    cfg = compose_config("smollm2_135m", limits)
+    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", cfg)
+    with open_dict(cfg):
+        cfg.token.path = str(token)
+    for fmt in ("hf", "peft"):
+        policy, meta = policy_from_config(cfg)
+        export(policy, ExportSettings(str(tmp_path / fmt), fmt), export_info(cfg, policy, meta))
+    questions = ["Name a color.", "What is 5 times 6?"]  # forced twice / once within 64 tokens
+    (result,) = run_plain(tmp_path, [{
+        "folder": str(tmp_path / "hf"), "messages": [format_user_message(q, policy.instruction) for q in questions],
+        "n": 2, "max_new": smol_limits["max_new_tokens"], "max_answer": smol_limits["max_answer_tokens"], "checks": True,
+        "tied": True, "peft": str(tmp_path / "peft"), "base": str(Path(cfg.model.cache_dir) / "smollm2_135m-hf"),
+    }])
+    policy, _ = policy_from_config(cfg)
+    problems = [Problem(str(i), q, "") for i, q in enumerate(questions)]
+    ours = policy.rollout(problems, policy.forcing(Mode("learned", None, 2)), SamplingConfig(temperature=0.0))
+    assert [r["completion"] for r in result["rollouts"]] == [r.completion_ids for r in ours]
+    assert any(r.num_forced == 2 for r in ours)
+    assert result["rows"] == result["tokenizer_size"] == result["token_id"] + 1 and result["special"]
+    assert not result["emitted"] and result["suppress_tokens"] == [result["token_id"]]
+    assert result["peft_max_diff"] < 1e-4 < result["base_max_diff"]
+    ct = ContinueThinking.from_exported(tmp_path / "hf", limits)
+    pieces: list[str] = []
+    streamed = ct.stream(questions[0], pieces.append, num_continuations=2)
+    assert "".join(pieces) == streamed.completion and streamed.forced == ours[0].num_forced

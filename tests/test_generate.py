@@ -56,7 +56,7 @@ def test_streaming_holds_back_a_multi_token_marker_until_it_is_settled(mode):
 
 
 def test_api_two_lines_from_a_token_file_and_from_its_exported_folder(tmp_path):
-    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", True, 0)
+    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", tiny_config(True, 0, None))
     ct = ContinueThinking.from_token_file("tiny_random", token)
     out = ct.generate(["What is 2+3?", "ok so"], mode="learned", num_continuations=2)
     assert [set(c.to_dict()) for c in out] == [{"prompt", "completion", "answer_text", "answer", "mode",
@@ -75,7 +75,7 @@ def test_api_two_lines_from_a_token_file_and_from_its_exported_folder(tmp_path):
 def _cli(tmp_path, capfd, *overrides: str):
     token = tmp_path / "continue_thinking_token.safetensors"
     if not token.exists():
-        write_token_file(token, True, 0)
+        write_token_file(token, tiny_config(True, 0, None))
     return run_main("ctt.generate", "experiment=smoke", f"token.path={token}", f"hydra.run.dir={tmp_path}/run",
                     *overrides, capfd=capfd)
 
@@ -101,7 +101,7 @@ def test_ctt_generate_streams_to_stdout_and_writes_jsonl(tmp_path, capfd, monkey
 
 
 def test_ctt_generate_loads_an_exported_folder(tmp_path, capfd):
-    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", True, 0)
+    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", tiny_config(True, 0, None))
     code, _, err = run_main("ctt.export", "experiment=smoke", f"token.path={token}", f"export.dir={tmp_path}/hf",
                             f"hydra.run.dir={tmp_path}/run", capfd=capfd)
     assert code == 0, err[-3000:]

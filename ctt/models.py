@@ -1,6 +1,6 @@
 """Loading the frozen reasoning LLM and its tokenizer.
 
-Three sources:
+Four sources:
 
 * ``hub``: ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` on a hub id or a
   local folder (needs internet the first time; never used by the tests).
@@ -9,6 +9,8 @@ Three sources:
   de-quantised ONCE and saved as an ordinary Hugging Face folder ``<cache_dir>/<name>-hf``
   (written to a temporary folder next to it and renamed into place, so a crash never leaves
   a half-written cache); every later load reads that folder, which is much faster.
+* ``local``: a Hugging Face folder on disk (``model.path``), loaded offline; e.g. a folder written by
+  ``ctt-export`` (``model=exported model.path=DIR``).
 * ``tiny_random``: a small randomly initialised ``Qwen2ForCausalLM`` with a byte-level
   tokenizer built in code; fully offline and deterministic, for tests and smoke runs.
 
@@ -35,7 +37,7 @@ from ctt.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hub", "gguf_wheel", "tiny_random")
+SOURCES = ("hub", "gguf_wheel", "local", "tiny_random")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -82,6 +84,7 @@ TINY_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "end_of_thinking_boost": 0.0,
     "initializer_range": 0.02,  # larger values make logits react more to the input embeddings (toy RL tests)
+    "spare_rows": 0,  # embedding rows beyond the tokenizer, as Qwen2 checkpoints have (151,936 rows, ~151,665 tokens)
 }
 
 
@@ -218,6 +221,8 @@ def _tiny_options(tiny: dict | None) -> dict[str, Any]:
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings"):
         if not isinstance(opts[key], int) or opts[key] <= 0:
             raise ConfigError(f"model.tiny.{key} must be a positive integer, got {opts[key]!r}")
+    if not isinstance(opts["spare_rows"], int) or opts["spare_rows"] < 0:
+        raise ConfigError(f"model.tiny.spare_rows must be an integer >= 0, got {opts['spare_rows']!r}")
     if opts["hidden_size"] % opts["num_heads"] or opts["num_heads"] % opts["num_kv_heads"]:
         raise ConfigError(
             "model.tiny: hidden_size must be divisible by num_heads and num_heads by num_kv_heads, got "
@@ -237,7 +242,7 @@ def _build_tiny_random(
     eot_ids = resolve_end_of_thinking(tokenizer, end_of_thinking, name=name)
 
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) + opts["spare_rows"],
         hidden_size=opts["hidden_size"],
         intermediate_size=opts["intermediate_size"],
         num_hidden_layers=opts["num_layers"],
@@ -415,6 +420,28 @@ def _load_gguf_wheel(
     return model, tokenizer
 
 
+# --------------------------------------------------------------------------- local
+
+
+def _load_local(
+    *, name: str, path: str | None, dtype: torch.dtype, attn_implementation: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path:
+        raise ConfigError("model.source=local needs model.path (a Hugging Face folder)")
+    folder = Path(os.path.expanduser(path))
+    if not folder.is_dir() or not _hf_folder_complete(folder) or not (folder / "tokenizer_config.json").is_file():
+        raise ModelError(
+            f"model {name}: {folder} is not a complete Hugging Face folder (config.json, *.safetensors, tokenizer)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+    )
+    return model, tokenizer
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -426,6 +453,7 @@ def load_model(
     revision: str | None = None,
     gguf_wheel: str | None = None,
     gguf_file: str | None = None,
+    path: str | None = None,
     cache_dir: str = ".cache/ctt",
     dtype: str = "float32",
     trust_remote_code: bool = False,
@@ -466,6 +494,8 @@ def load_model(
             )
         except OSError as err:
             raise ModelError(f"could not load model {name} from {pretrained!r}: {err}") from err
+    elif source == "local":
+        model, tokenizer = _load_local(name=name, path=path, dtype=torch_dtype, attn_implementation=attn_implementation)
     else:  # gguf_wheel
         model, tokenizer = _load_gguf_wheel(
             name=name, gguf_wheel=gguf_wheel, gguf_file=gguf_file, cache_dir=cache_dir,

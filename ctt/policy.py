@@ -7,6 +7,7 @@ which text is graded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -57,12 +58,17 @@ class ForcingSettings:
 
 
 class Policy:
-    def __init__(self, loaded: LoadedModel, forcing: ForcingSettings, instruction: str, system_prompt: str | None = None):
+    def __init__(
+        self, loaded: LoadedModel, forcing: ForcingSettings, instruction: str, system_prompt: str | None = None,
+        token_id: int | None = None,
+    ):
+        """`token_id`: the learned token's id when it is a real row of the model (a folder written by ctt-export);
+        by default the id of the installed overlay (ctt.token)."""
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.marker = tuple(loaded.end_of_thinking_ids)
         self.settings = forcing
         self.instruction, self.system_prompt = instruction, system_prompt
-        self.token_id = get_overlay(self.model).token_id
+        self.token_id = get_overlay(self.model).token_id if token_id is None else token_id
         eos = self.tokenizer.eos_token_id
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos])
         pad = self.tokenizer.pad_token_id
@@ -117,8 +123,10 @@ class Policy:
         forcing: ForcingConfig,
         sampling: SamplingConfig,
         samples_per_prompt: int = 1,
+        on_token: Callable[[int, Rollout], None] | None = None,
     ) -> list[Rollout]:
-        """`samples_per_prompt` rollouts per problem, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]; text filled in."""
+        """`samples_per_prompt` rollouts per problem, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]; text filled in.
+        `on_token(i, rollout)`: see `generate_forced` (i counts from 0 in every batch of `forcing.batch_size`)."""
         prompts = [self.prompt_ids(p) for p in problems for _ in range(samples_per_prompt)]
         out: list[Rollout] = []
         size = self.settings.batch_size
@@ -127,7 +135,7 @@ class Policy:
             chunk_sampling = SamplingConfig(sampling.temperature, sampling.top_p, seed)
             out += generate_forced(
                 self.model, prompts[start : start + size], forcing, chunk_sampling, self.pad_id,
-                engine=self.settings.engine_config,
+                engine=self.settings.engine_config, on_token=on_token,
             )
         width = len(forcing.continuation_ids)
         for r in out:

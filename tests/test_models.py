@@ -122,7 +122,7 @@ def test_load_model_resolves_marker_and_rejects_missing_marker():
 
 
 def test_bad_source_dtype_and_options():
-    with pytest.raises(ConfigError, match="hub, gguf_wheel, tiny_random"):
+    with pytest.raises(ConfigError, match="hub, gguf_wheel, local, tiny_random"):
         load_model(name="x", source="nope")
     with pytest.raises(ConfigError, match="float32"):
         load_model(name="x", source="tiny_random", dtype="float64")
@@ -310,3 +310,19 @@ def test_smollm2_has_no_think_marker(smol_cache):
     _, lm, _ = smol_cache
     with pytest.raises(ModelError, match="model smollm2-135m has no end-of-thinking token '</think>'"):
         resolve_end_of_thinking(lm.tokenizer, "</think>", name=lm.name)
+
+
+def test_local_folder_loads_offline_and_spare_rows_pad_the_table(tmp_path):
+    loaded = load_model(name="tiny", source="tiny_random", end_of_thinking="</think>", tiny={"spare_rows": 8})
+    assert loaded.model.get_input_embeddings().weight.shape[0] == len(loaded.tokenizer) + 8
+    loaded.model.save_pretrained(tmp_path / "m")
+    loaded.tokenizer.save_pretrained(tmp_path / "m")
+    again = load_model(name="m", source="local", path=str(tmp_path / "m"), end_of_thinking="</think>")
+    assert again.end_of_thinking_ids == loaded.end_of_thinking_ids
+    assert torch.equal(again.model.get_input_embeddings().weight, loaded.model.get_input_embeddings().weight)
+    with pytest.raises(ConfigError, match="needs model.path"):
+        load_model(name="m", source="local")
+    with pytest.raises(ModelError, match="not a complete Hugging Face folder"):
+        load_model(name="m", source="local", path=str(tmp_path))
+    with pytest.raises(ConfigError, match="spare_rows"):
+        load_model(name="tiny", source="tiny_random", tiny={"spare_rows": -1})

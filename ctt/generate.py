@@ -1,0 +1,144 @@
+"""`ctt-generate`: answer prompts with the learned token (or a fixed word, or none) and N forced continuations.
+
+    python -m ctt.generate model=smollm2_135m token.path=FILE generate.prompt="What is 2+3?"
+    python -m ctt.generate model=exported model.path=DIR generate.input=prompts.jsonl generate.output=out.jsonl
+
+Prompts: `generate.prompt` (one), `generate.input` = a .txt file (one prompt per line), a .jsonl file (a `question`
+or `prompt` field per row) or `-` (stdin, one prompt per line). Output: stdout (each completion streamed as it is
+generated, every inserted continuation marked; then its extracted answer and counts), or `generate.output=FILE.jsonl`
+(one `ctt.api.Completion` record per prompt, written as each batch finishes). Thinking and answer budgets come from
+the `forcing` group, as in evaluation. Built on the Python API, `ctt.api.ContinueThinking`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from ctt.api import Completion, ContinueThinking
+from ctt.config import CONFIG_DIR, to_plain
+from ctt.data import _jsonl_rows  # file:line error messages for JSONL input, shared with the data loaders
+from ctt.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """The `generate` config group."""
+
+    mode: str = "learned"
+    num_continuations: int = 2
+    prompt: str | None = None
+    input: str | None = None
+    output: str | None = None
+    stream: bool = True
+    temperature: float = 0.0
+    top_p: float = 1.0
+    marks: tuple[str, str] | list[str] = ("[[", "]]")
+
+    def __post_init__(self):
+        if (self.prompt is None) == (self.input is None):
+            raise ConfigError("give exactly one of generate.prompt=TEXT and generate.input=FILE (.txt, .jsonl, or - "
+                              "for stdin)")
+        if self.prompt is not None and (not isinstance(self.prompt, str) or not self.prompt.strip()):
+            raise ConfigError(f"generate.prompt must be a non-empty text, got {self.prompt!r}")
+        if self.output is not None and not str(self.output).endswith(".jsonl"):
+            raise ConfigError(f"generate.output must be a .jsonl file (or null for stdout), got {self.output!r}")
+        for name in ("temperature", "top_p"):
+            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"generate.{name} must be a number, got {getattr(self, name)!r}")
+        if len(self.marks) != 2 or not all(isinstance(m, str) for m in self.marks):
+            raise ConfigError(f"generate.marks must be two texts, got {self.marks!r}")
+
+
+def read_prompts(settings: GenerateSettings) -> list[str]:
+    if settings.prompt is not None:
+        return [settings.prompt]
+    source = str(settings.input)
+    if source == "-":
+        prompts = [line.strip() for line in sys.stdin]
+    elif source.endswith(".jsonl"):
+        prompts = [_jsonl_prompt(where, row) for where, row in _jsonl_rows(source)]
+    elif source.endswith(".txt"):
+        try:
+            prompts = [line.strip() for line in Path(source).read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"cannot read prompt file {source}: {getattr(err, 'strerror', None) or err}") from None
+    else:
+        raise ConfigError(f"generate.input must be a .txt or .jsonl file or - (stdin), got {source!r}")
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise DataError(f"no prompts in {'stdin' if source == '-' else source}")
+    return prompts
+
+
+def _jsonl_prompt(where: str, row) -> str:
+    text = row.get("question", row.get("prompt")) if isinstance(row, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: expected a JSON object with a non-empty 'question' or 'prompt' text")
+    return text
+
+
+def _footer(c: Completion) -> str:
+    return (f"\n--- answer: {c.answer} | continuations inserted: {c.forced}/{c.num_continuations} | thinking tokens: "
+            f"{c.thinking_tokens} | answer tokens: {c.answer_tokens} | stop: {c.stop_reason}\n")
+
+
+def run(ct: ContinueThinking, s: GenerateSettings, prompts: list[str], seed: int) -> list[Completion]:
+    kwargs = dict(mode=s.mode, num_continuations=s.num_continuations, temperature=s.temperature, top_p=s.top_p,
+                  seed=seed)
+    out: list[Completion] = []
+    if s.output is None:
+        for i, prompt in enumerate(prompts, start=1):
+            sys.stdout.write(f"=== [{i}/{len(prompts)}] {prompt}\n")
+            if s.stream:
+                c = ct.stream(prompt, _write_stdout, **kwargs)
+            else:
+                (c,) = ct.generate([prompt], **kwargs)
+                sys.stdout.write(c.completion)
+            sys.stdout.write(_footer(c))
+            out.append(c)
+        return out
+    path = Path(s.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = ct.policy.settings.batch_size
+    with open(path, "w", encoding="utf-8") as f:
+        for start in range(0, len(prompts), size):
+            batch = ct.generate(prompts[start : start + size], **kwargs)
+            f.writelines(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in batch)
+            f.flush()
+            out += batch
+    log.info("%d completions written to %s", len(out), path)
+    return out
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+def main(cfg: DictConfig) -> None:
+    from ctt.errors import exit_for_user_error
+
+    try:
+        L.seed_everything(cfg.seed, verbose=False)
+        settings = GenerateSettings(**to_plain(cfg.generate))
+        prompts = read_prompts(settings)
+        ct = ContinueThinking.from_config(cfg)
+        ct.mode(settings.mode, settings.num_continuations)  # a bad mode fails before any generation
+        run(ct, settings, prompts, cfg.seed)
+    except Exception as err:
+        exit_for_user_error(err, log, "generation")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ctt.errors import ConfigError, DataError
 from ctt.rewards import ANSWER_FORMATS, gold_answer, gold_parses
+from ctt.settings import one_of
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,8 @@ def load_problems(
     size: int = 100,
 ) -> list[Problem]:
     """Load problems with normalised gold answers; `limit` keeps the first rows after the optional shuffle."""
-    if source not in SOURCES:
-        raise ConfigError(f"unknown data source {source!r}; valid: {', '.join(SOURCES)}")
-    if answer_format not in ANSWER_FORMATS:
-        raise ConfigError(f"unknown answer_format {answer_format!r}; valid: {', '.join(ANSWER_FORMATS)}")
+    one_of("data source", source, SOURCES)
+    one_of("answer_format", answer_format, ANSWER_FORMATS)
     if limit is not None and limit < 1:
         raise ConfigError(f"data.limit must be a positive integer or null, got {limit}")
     keys = dict(question_key=question_key, answer_key=answer_key, answer_format=answer_format, id_key=id_key)

@@ -24,6 +24,7 @@ from ctt.modes import baseline_labels, expand_modes
 from ctt.plots import deltas_plot, scaling_plot
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import get_reward_fn
+from ctt.schema import validate_config
 from ctt.token import install_token, load_token_file
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
     try:
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
         L.seed_everything(cfg.seed)
         evaluate_policy(load_policy(cfg), cfg, Path(cfg.paths.output_dir))
     except Exception as err:

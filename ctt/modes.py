@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ctt.errors import ConfigError
+from ctt.settings import one_of
 
 if TYPE_CHECKING:
     from ctt.policy import Policy
@@ -86,8 +87,7 @@ def parse_mode(spec: str) -> tuple[str, str | None]:
     if not isinstance(spec, str):
         raise ConfigError(f"eval.modes entries must be texts, got {spec!r}")
     kind, sep, arg = spec.partition(":")
-    if kind not in KINDS:
-        raise ConfigError(f"eval.modes: unknown mode {spec!r}; valid kinds: {', '.join(KINDS)}")
+    one_of("eval.modes kind", kind, KINDS)
     if KINDS[kind].takes_arg != bool(sep):
         form = f"'{kind}:<argument>'" if KINDS[kind].takes_arg else f"'{kind}' without an argument"
         if kind == "fixed" and not sep:  # `fixed` alone: the words come from eval.fixed_words

@@ -7,6 +7,7 @@ which text is graded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -15,12 +16,15 @@ from ctt.errors import ConfigError, DataError
 from ctt.generation import EngineConfig, ForcingConfig, Rollout, SamplingConfig, generate_forced
 from ctt.models import LoadedModel
 from ctt.modes import Mode
+from ctt.settings import Settings, require
 from ctt.token import get_overlay
 
 
 @dataclass(frozen=True)
-class ForcingSettings:
+class ForcingSettings(Settings):
     """The `forcing` config group (model-independent part of ForcingConfig)."""
+
+    section: ClassVar[str] = "forcing"
 
     num_continuations: int = 2
     thinking_budget: int | None = None
@@ -28,32 +32,18 @@ class ForcingSettings:
     max_answer_tokens: int = 64
     max_new_tokens: int = 256
     batch_size: int = 16  # rollouts generated together (micro-batch)
-    engine: dict | None = None  # EngineConfig fields: cache, compile, drop_finished, share_prefix
+    engine: EngineConfig | None = None  # how rollouts run: cache, compile, drop_finished, share_prefix
 
-    def __post_init__(self):
-        for name in ("num_continuations", "max_answer_tokens", "max_new_tokens", "batch_size", "thinking_budget"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool)) and not (
-                value is None and name == "thinking_budget"
-            ):
-                raise ConfigError(f"forcing.{name} must be an integer, got {value!r}")
-        if self.budget_force_text is not None and not isinstance(self.budget_force_text, str):
-            raise ConfigError(f"forcing.budget_force_text must be a text or null, got {self.budget_force_text!r}")
+    def check(self) -> None:
         for name in ("max_answer_tokens", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"forcing.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_continuations < 0:
-            raise ConfigError(f"forcing.num_continuations must be >= 0, got {self.num_continuations}")
-        if self.thinking_budget is not None and self.thinking_budget < 1:
-            raise ConfigError(f"forcing.thinking_budget must be >= 1 or null, got {self.thinking_budget}")
-        self.engine_config  # noqa: B018 - validates forcing.engine now, not at the first rollout
+            require(getattr(self, name) >= 1, f"forcing.{name}", ">= 1", getattr(self, name))
+        require(self.num_continuations >= 0, "forcing.num_continuations", ">= 0", self.num_continuations)
+        if self.thinking_budget is not None:
+            require(self.thinking_budget >= 1, "forcing.thinking_budget", ">= 1 or null", self.thinking_budget)
 
     @property
     def engine_config(self) -> EngineConfig:
-        try:
-            return EngineConfig(**(self.engine or {}))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"forcing.engine: {err}") from None
+        return self.engine or EngineConfig()
 
 
 class Policy:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctt.config import CONFIG_DIR, instantiate_list
 from ctt.module import ContinueThinkingModule
+from ctt.schema import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def main(cfg: DictConfig) -> float | None:
     from ctt.errors import exit_for_user_error
 
     try:
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
         metrics = train(cfg)
     except Preempted as stop:  # SIGTERM: the checkpoint is written; the job can be requeued
         log.warning("%s; resume with the same overrides plus hydra.run.dir=%s ckpt_path=last (exit status %d)",

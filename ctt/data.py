@@ -352,6 +352,7 @@ class ProblemDataModule(L.LightningDataModule):
             "num_problems": len(self.train_problems),
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "train": self.train_cfg,  # compared with the current config before a resume (ctt.resume)
         }
 
     def load_state_dict(self, state: dict) -> None:

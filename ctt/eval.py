@@ -41,6 +41,8 @@ def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path) -> list[dict
     ev = cfg.eval
     modes = expand_modes(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
     benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training_problems(cfg))
+    for problems in benchmarks.values():  # token text, context length: before the first generation
+        policy.check_problems(problems)
     sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
     reward_fn = get_reward_fn(ev.get("reward", "math_verify"))
     results, records = evaluate(policy, benchmarks, modes, ev.samples, sampling, reward_fn)

@@ -18,9 +18,11 @@ from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import Score, get_reward_fn
 from ctt.modes import Mode
 from ctt.rl import RLSettings, completion_logprobs, compute_advantages, reinforce_loss, uniform_group_share
-from ctt.token import install_token
+from ctt.token import CONTINUE_THINKING, install_token
 
 log = logging.getLogger(__name__)
+
+WARN_NORM_GROWTH = 100  # a row this many times its starting norm is probably diverging: warned about
 
 
 class ContinueThinkingModule(L.LightningModule):
@@ -43,7 +45,7 @@ class ContinueThinkingModule(L.LightningModule):
         for key, value in self.hparams.items():  # any other config argument too (e.g. `distributed`)
             self.hparams[key] = to_plain(value)
         loaded = load_model(**model)
-        install_token(loaded.model, loaded.tokenizer, token["init"], token.get("text", "<|continue-thinking|>"))
+        install_token(loaded.model, loaded.tokenizer, token["init"], token.get("text", CONTINUE_THINKING))
         self.model = loaded.model  # registered: Lightning moves it; only the overlay row requires grad
         self.policy = Policy(
             loaded,
@@ -65,6 +67,7 @@ class ContinueThinkingModule(L.LightningModule):
         self.skipped_steps = 0  # steps whose loss was not finite (see _skip_if_not_finite)
         self._bad_in_a_row = 0
         self._drop_grad = False
+        self._warn_norm = float("inf")  # the row norm above which the next divergence warning is logged
         # Checkpoints hold only the row (see on_save_checkpoint), so loading must not demand the frozen weights.
         self.strict_loading = False
 
@@ -88,10 +91,57 @@ class ContinueThinkingModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
+    def identity(self) -> dict:
+        """What this run trains: base model, pretrained id, token text, hidden size (saved in checkpoints)."""
+        model, token = self.hparams.model, self.hparams.token
+        return {"base_model": model["name"], "pretrained": model.get("pretrained"),
+                "token": token.get("text", CONTINUE_THINKING), "hidden_size": int(getattr(self.token_row, "ds_shape", self.token_row.shape)[0])}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen model is reloaded from its source; a checkpoint of a 1.5B model needs only one row.
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["ctt"] = self.identity()  # like a token file's metadata: checked before a resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # ctt-train checked this already (ctt.resume); this covers `trainer.fit(ckpt_path=...)` from Python.
+        from ctt.resume import check_fits
+
+        check_fits(checkpoint, self.identity(), "being loaded", bool(self.hparams.token.get("allow_base_mismatch")))
+
+    def setup(self, stage: str) -> None:
+        # The data module is set up first: every training prompt is checked before the first step (token text,
+        # context length), not when its batch comes up.
+        problems = getattr(self.trainer.datamodule, "train_problems", None) if self._trainer is not None else None
+        if stage == "fit" and problems:
+            self.policy.check_problems(problems)
+
+    def on_train_start(self) -> None:
+        start = self._row_norm()
+        self._warn_norm = WARN_NORM_GROWTH * start if start > 0 else float("inf")
+
+    def _row_norm(self) -> float:
+        return self.token_row.detach().double().norm().item()  # float64: a diverging fp32 row's norm overflows
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._check_row()
+
+    def _check_row(self) -> None:
+        """After each optimizer step, before the callbacks export or checkpoint the row: a non-finite row stops the
+        run (the saved files keep the last finite one); a row whose norm grew WARN_NORM_GROWTH-fold since the start
+        is warned about (then again at each further 10x)."""
+        row = self.token_row.detach()
+        if row.numel() and not torch.isfinite(row).all():
+            raise TrainingError(
+                f"step {self.global_step}: the token row is not finite (NaN/inf) after the optimizer step; lower "
+                "optimizer.lr (the token file and checkpoints keep the last finite row)"
+            )
+        norm = self._row_norm()
+        if norm > self._warn_norm:
+            log.warning("step %d: the token row's norm is %.3g, over %dx its norm at the start of training; the "
+                        "optimizer may be diverging (optimizer.lr)", self.global_step, norm, WARN_NORM_GROWTH)
+            self._warn_norm = 10 * norm
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a batch is a list of text problems: nothing to move
@@ -193,7 +243,7 @@ class ContinueThinkingModule(L.LightningModule):
             "train/answer_tokens": as_t([r.answer_tokens for r in rollouts]),
             "train/scored_tokens": scored_tokens.float(),
             "train/uniform_groups": torch.tensor(uniform, device=self.device),  # groups with no signal
-            "train/embedding_norm": self.token_row.detach().norm(),
+            "train/embedding_norm": self.token_row.detach().double().norm().float(),
             "train/skipped_steps": torch.tensor(float(self.skipped_steps), device=self.device),
         }
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(rollouts))

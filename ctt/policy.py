@@ -58,6 +58,19 @@ class Policy:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self._prompt_cache: dict[str, list[int]] = {}  # keyed by question text: ids collide across benchmarks
+        self.token_text = self.tokenizer.convert_ids_to_tokens(self.token_id)
+        for key, text in (("prompt.instruction", instruction), ("prompt.system_prompt", system_prompt)):
+            if text and self.token_text in text:
+                raise ConfigError(f"{key} contains the token text {self.token_text!r}: every prompt would hold the "
+                                  "learned token")
+        config = self.model.config
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # A prompt may take what the completion (forcing.max_new_tokens) leaves of the model's context.
+        self.max_prompt_tokens = None if self.context is None else self.context - forcing.max_new_tokens
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"forcing.max_new_tokens={forcing.max_new_tokens} leaves no room for a prompt in the "
+                              f"model's context of {self.context} tokens")
+        self._template_tokens: int | None = None  # tokens of a prompt around an empty question
 
     @property
     def row(self) -> torch.nn.Parameter:
@@ -73,12 +86,36 @@ class Policy:
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         if problem.question not in self._prompt_cache:
+            self._check_question(problem)
             ids = build_prompt_ids(self.tokenizer, problem.question, self.instruction, self.system_prompt)
             if self.token_id in ids:
                 # The row would then shape tokens before the first continuation, which are never scored.
                 raise DataError(f"problem {problem.id}: the prompt contains the learned token itself")
+            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                raise DataError(
+                    f"problem {problem.id}: its prompt is {len(ids)} tokens, more than the "
+                    f"{self.max_prompt_tokens} the model's context of {self.context} leaves beside "
+                    f"forcing.max_new_tokens={self.settings.max_new_tokens}"
+                )
             self._prompt_cache[problem.question] = ids
         return self._prompt_cache[problem.question]
+
+    def _check_question(self, problem: Problem) -> None:
+        if self.token_text in problem.question:
+            raise DataError(f"problem {problem.id}: the question contains the token text {self.token_text!r} "
+                            "(it would become the learned token); choose another token.text")
+
+    def check_problems(self, problems: list[Problem]) -> None:
+        """Before training or evaluating: no question holds the token text and every prompt fits the context
+        (DataError naming the problem). Tokenises only prompts whose UTF-8 length could exceed the limit."""
+        if self._template_tokens is None:
+            self._template_tokens = len(build_prompt_ids(self.tokenizer, "", self.instruction, self.system_prompt))
+        for problem in problems:
+            self._check_question(problem)
+            # A token covers at least one byte (byte-level BPE, byte fallback), plus a little merging slack.
+            bound = len(problem.question.encode()) + self._template_tokens + 8
+            if self.max_prompt_tokens is not None and bound > self.max_prompt_tokens:
+                self.prompt_ids(problem)
 
     def encode_text(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text, add_special_tokens=False))

@@ -150,6 +150,8 @@ def test_csv_metrics_survive_a_resume(tmp_path):
 
 
 def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(tmp_path):
+    """`last` is the newest of last*.ckpt (Lightning writes last-v1.ckpt next to an older last.ckpt) and Lightning's
+    SLURM hpc_ckpt_<n>.ckpt: the highest saved step, then the latest written."""
     from ctt.train import resolve_ckpt_path
 
     GlobalHydra.instance().clear()
@@ -158,12 +160,18 @@ def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(tmp_path):
     with pytest.raises(ConfigError, match="ckpt_path=last: no checkpoint in"):
         resolve_ckpt_path(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
-    atomic_torch_save({"global_step": 1}, last)
+    atomic_torch_save({"global_step": 1, "state_dict": {}}, last)
     assert resolve_ckpt_path(cfg) == str(last)
     hpc = tmp_path / "hpc_ckpt_1.ckpt"  # written by Lightning's SLURM requeue handler
-    atomic_torch_save({"global_step": 2}, hpc)
+    atomic_torch_save({"global_step": 2, "state_dict": {}}, hpc)
     os.utime(last, (time.time() - 60, time.time() - 60))
     assert resolve_ckpt_path(cfg) == str(hpc)
+    newer = tmp_path / "checkpoints" / "last-v1.ckpt"  # a second run's, further on
+    atomic_torch_save({"global_step": 5, "state_dict": {}}, newer)
+    os.utime(newer, (time.time() - 120, time.time() - 120))  # the step decides before the time
+    assert resolve_ckpt_path(cfg) == str(newer)
+    atomic_torch_save({"global_step": 5, "state_dict": {}}, last)  # the same step: the latest written
+    assert resolve_ckpt_path(cfg) == str(last)
     GlobalHydra.instance().clear()
 
 

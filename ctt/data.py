@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ctt.errors import ConfigError, DataError
-from ctt.rewards import ANSWER_FORMATS, gold_answer, gold_parses
+from ctt.rewards import ANSWER_FORMATS, UnusableGold, gold_answer, gold_parses
 from ctt.settings import one_of
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ def _to_problems(
             raise DataError(f"{where}: {question_key!r} is empty or not a string")
         try:
             answer = gold_answer(row[answer_key], answer_format)
+        except UnusableGold:
+            answer = None  # skipped and counted with the unparseable golds (_drop_unverifiable)
         except DataError as e:
             raise DataError(f"{where}: {e} (answer_format={answer_format})") from None
         pid = str(row[id_key]) if id_key else f"{prefix}-{index}"
@@ -156,14 +158,16 @@ def load_problems(
 
 
 def _drop_unverifiable(problems: list[Problem], origin: str) -> list[Problem]:
-    """Skip rows whose gold answer math-verify cannot parse (every completion would score 0), with one warning."""
-    ok = [gold_parses(p.answer) for p in problems]
+    """Skip rows whose gold answer is missing (None: null, a list) or math-verify cannot parse it (every completion
+    would score 0), with one warning that counts them."""
+    ok = [p.answer is not None and gold_parses(p.answer) for p in problems]
     kept = [p for p, good in zip(problems, ok) if good]
     skipped = len(problems) - len(kept)
     if skipped:
         first = problems[ok.index(False)]
         log.warning(
-            "%s: skipped %d of %d rows whose gold answer math-verify cannot parse (first: %s, answer %r)",
+            "%s: skipped %d of %d rows whose gold answer is null, not one answer, or not parseable by math-verify "
+            "(first: %s, answer %r)",
             origin, skipped, len(problems), first.id, first.answer,
         )
     if not kept:

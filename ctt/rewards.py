@@ -118,9 +118,16 @@ def extract_answer(text: str) -> str | None:
 ANSWER_FORMATS = ("gsm8k", "boxed", "plain")
 
 
+class UnusableGold(DataError):
+    """A gold field that is not one answer (null, a list, a mapping, a boolean): the row is skipped and counted."""
+
+
 def gold_answer(raw: str | int | float, answer_format: str) -> str:
     """Normalise a data set's gold field into a string `verify` accepts."""
     one_of("answer_format", answer_format, ANSWER_FORMATS)
+    if raw is None or isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        # str() would turn these into "None" or "['1', '2']", which `\boxed{None}` would then match.
+        raise UnusableGold(f"gold answer is {'null' if raw is None else type(raw).__name__}, not one answer")
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)  # AMC stores 27.0; "27" reads better in logs
     text = str(raw)

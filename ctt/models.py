@@ -101,9 +101,6 @@ class TinyOptions(Settings):
             )
 
 
-TINY_DEFAULTS: dict[str, Any] = dataclasses.asdict(TinyOptions())
-
-
 @dataclass
 class LoadedModel:
     """A frozen causal LM, its tokenizer, and the end-of-thinking marker as token ids."""

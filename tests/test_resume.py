@@ -231,6 +231,12 @@ def _assert_same_result(run_dir: Path, reference: Path) -> None:
     assert torch.equal(token, load_token_file(reference / TOKEN_FILE)[0]) and meta["step"] == str(STEPS)
     steps = [int(r["step"]) for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("train/loss")]
     assert steps == list(range(STEPS)), steps  # one continuous metrics history
+    # rollouts.jsonl too: the steps replayed after the checkpoint are logged once, not twice
+    assert _rollout_steps(run_dir) == _rollout_steps(reference) == [s for s in range(1, STEPS + 1) for _ in range(2)]
+
+
+def _rollout_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

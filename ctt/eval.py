@@ -69,7 +69,7 @@ def load_policy(cfg: DictConfig) -> Policy:
         log.info("loaded token %s (step %s) from %s", meta.get("token"), meta.get("step"), cfg.token.path)
     elif "learned" in list(cfg.eval.modes):
         log.warning("token.path is not set: mode 'learned' evaluates the untrained initialisation")
-    forcing = ForcingSettings(**to_plain(cfg.forcing))
+    forcing = ForcingSettings.from_config(to_plain(cfg.forcing))
     prompt = to_plain(cfg.prompt)
     return Policy(loaded, forcing, prompt.get("instruction") or DEFAULT_INSTRUCTION, prompt.get("system_prompt"))
 

@@ -49,7 +49,7 @@ class ContinueThinkingModule(L.LightningModule):
         self.model = loaded.model  # registered: Lightning moves it; only the overlay row requires grad
         self.policy = Policy(
             loaded,
-            ForcingSettings(**forcing),
+            ForcingSettings.from_config(forcing),
             prompt.get("instruction") or DEFAULT_INSTRUCTION,
             prompt.get("system_prompt"),
         )

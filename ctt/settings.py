@@ -34,7 +34,7 @@ from ctt.errors import ConfigError
 def one_of(key: str, value: Any, valid: Iterable[Any]) -> Any:
     """`value` when it is one of `valid`, else the ConfigError every "must be one of" message in ctt comes from."""
     valid = list(valid)
-    if isinstance(value, Mapping | list) or value not in valid:  # (unhashable values are never valid)
+    if value not in valid:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, valid))}; got {value!r}")
     return value
 
@@ -78,9 +78,9 @@ def describe(tp: Any) -> str:
 
 
 def _plural(text: str) -> str:
-    words = text.split()
-    return " ".join(w[:-1] + "ies" if w.endswith("ry") else w + "s" if w in ("integer", "number", "text") else w
-                    for w in words if w not in ("a", "an"))
+    """`an integer` -> `integers`, `a text or null` -> `texts or null` (the nouns `describe` uses)."""
+    nouns = {"integer": "integers", "number": "numbers", "text": "texts", "mapping": "mappings", "list": "lists"}
+    return " ".join(nouns.get(w, w) for w in text.split() if w not in ("a", "an"))
 
 
 def check_value(key: str, tp: Any, value: Any) -> Any:

@@ -105,16 +105,35 @@ def test_an_unwritable_output_dir_is_refused_before_training(tmp_path, capfd, mo
     assert_user_error(code, err, "ConfigError", str(target), "is not writable: Permission denied")
 
 
+def test_a_run_dir_without_write_permission_is_one_line(tmp_path, capfd, monkeypatch):
+    """The lock file cannot be created (a read-only run dir; simulated, as root ignores permissions)."""
+    import ctt.run_dir
+
+    real_open = os.open
+
+    def no_lock_file(path, *args, **kwargs):
+        if str(path).endswith(ctt.run_dir.LOCK_FILE):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(ctt.run_dir.os, "open", no_lock_file)
+    code, _, err = run_main("ctt.train", *smoke(tmp_path), capfd=capfd)
+    assert_user_error(code, err, "ConfigError", f"hydra.run.dir={tmp_path / 'run'} is not writable: Permission denied")
+    assert not (tmp_path / "run" / ".hydra").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_a_read_only_checkpoint_dir_is_refused(tmp_path, capfd):
-    ckpts = tmp_path / "run" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    ckpts.chmod(0o555)
+@pytest.mark.parametrize("name, needle", [("checkpoints", "the checkpoint dir"), ("", "is not writable")])
+def test_a_read_only_output_dir_is_refused(tmp_path, capfd, name, needle):
+    target = tmp_path / "run" / name
+    target.mkdir(parents=True)
+    target.chmod(0o555)
     try:
         code, _, err = run_main("ctt.train", *smoke(tmp_path), capfd=capfd)
     finally:
-        ckpts.chmod(0o755)
-    assert_user_error(code, err, "checkpoint dir", "is not writable")
+        target.chmod(0o755)
+    assert_user_error(code, err, "ConfigError", needle, "Permission denied")
 
 
 def test_checkpoints_that_is_a_file_is_refused(tmp_path, capfd):

@@ -89,13 +89,18 @@ class ContinueThinkingModule(L.LightningModule):
             raise ConfigError(f"optimizer: {err}") from None
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        try:
+            scheduler = self.scheduler_factory(optimizer)
+        except (TypeError, ValueError) as err:  # e.g. scheduler.T_max=abc
+            raise ConfigError(f"scheduler: {err}") from None
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def identity(self) -> dict:
         """What this run trains: base model, pretrained id, token text, hidden size (saved in checkpoints)."""
         model, token = self.hparams.model, self.hparams.token
+        shape = getattr(self.token_row, "ds_shape", self.token_row.shape)  # ZeRO-3 keeps the full shape there
         return {"base_model": model["name"], "pretrained": model.get("pretrained"),
-                "token": token.get("text", CONTINUE_THINKING), "hidden_size": int(getattr(self.token_row, "ds_shape", self.token_row.shape)[0])}
+                "token": token.get("text", CONTINUE_THINKING), "hidden_size": int(shape[0])}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen model is reloaded from its source; a checkpoint of a 1.5B model needs only one row.

@@ -74,11 +74,23 @@ TOP_LEVEL: dict[str, Any] = {
 }
 
 DATA_MODULE = "ctt.data.ProblemDataModule"
+CHECKED_PACKAGES = ("ctt.", "callbacks.", "torch.optim.")  # classes whose constructors' annotations are checked
 HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_")
 
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _entries(node: Any) -> dict:
+    """A dict-of-configs group as plain dicts; unresolved when it needs Hydra's runtime (a config composed in a
+    test): `${paths.output_dir}` stays a text, which is what those keys hold."""
+    if not isinstance(node, DictConfig):
+        return {}
+    try:
+        return _plain(node)
+    except Exception:
+        return OmegaConf.to_container(node, resolve=False)
 
 
 def check_problem_set(spec: Any, key: str) -> dict:
@@ -105,10 +117,37 @@ def _check_data(data: Any) -> None:
     from ctt.data import ProblemDataModule
 
     kwargs = {k: v for k, v in data.items() if k not in HYDRA_KEYS}
-    check_kwargs(ProblemDataModule.__init__, kwargs, "data", skip=("self",))
+    check_kwargs(ProblemDataModule, kwargs, "data")
+    require(kwargs.get("num_workers", 0) >= 0, "data.num_workers", "an integer >= 0", kwargs.get("num_workers"))
     for part in ("train", "val"):
         if kwargs.get(part) is not None:
             check_problem_set(kwargs[part], f"data.{part}")
+
+
+def _check_target(node: Any, key: str, skip: tuple[str, ...] = ()) -> None:
+    """A `_target_` node whose class is ctt's own or torch.optim's: its keys checked against the constructor
+    (other classes: Hydra's instantiation reports their errors, in one line)."""
+    from hydra.utils import get_class
+
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str) or not target.startswith(CHECKED_PACKAGES):
+        return
+    try:
+        cls = get_class(target)
+    except Exception:  # Hydra reports a target it cannot import when it instantiates it
+        return
+    if cls.__init__.__module__.startswith(CHECKED_PACKAGES):  # not a subclass keeping a third party's __init__
+        check_kwargs(cls, {k: v for k, v in node.items() if k not in HYDRA_KEYS}, key, skip=skip)
+
+
+def _check_targets(cfg: DictConfig) -> None:
+    for group in ("callbacks", "logger", "plugins"):  # dicts of named entries
+        for name, node in _entries(cfg.get(group)).items():
+            _check_target(node, f"{group}.{name}")
+    # Partial targets completed in the module: the row's optimizer, then the scheduler of that optimizer.
+    for group, completed in (("optimizer", ("params",)), ("scheduler", ("optimizer",))):
+        if isinstance(cfg.get(group), DictConfig):
+            _check_target(_plain(cfg[group]), group, skip=completed)
 
 
 def _check_trainer(cfg: DictConfig) -> None:
@@ -143,4 +182,5 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"benchmarks must be a mapping of named problem sets, got {benchmarks!r}")
     for name, spec in benchmarks.items():
         check_problem_set(spec, f"benchmarks.{name}")
+    _check_targets(cfg)
     _check_trainer(cfg)

@@ -72,9 +72,10 @@ def describe(tp: Any) -> str:
         return "a list" if inner is Any else f"a list of {_plural(describe(inner))}"
     if _is_settings(tp):
         return "a mapping of settings"
-    return {
-        bool: "true or false", int: "an integer", float: "a number", str: "a text", type(None): "null",
-    }.get(tp, "a mapping" if origin in (dict, Mapping) or tp in (dict, Mapping) else "a value")
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        return "a mapping"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a text", type(None): "null"}
+    return names.get(tp, f"a {tp.__name__}" if isinstance(tp, type) else "a value")
 
 
 def _plural(text: str) -> str:
@@ -176,12 +177,15 @@ class Settings:
 
 
 def check_kwargs(func: Callable, kwargs: Mapping[str, Any] | None, key: str, skip: Iterable[str] = ()) -> dict:
-    """`kwargs` checked against `func`'s keyword parameters (minus `skip`) and their annotations: unknown keys and
-    missing required ones are ConfigErrors naming `key`. `**kwargs` catch-alls are not valid keys."""
+    """`kwargs` checked against `func`'s keyword parameters (a class: its constructor's; minus `skip`) and their
+    annotations: unknown keys and missing required ones are ConfigErrors naming `key`. `**kwargs` catch-alls are not
+    valid keys."""
     if kwargs is None:
         kwargs = {}
     if not isinstance(kwargs, Mapping):
         raise ConfigError(f"{key} must be a mapping of settings, got {kwargs!r}")
+    if isinstance(func, type):  # a class: its constructor's arguments
+        func, skip = func.__init__, {*skip, "self"}
     skip = set(skip)
     params = {
         name: p for name, p in inspect.signature(func).parameters.items()

@@ -136,6 +136,13 @@ def test_no_hand_written_one_of_messages_are_left():
         ("trainer.max_steps=0", ["trainer.max_steps=0 trains nothing"]),
         ("rl.temperature=0", ["rl.temperature must be a number > 0"]),
         ("rl.reward=nope", ["rl.reward must be one of math_verify", "'nope'"]),
+        ("+data.num_workers=-1", ["data.num_workers must be an integer >= 0, got -1"]),
+        ("callbacks.token_export.every_n_steps=abc", ["callbacks.token_export.every_n_steps must be an integer"]),
+        ("+callbacks.token_export.foo=1", ["unknown key(s) callbacks.token_export.foo", "every_n_steps"]),
+        ("+plugins.checkpoint_io.weights_only=maybe", ["plugins.checkpoint_io.weights_only must be true or false"]),
+        ("scheduler=cosine scheduler.T_max=abc", ["scheduler.T_max must be an integer, got 'abc'"]),
+        ("+optimizer.foo=1", ["unknown key(s) optimizer.foo; valid keys of optimizer:", "weight_decay"]),
+        ("optimizer=sgd optimizer.momentum=abc", ["optimizer.momentum must be a number, got 'abc'"]),
     ],
 )
 def test_config_family_is_one_line_at_start_up(tmp_path, capfd, monkeypatch, override, needles):
@@ -145,7 +152,8 @@ def test_config_family_is_one_line_at_start_up(tmp_path, capfd, monkeypatch, ove
         raise AssertionError("training started")
 
     monkeypatch.setattr(ctt.train, "train", must_not_run)
-    code, _, err = run_main("ctt.train", *smoke(tmp_path, override), capfd=capfd)
+    overrides = [override] if "'" in override else override.split()  # (quoted values hold spaces)
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, *overrides), capfd=capfd)
     assert_user_error(code, err, "ConfigError", *needles)
 
 

@@ -56,6 +56,8 @@ def resolve_ckpt_path(cfg: DictConfig) -> tuple[str | None, dict | None]:
         return path, None  # Lightning's own keywords and remote URLs: Lightning resolves and reports them
     if path is None:
         return None, _refuse_overwrite(cfg)
+    if not str(path).strip():
+        raise ConfigError("ckpt_path is empty: give a checkpoint, or last, or leave it unset (null) for a new run")
     if path == "last":
         found = candidates(cfg)
         if not found:

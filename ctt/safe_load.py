@@ -6,9 +6,9 @@ tuple of offsets); anything else, a `__reduce__` payload included, is refused wi
 being unpickled.
 
 `read_checkpoint` reads a Lightning checkpoint through it, a file or a DeepSpeed directory. DeepSpeed's own loader
-(which Lightning calls for a directory) uses `torch.load(weights_only=False)`, so every `*.pt` file of the directory
-is loaded here first, and the `latest` tag it follows must name a folder inside the directory: resuming runs
-DeepSpeed's loader only on files this module has already loaded safely. Token files are safetensors (no code at all),
+(which Lightning calls for a directory) uses `torch.load(weights_only=False)`, so the `latest` tag it follows must name
+a folder inside the directory, and every `*.pt` file of that folder is loaded here first: resuming runs DeepSpeed's
+loader only on files this module has already loaded safely. Token files are safetensors (no code at all),
 `.hydra/*.yaml` is read by OmegaConf's safe YAML loader, and hub models keep `trust_remote_code=false` (transformers
 loads their weights from safetensors, or with `weights_only=True`).
 """
@@ -76,17 +76,18 @@ def load_pt(path: str | Path, what: str) -> Any:
 
 
 def _deepspeed_files(path: Path, what: str) -> tuple[Path, list[Path]]:
-    """(the model-states file, every *.pt file) of a DeepSpeed checkpoint directory, whose tag stays inside it."""
-    files = sorted(path.rglob("*.pt"))
-    if not files:
-        raise ConfigError(f"{what}: {path} is a directory without checkpoint files (*.pt), not a DeepSpeed checkpoint")
+    """(the model-states file, every *.pt file) of a DeepSpeed checkpoint directory: the folder its `latest` file
+    names, which must be inside it (DeepSpeed loads nothing else)."""
     latest = path / "latest"
     if not latest.is_file():
-        raise ConfigError(f"{what}: {path} has no 'latest' file naming its DeepSpeed checkpoint tag")
+        empty = not any(path.iterdir())
+        raise ConfigError(f"{what}: {path} is " + ("an empty directory" if empty else "a directory without a 'latest' "
+                          "file naming its DeepSpeed checkpoint tag") + ", not a DeepSpeed checkpoint")
     tag = latest.read_text(errors="replace").strip()
     if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or not (path / tag).is_dir():
         raise ConfigError(f"{what}: {path}/latest names {tag!r}, which is not a folder of this checkpoint")
-    states = sorted((path / tag).glob("*model_states.pt"))
+    files = sorted((path / tag).glob("*.pt"))
+    states = [p for p in files if p.name.endswith("model_states.pt")]
     if not states:
         raise ConfigError(f"{what}: {path / tag} holds no *model_states.pt file")
     return states[0], files

@@ -180,6 +180,9 @@ def validate_config(cfg: DictConfig) -> None:
     benchmarks = _plain(cfg.get("benchmarks")) or {}
     if not isinstance(benchmarks, dict):
         raise ConfigError(f"benchmarks must be a mapping of named problem sets, got {benchmarks!r}")
+    if not benchmarks and cfg.get("evaluate", True):  # ctt-eval, or ctt-train evaluating after training
+        raise ConfigError("benchmarks is empty: nothing to evaluate (choose some, e.g. benchmarks=[gsm8k_local], or "
+                          "train without evaluating: evaluate=false)")
     for name, spec in benchmarks.items():
         check_problem_set(spec, f"benchmarks.{name}")
     _check_targets(cfg)

@@ -76,9 +76,9 @@ def test_a_code_payload_in_a_checkpoint_never_runs(tmp_path, capfd, layout, trai
 @pytest.mark.parametrize(
     "make, needles",
     [
-        (lambda d: d.mkdir(parents=True), ["a directory without checkpoint files"]),
+        (lambda d: d.mkdir(parents=True), ["is an empty directory, not a DeepSpeed checkpoint"]),
         (lambda d: _deepspeed_dir(d, tag="../../elsewhere"), ["names '../../elsewhere'", "not a folder of this"]),
-        (lambda d: (_deepspeed_dir(d), (d / "latest").unlink()), ["has no 'latest' file"]),
+        (lambda d: (_deepspeed_dir(d), (d / "latest").unlink()), ["without a 'latest' file"]),
         (lambda d: _deepspeed_dir(d), ["is a DeepSpeed checkpoint (a directory)", "trainer=deepspeed_*"]),
         (lambda d: (d.parent.mkdir(parents=True), torch.save({"step": 3}, d)), ["not a Lightning checkpoint"]),
         (lambda d: (d.parent.mkdir(parents=True), d.write_bytes(b"\x00" * 64)), ["cannot be loaded"]),
@@ -89,6 +89,16 @@ def test_unusable_checkpoints_are_one_line(tmp_path, capfd, make, needles):
     make(tmp_path / "run" / "checkpoints" / "last.ckpt")
     code, _, err = run_main("ctt.train", *smoke(tmp_path, "ckpt_path=last"), capfd=capfd)
     assert_user_error(code, err, "ConfigError", *needles)
+
+
+@pytest.mark.parametrize("which, needle", [("empty", "ckpt_path is empty"), ("tree", "without a 'latest' file")])
+def test_a_checkpoint_path_that_is_no_checkpoint(tmp_path, capfd, which, needle):
+    """`ckpt_path=''` used to mean the working directory; a directory tree is not searched for *.pt files."""
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    torch.save({"x": 1}, tmp_path / "deep" / "er" / "unrelated.pt")
+    path = "''" if which == "empty" else str(tmp_path)
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, f"ckpt_path={path}"), capfd=capfd)
+    assert_user_error(code, err, "ConfigError", needle)
 
 
 def test_a_token_file_passed_as_checkpoint(tmp_path, capfd):

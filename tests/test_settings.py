@@ -157,7 +157,7 @@ def test_config_family_is_one_line_at_start_up(tmp_path, capfd, monkeypatch, ove
     assert_user_error(code, err, "ConfigError", *needles)
 
 
-@pytest.mark.parametrize("override", ["eval.modes=[bogus]", "+forcing.bar=2", "eval.samples=0"])
+@pytest.mark.parametrize("override", ["eval.modes=[bogus]", "+forcing.bar=2", "eval.samples=0", "benchmarks=[]"])
 def test_eval_checks_the_config_before_loading_anything(tmp_path, capfd, monkeypatch, override):
     import ctt.eval
 

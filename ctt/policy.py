@@ -63,6 +63,11 @@ class Policy:
             if text and self.token_text in text:
                 raise ConfigError(f"{key} contains the token text {self.token_text!r}: every prompt would hold the "
                                   "learned token")
+        template = build_prompt_ids(self.tokenizer, "", instruction, system_prompt)  # a prompt around no question
+        if self.token_id in template:
+            raise ConfigError(f"the chat template contains the token text {self.token_text!r}: every prompt would "
+                              "hold the learned token; choose another token.text")
+        self._template_tokens = len(template)
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         # A prompt may take what the completion (forcing.max_new_tokens) leaves of the model's context.
@@ -70,7 +75,6 @@ class Policy:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ConfigError(f"forcing.max_new_tokens={forcing.max_new_tokens} leaves no room for a prompt in the "
                               f"model's context of {self.context} tokens")
-        self._template_tokens: int | None = None  # tokens of a prompt around an empty question
 
     @property
     def row(self) -> torch.nn.Parameter:
@@ -108,8 +112,6 @@ class Policy:
     def check_problems(self, problems: list[Problem]) -> None:
         """Before training or evaluating: no question holds the token text and every prompt fits the context
         (DataError naming the problem). Tokenises only prompts whose UTF-8 length could exceed the limit."""
-        if self._template_tokens is None:
-            self._template_tokens = len(build_prompt_ids(self.tokenizer, "", self.instruction, self.system_prompt))
         for problem in problems:
             self._check_question(problem)
             # A token covers at least one byte (byte-level BPE, byte fallback), plus a little merging slack.

@@ -150,6 +150,15 @@ def _check_targets(cfg: DictConfig) -> None:
             _check_target(_plain(cfg[group]), group, skip=completed)
 
 
+def _check_attention(name: str | None) -> None:
+    """transformers' registry of attention implementations (plus `eager`); a hub kernel (`org/repo`) is its own."""
+    if name is None or "/" in name:
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    one_of("model.attn_implementation", name, ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()])
+
+
 def _check_trainer(cfg: DictConfig) -> None:
     steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
     if steps == 0 and not isinstance(steps, bool):
@@ -174,6 +183,8 @@ def validate_config(cfg: DictConfig) -> None:
     if "model" in cfg:
         model = check_kwargs(load_model, _plain(cfg.model), "model")
         one_of("model.source", model["source"], SOURCES)
+        require(bool(model["name"].strip()), "model.name", "a non-blank text", model["name"])
+        _check_attention(model.get("attn_implementation"))
         resolve_dtype(model.get("dtype", "float32"))
     if "data" in cfg:
         _check_data(_plain(cfg.data))

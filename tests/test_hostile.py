@@ -222,10 +222,16 @@ def test_a_token_text_found_in_a_training_prompt_stops_before_the_first_step(tmp
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_token_text_in_the_instruction_is_refused(tmp_path, capfd):
-    code, _, err = run_main("ctt.train", *smoke(tmp_path, "token.text=Zq9", "prompt.instruction='Say Zq9.'"),
-                            capfd=capfd)
-    assert_user_error(code, err, "ConfigError", "prompt.instruction contains the token text 'Zq9'")
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [(["token.text=Zq9", "prompt.instruction='Say Zq9.'"], "prompt.instruction contains the token text 'Zq9'"),
+     (["token.text=assistant"], "the chat template contains the token text 'assistant'")],
+    ids=["instruction", "chat-template"],
+)
+def test_a_token_text_in_every_prompt_is_refused(tmp_path, capfd, overrides, needle):
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, *overrides), capfd=capfd)
+    assert_user_error(code, err, "ConfigError", needle)
+    assert not (tmp_path / "run" / "rollouts.jsonl").exists()
 
 
 # --- prompts longer than the context ----------------------------------------------------------------------------------

@@ -108,6 +108,8 @@ def test_no_hand_written_one_of_messages_are_left():
         ("+model.foo=1", ["unknown key(s) model.foo", "valid keys of model:", "end_of_thinking"]),
         ("+model.tiny.x=1", ["unknown key(s) model.tiny.x", "hidden_size"]),
         ("model.tiny.hidden_size=abc", ["model.tiny.hidden_size must be an integer", "'abc'"]),
+        ("model.name=' '", ["model.name must be a non-blank text"]),
+        ("+model.attn_implementation=bogus", ["model.attn_implementation must be one of eager,", "sdpa", "'bogus'"]),
         ("model.dtype=float64", ["model.dtype must be one of bfloat16, float16, float32", "'float64'"]),
         ("+token.init.x=1", ["unknown key(s) token.init.x; valid keys of token.init: name, word"]),
         ("+token.foo=1", ["unknown key(s) token.foo"]),

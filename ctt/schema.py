@@ -150,6 +150,17 @@ def _check_targets(cfg: DictConfig) -> None:
             _check_target(_plain(cfg[group]), group, skip=completed)
 
 
+def _check_model(model: Any) -> None:
+    """The keyword arguments of `load_model` (`model.tiny` as TinyOptions), and the values it would refuse late."""
+    from ctt.models import SOURCES, load_model, resolve_dtype
+
+    model = check_kwargs(load_model, model, "model")
+    one_of("model.source", model["source"], SOURCES)
+    require(bool(model["name"].strip()), "model.name", "a non-blank text", model["name"])
+    _check_attention(model.get("attn_implementation"))
+    resolve_dtype(model.get("dtype", "float32"))
+
+
 def _check_attention(name: str | None) -> None:
     """transformers' registry of attention implementations (plus `eager`); a hub kernel (`org/repo`) is its own."""
     if name is None or "/" in name:
@@ -167,7 +178,6 @@ def _check_trainer(cfg: DictConfig) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Check every group of a composed train or eval config; ConfigError (one line) on the first problem."""
-    from ctt.models import SOURCES, load_model, resolve_dtype
     from ctt.policy import ForcingSettings
     from ctt.rl import RLSettings
     from ctt.token import TokenSettings
@@ -181,11 +191,7 @@ def validate_config(cfg: DictConfig) -> None:
         if key in cfg:
             settings.from_config(_plain(cfg[key]))
     if "model" in cfg:
-        model = check_kwargs(load_model, _plain(cfg.model), "model")
-        one_of("model.source", model["source"], SOURCES)
-        require(bool(model["name"].strip()), "model.name", "a non-blank text", model["name"])
-        _check_attention(model.get("attn_implementation"))
-        resolve_dtype(model.get("dtype", "float32"))
+        _check_model(_plain(cfg.model))
     if "data" in cfg:
         _check_data(_plain(cfg.data))
     benchmarks = _plain(cfg.get("benchmarks")) or {}

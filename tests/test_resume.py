@@ -219,7 +219,13 @@ def _final(run_dir: Path) -> dict:
     return ckpt
 
 
-def _assert_same_result(run_dir: Path, reference: Path) -> None:
+def _metric_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "csv" / "metrics.csv"
+    return [int(r["step"]) for r in csv.DictReader(open(path)) if r.get("train/loss")] if path.is_file() else []
+
+
+def _assert_same_result(run_dir: Path, reference: Path, killed: tuple[list[int], int] | None = None) -> None:
+    """`killed`: the metric steps the killed run had written and the step of the checkpoint it left."""
     got, want = _final(run_dir), _final(reference)
     assert got["global_step"] == want["global_step"] == STEPS
     assert torch.equal(got["state_dict"][ROW], want["state_dict"][ROW]), (
@@ -229,8 +235,12 @@ def _assert_same_result(run_dir: Path, reference: Path) -> None:
         assert torch.equal(got["optimizer_states"][0]["state"][0][key], want["optimizer_states"][0]["state"][0][key])
     token, meta = load_token_file(run_dir / TOKEN_FILE)
     assert torch.equal(token, load_token_file(reference / TOKEN_FILE)[0]) and meta["step"] == str(STEPS)
-    steps = [int(r["step"]) for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("train/loss")]
-    assert steps == list(range(STEPS)), steps  # one continuous metrics history
+    # One metrics history: the killed run's rows before its checkpoint kept, every later step logged once. Lightning
+    # logs a step's metrics after that step's batch-end hooks, where the checkpoint is saved: a SIGKILL in between
+    # loses that one row (README, Reliability); SIGTERM never does.
+    written, saved = killed if killed is not None else (list(range(STEPS)), STEPS)
+    expected = sorted({*(s for s in written if s < saved), *range(saved, STEPS)})
+    assert len(expected) >= STEPS - 1 and _metric_steps(run_dir) == expected, (_metric_steps(run_dir), expected)
     # rollouts.jsonl too: the steps replayed after the checkpoint are logged once, not twice
     assert _rollout_steps(run_dir) == _rollout_steps(reference) == [s for s in range(1, STEPS + 1) for _ in range(2)]
 
@@ -256,10 +266,11 @@ def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # never a broken file
     assert 1 <= saved["global_step"] < STEPS, f"killed at step {kill_at}, checkpoint at {saved['global_step']}"
+    written = _metric_steps(run_dir)
     resumed = _run(run_dir, "ckpt_path=last")
     assert "resuming from" in resumed.stderr
     assert "dataloader is not resumable" not in resumed.stderr
-    _assert_same_result(run_dir, uninterrupted)
+    _assert_same_result(run_dir, uninterrupted, killed=(written, saved["global_step"]))
 
 
 @pytest.mark.slow

@@ -1,8 +1,13 @@
-"""Log a few training rollouts as text, inserted continuations marked, to the run's loggers and a JSONL file."""
+"""Log a few training rollouts as text, inserted continuations marked, to the run's loggers and a JSONL file.
+
+The file is appended to; when a run starts (a resume included) it first drops the lines of steps after the step it
+starts from, which the run is about to log again, as ctt.loggers does for metrics.csv.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +19,10 @@ class RolloutSampleLogger(L.Callback):
         self.path = Path(dirpath) / filename
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
+
+    def on_train_start(self, trainer, module) -> None:
+        if trainer.is_global_zero and self.path.is_file():
+            keep_until(self.path, trainer.global_step)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -32,3 +41,21 @@ class RolloutSampleLogger(L.Callback):
                         logger.experiment.add_text(f"rollouts/{i}", f"**{problem.question}**\n\n{text}", step)
                     elif isinstance(logger, WandbLogger):
                         logger.log_text(key="rollouts", columns=list(row), data=[list(row.values())], step=step)
+
+
+def _step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut by a kill: dropped with the steps to be replayed
+
+
+def keep_until(path: Path, step: int) -> None:
+    """Rewrite `path` (atomically) keeping the lines logged at steps <= `step`."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and _step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

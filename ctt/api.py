@@ -28,6 +28,7 @@ from ctt.models import load_model
 from ctt.modes import KINDS, Mode, parse_mode
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import extract_answer
+from ctt.settings import one_of
 from ctt.token import install_token, load_token_file
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def compose_config(model: str | dict | None = None, overrides: Iterable[str] = (
     options = sorted(p.stem for p in (Path(CONFIG_DIR) / "model").glob("*.yaml"))
     folder = isinstance(model, str) and Path(model).expanduser().is_dir()
     if isinstance(model, str) and not folder and model not in options:
-        raise ConfigError(f"model {model!r} is neither a local folder nor one of {', '.join(options)}")
+        one_of("model (not a local folder, so a conf/model name)", model, options)
     group = "exported" if folder else model if isinstance(model, str) else None
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name="ctt_api"):
         cfg = compose("generate", overrides=([f"model={group}"] if group else []) + list(overrides))
@@ -144,8 +145,8 @@ class ContinueThinking:
             raise ConfigError(f"no exported folder at {path}")
         return cls.from_config(compose_config(str(path), overrides))
 
-    def mode(self, mode: str = "learned", num_continuations: int = 2) -> Mode:
-        kind, arg = parse_mode(mode)
+    def mode(self, mode: str = "learned", num_continuations: int = 2, key: str = "mode") -> Mode:
+        kind, arg = parse_mode(mode, key)
         if KINDS[kind].takes_arg and arg is None:
             raise ConfigError(f"mode {mode!r} needs its argument, e.g. 'fixed:Wait'")
         if not isinstance(num_continuations, int) or isinstance(num_continuations, bool) or num_continuations < 0:

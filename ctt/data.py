@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ctt.errors import ConfigError, DataError
-from ctt.rewards import ANSWER_FORMATS, gold_answer, gold_parses
+from ctt.rewards import ANSWER_FORMATS, UnusableGold, gold_answer, gold_parses
+from ctt.settings import one_of
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ def _to_problems(
             raise DataError(f"{where}: {question_key!r} is empty or not a string")
         try:
             answer = gold_answer(row[answer_key], answer_format)
+        except UnusableGold:
+            answer = None  # skipped and counted with the unparseable golds (_drop_unverifiable)
         except DataError as e:
             raise DataError(f"{where}: {e} (answer_format={answer_format})") from None
         pid = str(row[id_key]) if id_key else f"{prefix}-{index}"
@@ -127,10 +130,8 @@ def load_problems(
     size: int = 100,
 ) -> list[Problem]:
     """Load problems with normalised gold answers; `limit` keeps the first rows after the optional shuffle."""
-    if source not in SOURCES:
-        raise ConfigError(f"unknown data source {source!r}; valid: {', '.join(SOURCES)}")
-    if answer_format not in ANSWER_FORMATS:
-        raise ConfigError(f"unknown answer_format {answer_format!r}; valid: {', '.join(ANSWER_FORMATS)}")
+    one_of("data source", source, SOURCES)
+    one_of("answer_format", answer_format, ANSWER_FORMATS)
     if limit is not None and limit < 1:
         raise ConfigError(f"data.limit must be a positive integer or null, got {limit}")
     keys = dict(question_key=question_key, answer_key=answer_key, answer_format=answer_format, id_key=id_key)
@@ -157,14 +158,16 @@ def load_problems(
 
 
 def _drop_unverifiable(problems: list[Problem], origin: str) -> list[Problem]:
-    """Skip rows whose gold answer math-verify cannot parse (every completion would score 0), with one warning."""
-    ok = [gold_parses(p.answer) for p in problems]
+    """Skip rows whose gold answer is missing (None: null, a list) or math-verify cannot parse it (every completion
+    would score 0), with one warning that counts them."""
+    ok = [p.answer is not None and gold_parses(p.answer) for p in problems]
     kept = [p for p, good in zip(problems, ok) if good]
     skipped = len(problems) - len(kept)
     if skipped:
         first = problems[ok.index(False)]
         log.warning(
-            "%s: skipped %d of %d rows whose gold answer math-verify cannot parse (first: %s, answer %r)",
+            "%s: skipped %d of %d rows whose gold answer is null, not one answer, or not parseable by math-verify "
+            "(first: %s, answer %r)",
             origin, skipped, len(problems), first.id, first.answer,
         )
     if not kept:
@@ -353,6 +356,7 @@ class ProblemDataModule(L.LightningDataModule):
             "num_problems": len(self.train_problems),
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "train": self.train_cfg,  # compared with the current config before a resume (ctt.resume)
         }
 
     def load_state_dict(self, state: dict) -> None:

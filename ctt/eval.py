@@ -25,6 +25,7 @@ from ctt.modes import baseline_labels, expand_modes
 from ctt.plots import deltas_plot, scaling_plot
 from ctt.policy import Policy
 from ctt.rewards import get_reward_fn
+from ctt.schema import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path, token_meta: 
     modes = expand_modes(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
     training = training_problems(cfg, token_meta)
     benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training)
+    for problems in benchmarks.values():  # token text, context length: before the first generation
+        policy.check_problems(problems)
     sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
     reward_fn = get_reward_fn(ev.get("reward", "math_verify"))
     results, records = evaluate(policy, benchmarks, modes, ev.samples, sampling, reward_fn)
@@ -79,6 +82,7 @@ def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
     try:
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
         L.seed_everything(cfg.seed)
         policy, meta = load_policy(cfg)
         evaluate_policy(policy, cfg, Path(cfg.paths.output_dir), meta)

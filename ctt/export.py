@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import hydra
 import torch
@@ -36,6 +37,8 @@ from ctt.generation import SamplingConfig
 from ctt.model_card import model_card
 from ctt.modes import Mode
 from ctt.policy import Policy
+from ctt.schema import validate_config
+from ctt.settings import Settings, one_of
 from ctt.token import get_overlay
 
 log = logging.getLogger(__name__)
@@ -52,20 +55,19 @@ OUTPUT_MARGIN = 20.0  # target: the token's logit this many nats below the lowes
 
 
 @dataclass(frozen=True)
-class ExportSettings:
+class ExportSettings(Settings):
     """The `export` config group."""
+
+    section: ClassVar[str] = "export"
 
     dir: str | None = None
     format: str = "hf"
     overwrite: bool = False
 
-    def __post_init__(self):
-        if not self.dir or not isinstance(self.dir, str):
+    def check(self) -> None:
+        if not self.dir:
             raise ConfigError("ctt-export needs export.dir=DIR (the folder to write)")
-        if self.format not in FORMATS:
-            raise ConfigError(f"export.format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if not isinstance(self.overwrite, bool):
-            raise ConfigError(f"export.overwrite must be true or false, got {self.overwrite!r}")
+        one_of("export.format", self.format, FORMATS)
 
 
 @dataclass
@@ -281,7 +283,8 @@ def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
     try:
-        settings = ExportSettings(**to_plain(cfg.export))
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
+        settings = ExportSettings.from_config(to_plain(cfg.export))
         if not cfg.token.get("path"):
             raise ConfigError("ctt-export needs token.path=FILE (the trained continue_thinking_token.safetensors)")
         policy, meta = policy_from_config(cfg)  # (refuses a model that already holds the token)

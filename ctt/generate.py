@@ -17,6 +17,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import hydra
 import lightning as L
@@ -26,13 +27,17 @@ from ctt.api import Completion, ContinueThinking
 from ctt.config import CONFIG_DIR, to_plain
 from ctt.data import _jsonl_rows  # file:line error messages for JSONL input, shared with the data loaders
 from ctt.errors import ConfigError, DataError
+from ctt.schema import validate_config
+from ctt.settings import Settings, require
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GenerateSettings:
+class GenerateSettings(Settings):
     """The `generate` config group."""
+
+    section: ClassVar[str] = "generate"
 
     mode: str = "learned"
     num_continuations: int = 2
@@ -42,21 +47,20 @@ class GenerateSettings:
     stream: bool = True
     temperature: float = 0.0
     top_p: float = 1.0
-    marks: tuple[str, str] | list[str] = ("[[", "]]")
+    marks: list[str] = ("[[", "]]")
 
-    def __post_init__(self):
+    def check(self) -> None:
         if (self.prompt is None) == (self.input is None):
-            raise ConfigError("give exactly one of generate.prompt=TEXT and generate.input=FILE (.txt, .jsonl, or - "
-                              "for stdin)")
+            raise ConfigError("give generate.prompt=TEXT or generate.input=FILE (.txt, .jsonl, or - for stdin), "
+                              "not both and not neither")
         if self.prompt is not None and (not isinstance(self.prompt, str) or not self.prompt.strip()):
             raise ConfigError(f"generate.prompt must be a non-empty text, got {self.prompt!r}")
         if self.output is not None and not str(self.output).endswith(".jsonl"):
             raise ConfigError(f"generate.output must be a .jsonl file (or null for stdout), got {self.output!r}")
-        for name in ("temperature", "top_p"):
-            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
-                raise ConfigError(f"generate.{name} must be a number, got {getattr(self, name)!r}")
-        if len(self.marks) != 2 or not all(isinstance(m, str) for m in self.marks):
-            raise ConfigError(f"generate.marks must be two texts, got {self.marks!r}")
+        require(self.num_continuations >= 0, "generate.num_continuations", "an integer >= 0", self.num_continuations)
+        require(self.temperature >= 0, "generate.temperature", "a number >= 0 (0: greedy)", self.temperature)
+        require(0 < self.top_p <= 1, "generate.top_p", "a number in (0, 1]", self.top_p)
+        require(len(self.marks) == 2, "generate.marks", "two texts", self.marks)
 
 
 def read_prompts(settings: GenerateSettings) -> list[str]:
@@ -131,10 +135,11 @@ def main(cfg: DictConfig) -> None:
 
     try:
         L.seed_everything(cfg.seed, verbose=False)
-        settings = GenerateSettings(**to_plain(cfg.generate))
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
+        settings = GenerateSettings.from_config(to_plain(cfg.generate))
         prompts = read_prompts(settings)
         ct = ContinueThinking.from_config(cfg)
-        ct.mode(settings.mode, settings.num_continuations)  # a bad mode fails before any generation
+        ct.mode(settings.mode, settings.num_continuations, "generate.mode")  # a bad mode fails before any generation
         run(ct, settings, prompts, cfg.seed)
     except Exception as err:
         exit_for_user_error(err, log, "generation")

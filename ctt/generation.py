@@ -28,12 +28,15 @@ See bench/README.md for measurements.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache, DynamicLayer
+
+from ctt.errors import ConfigError
+from ctt.settings import Settings, one_of
 
 THINKING, ANSWER, DONE = "thinking", "answer", "done"
 
@@ -103,7 +106,7 @@ CACHES = ("buffer", "dynamic", "static")
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(Settings):
     """How `generate_forced` runs, never what it computes. Greedy decoding gives the same tokens with every setting
     (up to float rounding at near-ties); with sampling, the settings that change the batch layout (drop_finished,
     share_prefix, the cache kind) change the rounding of the logits and so, rarely, which token a seed draws: the
@@ -118,16 +121,19 @@ class EngineConfig:
         rows (prefix caching). Off with cache="static" (its batch size is fixed at the first call).
     """
 
+    section: ClassVar[str] = "forcing.engine"
+
     cache: str = "buffer"
     compile: bool = False
     drop_finished: bool = True
     share_prefix: bool = True
 
-    def __post_init__(self):
-        if self.cache not in CACHES:
-            raise ValueError(f"engine cache must be one of {CACHES}, got {self.cache!r}")
+    def check(self) -> None:
+        one_of("forcing.engine.cache", self.cache, CACHES)
         if self.compile and self.cache != "static":
-            raise ValueError("engine compile=True needs cache='static' (fixed shapes); got cache=" + repr(self.cache))
+            raise ConfigError(
+                "forcing.engine.compile=true needs forcing.engine.cache=static (fixed shapes); got cache=" + repr(self.cache)
+            )
 
 
 @dataclass

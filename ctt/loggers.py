@@ -36,7 +36,18 @@ def _csv_bytes(fieldnames: list[str], rows: list[dict]) -> bytes:
     return buffer.getvalue().encode()
 
 
+def pending_metrics_row(trainer, names: set[str]) -> dict | None:
+    """The row Lightning will log for the step that just ran, read where checkpoints are saved (batch end): the
+    synced values of `names` (what the module logs to loggers), with the step and epoch Lightning gives the row."""
+    values = {k: float(v) for k, v in trainer.callback_metrics.items() if k in names}
+    if not values or trainer.global_step < 1:
+        return None
+    return {**values, "epoch": trainer.current_epoch, "step": trainer.global_step - 1}
+
+
 class _ResumingWriter(ExperimentWriter):
+    restored_row: dict | None = None  # the checkpoint's last step, in case its row never reached the file
+
     def _check_log_dir_exists(self) -> None:  # called by __init__ instead of deleting metrics.csv
         self._previous: list[dict] | None = None
         if os.path.isfile(self.metrics_file_path):
@@ -54,6 +65,10 @@ class _ResumingWriter(ExperimentWriter):
         if self._previous is not None and self.metrics:
             first = min(m["step"] for m in self.metrics)
             kept = [r for r in self._previous if _step(r) < first]  # NaN steps compare False: dropped
+            row = self.restored_row
+            if row is not None and row["step"] == first - 1 and all(_step(r) != row["step"] for r in kept):
+                kept.append(row)
+                self.metrics_keys = sorted(set(self.metrics_keys) | set(row))
             self._previous = None
             self._record_new_keys()
             atomic_write_bytes(_csv_bytes(self.metrics_keys, kept), self.metrics_file_path)
@@ -68,3 +83,9 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    def restore_row(self, row: dict | None) -> None:
+        """The resumed checkpoint's `pending_metrics_row`: written before the resumed run's first row if missing."""
+        experiment = self.experiment
+        if isinstance(experiment, _ResumingWriter):  # rank 0 (other ranks hold a dummy)
+            experiment.restored_row = row

@@ -20,6 +20,7 @@ The end-of-thinking marker (``end_of_thinking``) is resolved to token ids by
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.metadata
 import logging
@@ -28,12 +29,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctt.errors import ConfigError, ModelError
+from ctt.settings import Settings, one_of, require
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +75,34 @@ TINY_CHAT_TEMPLATE = (
 TINY_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|pad|>")
 TINY_THINK_TOKENS = ("<think>", "</think>")
 
-TINY_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "intermediate_size": 128,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": True,
-    "seed": 0,
-    "end_of_thinking_boost": 0.0,
-    "initializer_range": 0.02,  # larger values make logits react more to the input embeddings (toy RL tests)
-    "spare_rows": 0,  # embedding rows beyond the tokenizer, as Qwen2 checkpoints have (151,936 rows, ~151,665 tokens)
-}
+@dataclass(frozen=True)
+class TinyOptions(Settings):
+    """The `model.tiny` group: the shape of the tiny random Qwen2."""
+
+    section: ClassVar[str] = "model.tiny"
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = True
+    seed: int = 0
+    end_of_thinking_boost: float = 0.0
+    initializer_range: float = 0.02  # larger values make logits react more to the input embeddings (toy RL tests)
+    spare_rows: int = 0  # embedding rows beyond the tokenizer, as Qwen2 checkpoints have (151,936 rows, ~151,665 tokens)
+
+    def check(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                    "max_position_embeddings"):
+            require(getattr(self, key) > 0, f"model.tiny.{key}", "a positive integer", getattr(self, key))
+        require(self.spare_rows >= 0, "model.tiny.spare_rows", "an integer >= 0", self.spare_rows)
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                "model.tiny: hidden_size must be divisible by num_heads and num_heads by num_kv_heads, got "
+                f"{self.hidden_size}/{self.num_heads}/{self.num_kv_heads}"
+            )
 
 
 @dataclass
@@ -103,12 +120,9 @@ class LoadedModel:
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """``"float32" | "bfloat16" | "float16"`` -> the torch dtype; anything else -> ConfigError."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPES.values():
-            return dtype
-    elif isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    return _DTYPES[one_of("model.dtype", dtype, sorted(_DTYPES))]
 
 
 def _looks_like_special_token(text: str) -> bool:
@@ -211,24 +225,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 
-def _tiny_options(tiny: dict | None) -> dict[str, Any]:
-    opts = dict(TINY_DEFAULTS)
-    if tiny:
-        unknown = sorted(set(tiny) - set(TINY_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"unknown model.tiny option(s) {unknown}; valid: {sorted(TINY_DEFAULTS)}")
-        opts.update({k: v for k, v in dict(tiny).items() if v is not None})
-    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "max_position_embeddings"):
-        if not isinstance(opts[key], int) or opts[key] <= 0:
-            raise ConfigError(f"model.tiny.{key} must be a positive integer, got {opts[key]!r}")
-    if not isinstance(opts["spare_rows"], int) or opts["spare_rows"] < 0:
-        raise ConfigError(f"model.tiny.spare_rows must be an integer >= 0, got {opts['spare_rows']!r}")
-    if opts["hidden_size"] % opts["num_heads"] or opts["num_heads"] % opts["num_kv_heads"]:
-        raise ConfigError(
-            "model.tiny: hidden_size must be divisible by num_heads and num_heads by num_kv_heads, got "
-            f"{opts['hidden_size']}/{opts['num_heads']}/{opts['num_kv_heads']}"
-        )
-    return opts
+def _tiny_options(tiny: dict | TinyOptions | None) -> dict[str, Any]:
+    if isinstance(tiny, TinyOptions):
+        return dataclasses.asdict(tiny)
+    given = {k: v for k, v in dict(tiny or {}).items() if v is not None}  # null: the default
+    return dataclasses.asdict(TinyOptions.from_config(given))
 
 
 def _build_tiny_random(
@@ -457,8 +458,8 @@ def load_model(
     cache_dir: str = ".cache/ctt",
     dtype: str = "float32",
     trust_remote_code: bool = False,
-    end_of_thinking: str = "eos",
-    tiny: dict | None = None,
+    end_of_thinking: str | None = "eos",  # null: only for an exported folder (ctt.api reads its ctt_export.json)
+    tiny: TinyOptions | None = None,
     attn_implementation: str | None = "sdpa",
 ) -> LoadedModel:
     """Load a frozen causal LM (in eval mode, ``use_cache=True``) with its tokenizer.
@@ -466,8 +467,7 @@ def load_model(
     See the module docstring for the sources. ``end_of_thinking`` is resolved with
     :func:`resolve_end_of_thinking`.
     """
-    if source not in SOURCES:
-        raise ConfigError(f"unknown model.source {source!r}; valid sources: {', '.join(SOURCES)}")
+    one_of("model.source", source, SOURCES)
     torch_dtype = resolve_dtype(dtype)
 
     if source == "tiny_random":

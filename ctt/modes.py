@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ctt.errors import ConfigError
+from ctt.settings import one_of
 
 if TYPE_CHECKING:
     from ctt.policy import Policy
@@ -81,18 +82,17 @@ class Mode:
         return self.spec.continuation(policy, self.arg)
 
 
-def parse_mode(spec: str) -> tuple[str, str | None]:
-    """`fixed:Wait` -> ("fixed", "Wait"); a bad spec is a ConfigError naming the valid kinds."""
+def parse_mode(spec: str, key: str = "eval.modes") -> tuple[str, str | None]:
+    """`fixed:Wait` -> ("fixed", "Wait"); a bad spec is a ConfigError naming `key` and the valid kinds."""
     if not isinstance(spec, str):
-        raise ConfigError(f"eval.modes entries must be texts, got {spec!r}")
+        raise ConfigError(f"{key} entries must be texts, got {spec!r}")
     kind, sep, arg = spec.partition(":")
-    if kind not in KINDS:
-        raise ConfigError(f"eval.modes: unknown mode {spec!r}; valid kinds: {', '.join(KINDS)}")
+    one_of(f"{key} kind", kind, KINDS)
     if KINDS[kind].takes_arg != bool(sep):
         form = f"'{kind}:<argument>'" if KINDS[kind].takes_arg else f"'{kind}' without an argument"
         if kind == "fixed" and not sep:  # `fixed` alone: the words come from eval.fixed_words
             return kind, None
-        raise ConfigError(f"eval.modes: {spec!r} must be written {form}")
+        raise ConfigError(f"{key}: {spec!r} must be written {form}")
     return kind, (KINDS[kind].parse_arg(arg) if sep else None)
 
 

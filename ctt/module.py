@@ -13,14 +13,17 @@ from ctt.data import DEFAULT_INSTRUCTION, Problem
 from ctt.distributed import DEFAULT_MAX_MEMORY_FRACTION, full_grad, gather_zero3
 from ctt.errors import ConfigError, TrainingError
 from ctt.generation import Rollout, SamplingConfig, mix_seed
+from ctt.loggers import ResumableCSVLogger, pending_metrics_row
 from ctt.models import load_model
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import Score, get_reward_fn
 from ctt.modes import Mode
 from ctt.rl import RLSettings, completion_logprobs, compute_advantages, reinforce_loss, uniform_group_share
-from ctt.token import install_token
+from ctt.token import CONTINUE_THINKING, install_token
 
 log = logging.getLogger(__name__)
+
+WARN_NORM_GROWTH = 100  # a row this many times its starting norm is probably diverging: warned about
 
 
 class ContinueThinkingModule(L.LightningModule):
@@ -43,11 +46,11 @@ class ContinueThinkingModule(L.LightningModule):
         for key, value in self.hparams.items():  # any other config argument too (e.g. `distributed`)
             self.hparams[key] = to_plain(value)
         loaded = load_model(**model)
-        install_token(loaded.model, loaded.tokenizer, token["init"], token.get("text", "<|continue-thinking|>"))
+        install_token(loaded.model, loaded.tokenizer, token["init"], token.get("text", CONTINUE_THINKING))
         self.model = loaded.model  # registered: Lightning moves it; only the overlay row requires grad
         self.policy = Policy(
             loaded,
-            ForcingSettings(**forcing),
+            ForcingSettings.from_config(forcing),
             prompt.get("instruction") or DEFAULT_INSTRUCTION,
             prompt.get("system_prompt"),
         )
@@ -65,6 +68,8 @@ class ContinueThinkingModule(L.LightningModule):
         self.skipped_steps = 0  # steps whose loss was not finite (see _skip_if_not_finite)
         self._bad_in_a_row = 0
         self._drop_grad = False
+        self._warn_norm = float("inf")  # the row norm above which the next divergence warning is logged
+        self.logged_names: set[str] = set()  # metrics sent to loggers (a checkpoint keeps its step's row)
         # Checkpoints hold only the row (see on_save_checkpoint), so loading must not demand the frozen weights.
         self.strict_loading = False
 
@@ -86,12 +91,70 @@ class ContinueThinkingModule(L.LightningModule):
             raise ConfigError(f"optimizer: {err}") from None
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        try:
+            scheduler = self.scheduler_factory(optimizer)
+        except (TypeError, ValueError) as err:  # e.g. scheduler.T_max=abc
+            raise ConfigError(f"scheduler: {err}") from None
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def identity(self) -> dict:
+        """What this run trains: base model, pretrained id, token text, hidden size (saved in checkpoints)."""
+        model, token = self.hparams.model, self.hparams.token
+        shape = getattr(self.token_row, "ds_shape", self.token_row.shape)  # ZeRO-3 keeps the full shape there
+        return {"base_model": model["name"], "pretrained": model.get("pretrained"),
+                "token": token.get("text", CONTINUE_THINKING), "hidden_size": int(shape[0])}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen model is reloaded from its source; a checkpoint of a 1.5B model needs only one row.
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["ctt"] = self.identity()  # like a token file's metadata: checked before a resume
+        if self._trainer is not None:  # this step's metrics row, which Lightning logs only after the batch-end save
+            checkpoint["ctt_metrics_row"] = pending_metrics_row(self.trainer, self.logged_names)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # ctt-train checked this already (ctt.resume); this covers `trainer.fit(ckpt_path=...)` from Python.
+        from ctt.resume import check_fits
+
+        check_fits(checkpoint, self.identity(), "being loaded", bool(self.hparams.token.get("allow_base_mismatch")))
+        if self._trainer is not None:
+            for logger in self.loggers:
+                if isinstance(logger, ResumableCSVLogger):
+                    logger.restore_row(checkpoint.get("ctt_metrics_row"))
+
+    def setup(self, stage: str) -> None:
+        # The data module is set up first: every training prompt is checked before the first step (token text,
+        # context length), not when its batch comes up.
+        problems = getattr(self.trainer.datamodule, "train_problems", None) if self._trainer is not None else None
+        if stage == "fit" and problems:
+            self.policy.check_problems(problems)
+
+    def on_train_start(self) -> None:
+        start = self._row_norm()
+        self._warn_norm = WARN_NORM_GROWTH * start if start > 0 else float("inf")
+
+    def _row_norm(self) -> float:
+        return self.token_row.detach().double().norm().item()  # float64: a diverging fp32 row's norm overflows
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._check_row()
+
+    def _check_row(self) -> None:
+        """After each optimizer step, before the callbacks export or checkpoint the row: a non-finite row stops the
+        run (the saved files keep the last finite one); a row whose norm grew WARN_NORM_GROWTH-fold since the start
+        is warned about (then again at each further 10x)."""
+        row = self.token_row.detach()
+        if row.numel() and not torch.isfinite(row).all():
+            raise TrainingError(
+                f"step {self.global_step}: the token row is not finite (NaN/inf) after the optimizer step; lower "
+                "optimizer.lr (the token file and checkpoints keep the last finite row)"
+            )
+        norm = self._row_norm()
+        if norm > self._warn_norm:
+            log.warning("step %d: the token row's norm is %.3g, over %dx its norm at the start of training; the "
+                        "optimizer may be diverging (optimizer.lr)", self.global_step, norm, WARN_NORM_GROWTH)
+            self._warn_norm = 10 * norm
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a batch is a list of text problems: nothing to move
@@ -193,10 +256,11 @@ class ContinueThinkingModule(L.LightningModule):
             "train/answer_tokens": as_t([r.answer_tokens for r in rollouts]),
             "train/scored_tokens": scored_tokens.float(),
             "train/uniform_groups": torch.tensor(uniform, device=self.device),  # groups with no signal
-            "train/embedding_norm": self.token_row.detach().norm(),
+            "train/embedding_norm": self.token_row.detach().double().norm().float(),
             "train/skipped_steps": torch.tensor(float(self.skipped_steps), device=self.device),
         }
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(rollouts))
+        self.logged_names.update(metrics)
         self.log("train/reward_bar", metrics["train/reward"], prog_bar=True, logger=False, batch_size=len(rollouts))
 
     def on_after_backward(self) -> None:
@@ -211,3 +275,4 @@ class ContinueThinkingModule(L.LightningModule):
         grad = full_grad(self.token_row)  # DeepSpeed keeps it in its own buffers (a collective: every rank)
         norm = grad.detach().norm() if grad is not None else torch.zeros((), device=self.device)
         self.log("train/token_grad_norm", norm, on_step=True, on_epoch=False, sync_dist=True)
+        self.logged_names.add("train/token_grad_norm")

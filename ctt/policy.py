@@ -7,7 +7,7 @@ which text is graded.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -16,12 +16,15 @@ from ctt.errors import ConfigError, DataError
 from ctt.generation import EngineConfig, ForcingConfig, Rollout, SamplingConfig, generate_forced, mix_seed
 from ctt.models import LoadedModel
 from ctt.modes import Mode
+from ctt.settings import Settings, require
 from ctt.token import get_overlay
 
 
 @dataclass(frozen=True)
-class ForcingSettings:
+class ForcingSettings(Settings):
     """The `forcing` config group (model-independent part of ForcingConfig)."""
+
+    section: ClassVar[str] = "forcing"
 
     num_continuations: int = 2
     thinking_budget: int | None = None
@@ -29,32 +32,18 @@ class ForcingSettings:
     max_answer_tokens: int = 64
     max_new_tokens: int = 256
     batch_size: int = 16  # rollouts generated together (micro-batch)
-    engine: dict | None = None  # EngineConfig fields: cache, compile, drop_finished, share_prefix
+    engine: EngineConfig | None = None  # how rollouts run: cache, compile, drop_finished, share_prefix
 
-    def __post_init__(self):
-        for name in ("num_continuations", "max_answer_tokens", "max_new_tokens", "batch_size", "thinking_budget"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool)) and not (
-                value is None and name == "thinking_budget"
-            ):
-                raise ConfigError(f"forcing.{name} must be an integer, got {value!r}")
-        if self.budget_force_text is not None and not isinstance(self.budget_force_text, str):
-            raise ConfigError(f"forcing.budget_force_text must be a text or null, got {self.budget_force_text!r}")
+    def check(self) -> None:
         for name in ("max_answer_tokens", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"forcing.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_continuations < 0:
-            raise ConfigError(f"forcing.num_continuations must be >= 0, got {self.num_continuations}")
-        if self.thinking_budget is not None and self.thinking_budget < 1:
-            raise ConfigError(f"forcing.thinking_budget must be >= 1 or null, got {self.thinking_budget}")
-        self.engine_config  # noqa: B018 - validates forcing.engine now, not at the first rollout
+            require(getattr(self, name) >= 1, f"forcing.{name}", ">= 1", getattr(self, name))
+        require(self.num_continuations >= 0, "forcing.num_continuations", ">= 0", self.num_continuations)
+        if self.thinking_budget is not None:
+            require(self.thinking_budget >= 1, "forcing.thinking_budget", ">= 1 or null", self.thinking_budget)
 
     @property
     def engine_config(self) -> EngineConfig:
-        try:
-            return EngineConfig(**(self.engine or {}))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"forcing.engine: {err}") from None
+        return self.engine or EngineConfig()
 
 
 class Policy:
@@ -74,6 +63,23 @@ class Policy:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self._prompt_cache: dict[str, list[int]] = {}  # keyed by question text: ids collide across benchmarks
+        self.token_text = self.tokenizer.convert_ids_to_tokens(self.token_id)
+        for key, text in (("prompt.instruction", instruction), ("prompt.system_prompt", system_prompt)):
+            if text and self.token_text in text:
+                raise ConfigError(f"{key} contains the token text {self.token_text!r}: every prompt would hold the "
+                                  "learned token")
+        template = build_prompt_ids(self.tokenizer, "", instruction, system_prompt)  # a prompt around no question
+        if self.token_id in template:
+            raise ConfigError(f"the chat template contains the token text {self.token_text!r}: every prompt would "
+                              "hold the learned token; choose another token.text")
+        self._template_tokens = len(template)
+        config = self.model.config
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # A prompt may take what the completion (forcing.max_new_tokens) leaves of the model's context.
+        self.max_prompt_tokens = None if self.context is None else self.context - forcing.max_new_tokens
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ConfigError(f"forcing.max_new_tokens={forcing.max_new_tokens} leaves no room for a prompt in the "
+                              f"model's context of {self.context} tokens")
 
     @property
     def row(self) -> torch.nn.Parameter:
@@ -89,12 +95,34 @@ class Policy:
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         if problem.question not in self._prompt_cache:
+            self._check_question(problem)
             ids = build_prompt_ids(self.tokenizer, problem.question, self.instruction, self.system_prompt)
             if self.token_id in ids:
                 # The row would then shape tokens before the first continuation, which are never scored.
                 raise DataError(f"problem {problem.id}: the prompt contains the learned token itself")
+            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                raise DataError(
+                    f"problem {problem.id}: its prompt is {len(ids)} tokens, more than the "
+                    f"{self.max_prompt_tokens} the model's context of {self.context} leaves beside "
+                    f"forcing.max_new_tokens={self.settings.max_new_tokens}"
+                )
             self._prompt_cache[problem.question] = ids
         return self._prompt_cache[problem.question]
+
+    def _check_question(self, problem: Problem) -> None:
+        if self.token_text in problem.question:
+            raise DataError(f"problem {problem.id}: the question contains the token text {self.token_text!r} "
+                            "(it would become the learned token); choose another token.text")
+
+    def check_problems(self, problems: list[Problem]) -> None:
+        """Before training or evaluating: no question holds the token text and every prompt fits the context
+        (DataError naming the problem). Tokenises only prompts whose UTF-8 length could exceed the limit."""
+        for problem in problems:
+            self._check_question(problem)
+            # A token covers at least one byte (byte-level BPE, byte fallback), plus a little merging slack.
+            bound = len(problem.question.encode()) + self._template_tokens + 8
+            if self.max_prompt_tokens is not None and bound > self.max_prompt_tokens:
+                self.prompt_ids(problem)
 
     def encode_text(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text, add_special_tokens=False))

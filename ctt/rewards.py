@@ -19,7 +19,8 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 from math_verify import verify as _mv_verify
 from math_verify.errors import TimeoutException
 
-from ctt.errors import ConfigError, DataError
+from ctt.errors import DataError
+from ctt.settings import one_of
 
 if TYPE_CHECKING:  # type names only: ctt.data imports this module
     from ctt.data import Problem
@@ -132,10 +133,16 @@ def extract_answer(text: str) -> str | None:
 ANSWER_FORMATS = ("gsm8k", "boxed", "plain")
 
 
+class UnusableGold(DataError):
+    """A gold field that is not one answer (null, a list, a mapping, a boolean): the row is skipped and counted."""
+
+
 def gold_answer(raw: str | int | float, answer_format: str) -> str:
     """Normalise a data set's gold field into a string `verify` accepts."""
-    if answer_format not in ANSWER_FORMATS:
-        raise ConfigError(f"unknown answer_format {answer_format!r}; valid: {', '.join(ANSWER_FORMATS)}")
+    one_of("answer_format", answer_format, ANSWER_FORMATS)
+    if raw is None or isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        # str() would turn these into "None" or "['1', '2']", which `\boxed{None}` would then match.
+        raise UnusableGold(f"gold answer is {'null' if raw is None else type(raw).__name__}, not one answer")
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)  # AMC stores 27.0; "27" reads better in logs
     text = str(raw)
@@ -277,6 +284,4 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {"math_verify": correctness}
 
 
 def get_reward_fn(name: str) -> RewardFn:
-    if name not in REWARD_FUNCTIONS:
-        raise ConfigError(f"unknown reward function {name!r}; valid: {', '.join(sorted(REWARD_FUNCTIONS))}")
-    return REWARD_FUNCTIONS[name]
+    return REWARD_FUNCTIONS[one_of("reward", name, REWARD_FUNCTIONS)]

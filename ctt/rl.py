@@ -13,9 +13,9 @@ Each variant is a name in a registry, so an ablation is a config override (`rl.b
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Callable, ClassVar, NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ctt.errors import ConfigError
 from ctt.generation import Rollout, left_pad, nucleus_mask
+from ctt.settings import Settings, one_of, require
 
 
 class ScoredTokens(NamedTuple):
@@ -69,10 +70,8 @@ def compute_advantages(
 ) -> torch.Tensor:
     """`(R - b) / (s + eps)` per sample. With a std scale, samples whose group (or batch) has zero reward variance get
     advantage 0 whatever the baseline: dividing their non-zero `R - b` by eps would give 1e4-sized advantages."""
-    if baseline not in BASELINES:
-        raise ConfigError(f"rl.baseline={baseline!r} is not one of {sorted(BASELINES)}")
-    if scale not in SCALES:
-        raise ConfigError(f"rl.scale={scale!r} is not one of {sorted(SCALES)}")
+    one_of("rl.baseline", baseline, BASELINES)
+    one_of("rl.scale", scale, SCALES)
     rewards = rewards.float()
     centred = rewards - BASELINES[baseline](rewards, group_size)
     if scale == "none":
@@ -319,8 +318,7 @@ def reinforce_loss(
     passes the mean count over ranks: the all-reduced mean of the rank gradients is then the gradient of the
     global-batch token mean, whatever each rank's own count.
     """
-    if aggregation not in AGGREGATIONS:
-        raise ConfigError(f"rl.aggregation={aggregation!r} is not one of {sorted(AGGREGATIONS)}")
+    one_of("rl.aggregation", aggregation, AGGREGATIONS)
     logp = scored.logprobs
     return AGGREGATIONS[aggregation](logp, scored.mask, advantages.to(logp.device), token_count)
 
@@ -329,8 +327,10 @@ def reinforce_loss(
 
 
 @dataclass(frozen=True)
-class RLSettings:
+class RLSettings(Settings):
     """The `rl` config group, typed and checked once at start-up (conf/rl/reinforce.yaml documents each key)."""
+
+    section: ClassVar[str] = "rl"
 
     samples_per_prompt: int = 4
     baseline: str = "group_mean"
@@ -343,36 +343,18 @@ class RLSettings:
     prefix_reuse: bool = True
     gradient_checkpointing: bool = False
 
-    @classmethod
-    def from_config(cls, rl: Mapping[str, Any] | None) -> "RLSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(rl or {}) - known)
-        if unknown:
-            raise ConfigError(f"unknown rl key(s) {unknown}; valid: {', '.join(sorted(known))}")
-        return cls(**(rl or {}))
+    def check(self) -> None:
+        from ctt.rewards import REWARD_FUNCTIONS
 
-    def __post_init__(self):
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        checks = {
-            "samples_per_prompt": (is_int(self.samples_per_prompt) and self.samples_per_prompt >= 1, "an integer >= 1"),
-            "max_bad_steps": (is_int(self.max_bad_steps) and self.max_bad_steps >= 1, "an integer >= 1"),
-            # Training samples: at T=0 (greedy) no choice has a gradient, and scoring at T=1e-5 would scale it by 1e5.
-            "temperature": (is_number(self.temperature) and self.temperature > 0, "a number > 0 (training samples)"),
-            "top_p": (is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            "prefix_reuse": (isinstance(self.prefix_reuse, bool), "true or false"),
-            "gradient_checkpointing": (isinstance(self.gradient_checkpointing, bool), "true or false"),
-            "baseline": (self.baseline in BASELINES, f"one of {sorted(BASELINES)}"),
-            "scale": (self.scale in SCALES, f"one of {sorted(SCALES)}"),
-            "aggregation": (self.aggregation in AGGREGATIONS, f"one of {sorted(AGGREGATIONS)}"),
-        }
-        for key, (ok, expected) in checks.items():
-            if not ok:
-                raise ConfigError(f"rl.{key} must be {expected}, got {getattr(self, key)!r}")
+        require(self.samples_per_prompt >= 1, "rl.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
+        require(self.max_bad_steps >= 1, "rl.max_bad_steps", "an integer >= 1", self.max_bad_steps)
+        # Training samples: at T=0 (greedy) no choice has a gradient, and scoring at T=1e-5 would scale it by 1e5.
+        require(self.temperature > 0, "rl.temperature", "a number > 0 (training samples)", self.temperature)
+        require(0 < self.top_p <= 1, "rl.top_p", "a number in (0, 1]", self.top_p)
+        one_of("rl.baseline", self.baseline, BASELINES)
+        one_of("rl.scale", self.scale, SCALES)
+        one_of("rl.aggregation", self.aggregation, AGGREGATIONS)
+        one_of("rl.reward", self.reward, REWARD_FUNCTIONS)
         if self.samples_per_prompt == 1 and (self.baseline == "group_mean" or self.scale == "group"):
             raise ConfigError(
                 "rl.samples_per_prompt=1 with a per-group baseline or scale makes every advantage 0 (nothing is "

@@ -7,10 +7,14 @@ no gradient hooks to break under DeepSpeed ZeRO-3, and tied input/output embeddi
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from safetensors import safe_open
@@ -19,6 +23,9 @@ from torch import nn
 from transformers import AddedToken, PreTrainedModel, PreTrainedTokenizerBase
 
 from ctt.errors import ConfigError, ModelError, TokenFileError
+from ctt.settings import Settings, check_kwargs, one_of, reject_unknown, require
+
+log = logging.getLogger(__name__)
 
 CONTINUE_THINKING = "<|continue-thinking|>"
 TOKEN_FILE = "continue_thinking_token.safetensors"
@@ -75,6 +82,47 @@ def init_random(base: nn.Embedding, tokenizer: PreTrainedTokenizerBase, *, seed:
 INIT_STRATEGIES: dict[str, Callable[..., torch.Tensor]] = {"word": init_word, "mean": init_mean, "random": init_random}
 
 
+def init_settings(init: Mapping | None) -> dict:
+    """The `token/init` group checked: `name` one of INIT_STRATEGIES, every other key a keyword argument of that
+    strategy (`word` for word, `seed` for random), of the annotated type."""
+    init = dict(init or {})
+    name = one_of("token.init.name", init.pop("name", None), INIT_STRATEGIES)
+    strategy = INIT_STRATEGIES[name]
+    params = inspect.signature(strategy).parameters.values()
+    reject_unknown("token.init", [*init, "name"], ["name", *(p.name for p in params if p.kind == p.KEYWORD_ONLY)])
+    return {"name": name, **check_kwargs(strategy, init, "token.init", skip=("base", "tokenizer"))}
+
+
+@dataclass(frozen=True)
+class TokenSettings(Settings):
+    """The `token` config group."""
+
+    section: ClassVar[str] = "token"
+
+    text: str = CONTINUE_THINKING
+    init: dict = field(default_factory=lambda: {"name": "word", "word": "Wait"})
+    path: str | None = None  # ctt-eval: the learned token file to load
+    allow_base_mismatch: bool = False  # load a token file (or resume a checkpoint) of another base model
+
+    def check(self) -> None:
+        require(bool(self.text.strip()), "token.text", "a non-blank text", self.text)
+        object.__setattr__(self, "init", init_settings(self.init))
+
+
+def check_token_text(tokenizer: PreTrainedTokenizerBase, token: str) -> None:
+    """The token text must be new to the vocabulary however it is tokenised: not a vocabulary entry, and not a text
+    the tokenizer already encodes as one token (`" Wait"` is SmolLM2's `ĠWait`)."""
+    if not token.strip():
+        raise ConfigError(f"token.text must be a non-blank text, got {token!r}")
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if token in tokenizer.get_vocab() or len(ids) == 1:
+        raise ModelError(
+            f"token {token!r} is already in the vocabulary of this tokenizer"
+            + (f" (as {tokenizer.convert_ids_to_tokens(ids[0])!r})" if len(ids) == 1 else "")
+            + "; choose another token.text"
+        )
+
+
 def install_token(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -82,11 +130,9 @@ def install_token(
     token: str = CONTINUE_THINKING,
 ) -> ContinueThinkingEmbedding:
     """Add `token` to the tokenizer, freeze every model weight and overlay the trainable row on the input table."""
-    if token in tokenizer.get_vocab():
-        raise ModelError(f"token {token!r} is already in the vocabulary of this tokenizer; choose another token.text")
-    strategy = init.get("name")
-    if strategy not in INIT_STRATEGIES:
-        raise ConfigError(f"token.init.name={strategy!r} is not one of {sorted(INIT_STRATEGIES)}")
+    check_token_text(tokenizer, token)
+    init = init_settings(init)
+    strategy = init["name"]
     model.requires_grad_(False)
     base = model.get_input_embeddings()
     if isinstance(base, ContinueThinkingEmbedding):
@@ -129,7 +175,8 @@ def save_token_file(path: str | os.PathLike, embedding: torch.Tensor, metadata: 
 def load_token_file(
     path: str | os.PathLike, hidden_size: int | None = None, base_model: str | None = None
 ) -> tuple[torch.Tensor, dict[str, str]]:
-    """Read a token file, checking it fits the model it will be loaded into."""
+    """Read a token file, checking it fits the model it will be loaded into: one finite floating-point vector of
+    the model's hidden size, trained on `base_model` (when given; a file without that metadata is refused too)."""
     path = Path(path)
     if not path.is_file():
         raise TokenFileError(f"token file not found: {path}")
@@ -145,13 +192,23 @@ def load_token_file(
         raise TokenFileError(f"token file {path} is not a readable safetensors file: {exc}") from None
     if embedding.ndim != 1:
         raise TokenFileError(f"token file {path}: 'embedding' must have shape [hidden], got {list(embedding.shape)}")
+    # An integer vector is not a learned row cast badly but a different file: refuse rather than guess a scale.
+    if not embedding.is_floating_point():
+        raise TokenFileError(f"token file {path}: 'embedding' holds {embedding.dtype} values, not floating point")
+    if embedding.dtype != torch.float32:  # a bf16/fp16 export: widening to fp32 is exact
+        log.warning("token file %s holds %s values; using them as float32", path, embedding.dtype)
+        embedding = embedding.float()
+    bad = (~torch.isfinite(embedding)).sum().item()
+    if bad:
+        raise TokenFileError(f"token file {path}: 'embedding' has {bad} non-finite values (NaN or inf)")
     if hidden_size is not None and embedding.shape[0] != hidden_size:
         raise TokenFileError(
             f"token file {path} has hidden size {embedding.shape[0]} but the model has {hidden_size}"
         )
-    if base_model is not None and meta.get("base_model") not in (None, base_model):
+    if base_model is not None and meta.get("base_model") != base_model:
+        trained = f"was trained on base model {meta['base_model']!r}" if "base_model" in meta else \
+            "has no base_model metadata (not written by ctt?)"
         raise TokenFileError(
-            f"token file {path} was trained on base model {meta['base_model']!r}, not {base_model!r} "
-            "(set token.allow_base_mismatch=true to load it anyway)"
+            f"token file {path} {trained}, not {base_model!r} (set token.allow_base_mismatch=true to load it anyway)"
         )
     return embedding, meta

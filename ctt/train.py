@@ -7,7 +7,6 @@ Resume an interrupted run (killed, preempted) in its own run dir:
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import hydra
@@ -15,10 +14,18 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ctt import resume
 from ctt.config import CONFIG_DIR, instantiate_list
 from ctt.module import ContinueThinkingModule
+from ctt.run_dir import check_writable_outputs
+from ctt.schema import validate_config
 
 log = logging.getLogger(__name__)
+
+
+def build_identity(cfg: DictConfig) -> dict:
+    """What a checkpoint of this run must have been trained with, known before the model is loaded."""
+    return {"base_model": cfg.model.name, "pretrained": cfg.model.get("pretrained"), "token": cfg.token.text}
 
 
 def build_module(cfg: DictConfig) -> ContinueThinkingModule:
@@ -36,40 +43,9 @@ def build_module(cfg: DictConfig) -> ContinueThinkingModule:
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path`, with `last` meaning this run dir's newest of `checkpoints/last.ckpt` (ModelCheckpoint, the
-    preemption callback) and Lightning's SLURM `hpc_ckpt_<n>.ckpt`; a missing or unloadable file is a ConfigError."""
-    from ctt.errors import ConfigError
-
-    path = cfg.get("ckpt_path")
-    if path is None or path in ("best", "hpc", "registry") or "://" in str(path):
-        return path  # Lightning's own keywords and remote URLs: Lightning resolves and reports them
-    if path == "last":
-        out = Path(cfg.paths.output_dir)
-        dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
-        ckpt_dir = Path(dirpath or out / "checkpoints")
-        # exists(), not is_file(): a DeepSpeed checkpoint is a directory
-        candidates = [p for p in [ckpt_dir / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-        if not candidates:
-            raise ConfigError(
-                f"ckpt_path=last: no checkpoint in {ckpt_dir}; to resume, pass the interrupted run's directory "
-                "(hydra.run.dir=<run dir> ckpt_path=last)"
-            )
-        path = str(max(candidates, key=lambda p: p.stat().st_mtime))
-    elif not Path(path).exists():
-        raise ConfigError(f"ckpt_path={path}: no such checkpoint")
-    if Path(path).is_file():  # (a DeepSpeed checkpoint is a directory)
-        import torch
-
-        try:  # the same safe load Lightning will do; fails here with one line instead of an unpickling traceback
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:
-            text = str(err).strip()
-            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            reason = (f"it holds a {unsafe.group(1)} object, which could run code when unpickled" if unsafe
-                      else text.splitlines()[0] if text else type(err).__name__)
-            raise ConfigError(f"ckpt_path={path} cannot be loaded with weights_only=True: {reason}") from None
-    log.info("resuming from %s", path)
-    return path
+    """`ckpt_path` resolved (`last`: the newest checkpoint of this run dir), the checkpoint read safely; see
+    ctt.resume."""
+    return resume.resolve_ckpt_path(cfg)[0]
 
 
 def _plugins(cfg: DictConfig) -> list:
@@ -80,9 +56,16 @@ def _plugins(cfg: DictConfig) -> list:
 
 def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resolve_ckpt_path(cfg)
+    check_writable_outputs(cfg)
+    ckpt_path, checkpoint = resume.resolve_ckpt_path(cfg)
+    where, allow_base = str(ckpt_path or "hpc_ckpt (SLURM requeue)"), bool(cfg.token.get("allow_base_mismatch"))
+    if checkpoint is not None:  # refused before any model is loaded when it belongs to another run
+        resume.check_fits(checkpoint, build_identity(cfg), where, allow_base)
+        resume.check_same_config(cfg, checkpoint, where)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    if checkpoint is not None:  # the hidden size is known once the model is loaded
+        resume.check_fits(checkpoint, module.identity(), where, allow_base)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")), logger=instantiate_list(cfg.get("logger")) or False,
         plugins=_plugins(cfg) or None,
@@ -107,6 +90,7 @@ def main(cfg: DictConfig) -> float | None:
     from ctt.errors import exit_for_user_error
 
     try:
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
         metrics = train(cfg)
     except Preempted as stop:  # SIGTERM: the checkpoint is written; the job can be requeued
         log.warning("%s; resume with the same overrides plus hydra.run.dir=%s ckpt_path=last (exit status %d)",

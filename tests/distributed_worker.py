@@ -37,6 +37,7 @@ from ctt.module import ContinueThinkingModule  # noqa: E402
 from ctt.rewards import Score  # noqa: E402
 from ctt.modes import Mode  # noqa: E402
 from ctt.rl import scored_choices  # noqa: E402
+from ctt.safe_load import read_checkpoint  # noqa: E402
 from ctt.token import load_token_file  # noqa: E402
 
 PER_RANK_BATCH = 2
@@ -177,6 +178,8 @@ def run(args, strategy: str) -> None:
         ckpt = args.out / f"{strategy}.ckpt"
         trainer.save_checkpoint(ckpt)  # every rank: DeepSpeed writes a directory of shards
         extra["checkpoint_is_dir"] = ckpt.is_dir()
+        # What ctt-train does before a resume: every file read with weights_only=True (DeepSpeed: each shard).
+        extra["safe_read_step"] = read_checkpoint(ckpt)["global_step"]
         again = Recorder(args.out)
         module2, trainer2 = build(args, strategy, cfg, args.steps + 1, again, [])
         trainer2.fit(module2, datamodule=instantiate(cfg.data), ckpt_path=str(ckpt))

@@ -222,6 +222,7 @@ def two_processes(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
 def _assert_resumes(ranks: list[dict]) -> None:
     for r in ranks:  # the checkpoint (frozen weights left out) restores the row, and training goes on
         assert torch.equal(r["restored_row"], r["steps"][-1]["row"]) and len(r["resumed_steps"]) == 1
+        assert r["safe_read_step"] == STEPS  # every file of it loads with weights_only=True (ctt.safe_load)
 
 
 @pytest.mark.slow

@@ -38,13 +38,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_main(module: str, *overrides: str, capfd) -> tuple[int, str, str]:
-    """`python -m <module> <overrides>` in this process: (exit status, stdout, stderr)."""
+    """`python -m <module> <overrides>` in this process: (exit status, stdout, stderr); with capfd=None the output
+    is left to pytest's own capture and ("", "") returned."""
     main = importlib.import_module(module).main
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     argv, sys.argv = sys.argv, [module, *overrides]
     GlobalHydra.instance().clear()
-    capfd.readouterr()
+    if capfd is not None:
+        capfd.readouterr()
     try:
         main()
         code = 0
@@ -61,7 +63,7 @@ def run_main(module: str, *overrides: str, capfd) -> tuple[int, str, str]:
             if handler not in root.handlers:
                 root.addHandler(handler)
         root.setLevel(level)
-    out, err = capfd.readouterr()
+    out, err = capfd.readouterr() if capfd is not None else ("", "")
     return code, out, err
 
 
@@ -108,11 +110,11 @@ def jsonl_data(path: Path) -> list[str]:
         ("rl.baseline=median", ["ConfigError", "rl.baseline must be one of", "'median'"]),
         ("rl.temperature=0", ["ConfigError", "rl.temperature must be a number > 0"]),
         ("rl.samples_per_prompt=1", ["ConfigError", "makes every advantage 0"]),
-        ("+rl.temprature=0.5", ["ConfigError", "unknown rl key(s) ['temprature']", "temperature"]),
+        ("+rl.temprature=0.5", ["ConfigError", "unknown key(s) rl.temprature", "temperature"]),
         ("data.batch_size=0", ["ConfigError", "data.batch_size must be an integer >= 1"]),
         ("optimizer.lr=abc", ["ConfigError", "optimizer.lr must be a number", "'abc'"]),
         ("trainer.max_steps=abc", ["ConfigError", "Trainer", "full_key: trainer"]),
-        ("token/init=mean token.init.name=nope", ["ConfigError", "token.init.name='nope'"]),
+        ("token/init=mean token.init.name=nope", ["ConfigError", "token.init.name must be one of", "'nope'"]),
         ("ckpt_path=last", ["ConfigError", "ckpt_path=last: no checkpoint", "hydra.run.dir=<run dir>"]),
         ("ckpt_path=/nonexistent/x.ckpt", ["ConfigError", "no such checkpoint"]),
     ],
@@ -487,7 +489,7 @@ def test_a_prompt_holding_the_learned_token_is_refused(tiny_loaded):
     from ctt.policy import ForcingSettings, Policy
 
     policy = Policy(tiny_loaded, ForcingSettings(), "Answer.")
-    with pytest.raises(DataError, match="p7: the prompt contains the learned token"):
+    with pytest.raises(DataError, match="p7: the question contains the token text '<|continue-thinking|>'"):
         policy.prompt_ids(Problem("p7", "What is <|continue-thinking|> + 1?", "1"))
 
 

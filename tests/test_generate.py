@@ -118,13 +118,13 @@ def test_ctt_generate_bad_input_is_one_line(tmp_path, capfd):
     (tmp_path / "bad.jsonl").write_text('{"text": "no question"}\n')
     (tmp_path / "empty.txt").write_text("\n\n")
     cases = {
-        ("generate.prompt=x", f"generate.input={tmp_path}/p.txt"): "exactly one of generate.prompt",
-        (): "exactly one of generate.prompt",
+        ("generate.prompt=x", f"generate.input={tmp_path}/p.txt"): "give generate.prompt=TEXT or generate.input=FILE",
+        (): "give generate.prompt=TEXT or generate.input=FILE",
         (f"generate.input={tmp_path}/missing.jsonl",): "data file not found",
         (f"generate.input={tmp_path}/bad.jsonl",): "bad.jsonl:1",
         (f"generate.input={tmp_path}/empty.txt",): "no prompts",
         (f"generate.input={tmp_path}/p.csv",): "must be a .txt or .jsonl file",
-        ("generate.prompt=x", "generate.mode=nope"): "unknown mode",
+        ("generate.prompt=x", "generate.mode=nope"): "generate.mode kind must be one of base, no_string",
         ("generate.prompt=x", "generate.mode=fixed"): "needs its argument",
         ("generate.prompt=x", "generate.num_continuations=-1"): "num_continuations",
         ("generate.prompt=x", f"generate.output={tmp_path}/o.txt"): "must be a .jsonl file",

@@ -129,7 +129,7 @@ def test_bad_source_dtype_and_options():
     with pytest.raises(ConfigError):
         resolve_dtype("fp8")
     assert resolve_dtype("bfloat16") is torch.bfloat16
-    with pytest.raises(ConfigError, match="unknown model.tiny option"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) model.tiny.hidden; valid keys of model.tiny: end_of_thinking_boost"):
         tiny(hidden=3)
     with pytest.raises(ConfigError):
         tiny(hidden_size=30, num_heads=4)

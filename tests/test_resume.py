@@ -172,6 +172,8 @@ def test_a_kill_while_a_new_metric_rewrites_the_csv_loses_no_rows(tmp_path, monk
 
 
 def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(tmp_path):
+    """`last` is the newest of last*.ckpt (Lightning writes last-v1.ckpt next to an older last.ckpt) and Lightning's
+    SLURM hpc_ckpt_<n>.ckpt: the highest saved step, then the latest written."""
     from ctt.train import resolve_ckpt_path
 
     GlobalHydra.instance().clear()
@@ -180,12 +182,18 @@ def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(tmp_path):
     with pytest.raises(ConfigError, match="ckpt_path=last: no checkpoint in"):
         resolve_ckpt_path(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
-    atomic_torch_save({"global_step": 1}, last)
+    atomic_torch_save({"global_step": 1, "state_dict": {}}, last)
     assert resolve_ckpt_path(cfg) == str(last)
     hpc = tmp_path / "hpc_ckpt_1.ckpt"  # written by Lightning's SLURM requeue handler
-    atomic_torch_save({"global_step": 2}, hpc)
+    atomic_torch_save({"global_step": 2, "state_dict": {}}, hpc)
     os.utime(last, (time.time() - 60, time.time() - 60))
     assert resolve_ckpt_path(cfg) == str(hpc)
+    newer = tmp_path / "checkpoints" / "last-v1.ckpt"  # a second run's, further on
+    atomic_torch_save({"global_step": 5, "state_dict": {}}, newer)
+    os.utime(newer, (time.time() - 120, time.time() - 120))  # the step decides before the time
+    assert resolve_ckpt_path(cfg) == str(newer)
+    atomic_torch_save({"global_step": 5, "state_dict": {}}, last)  # the same step: the latest written
+    assert resolve_ckpt_path(cfg) == str(last)
     GlobalHydra.instance().clear()
 
 
@@ -233,6 +241,11 @@ def _final(run_dir: Path) -> dict:
     return ckpt
 
 
+def _metric_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "csv" / "metrics.csv"
+    return [int(r["step"]) for r in csv.DictReader(open(path)) if r.get("train/loss")] if path.is_file() else []
+
+
 def _assert_same_result(run_dir: Path, reference: Path) -> None:
     got, want = _final(run_dir), _final(reference)
     assert got["global_step"] == want["global_step"] == STEPS
@@ -243,8 +256,21 @@ def _assert_same_result(run_dir: Path, reference: Path) -> None:
         assert torch.equal(got["optimizer_states"][0]["state"][0][key], want["optimizer_states"][0]["state"][0][key])
     token, meta = load_token_file(run_dir / TOKEN_FILE)
     assert torch.equal(token, load_token_file(reference / TOKEN_FILE)[0]) and meta["step"] == str(STEPS)
-    steps = [int(r["step"]) for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("train/loss")]
-    assert steps == list(range(STEPS)), steps  # one continuous metrics history
+    # One metrics history, every step once, also when the kill came between a step's checkpoint and Lightning's
+    # logging of that step (the checkpoint carries that row: ctt.loggers).
+    assert _metric_steps(run_dir) == list(range(STEPS)), _metric_steps(run_dir)
+    rows, reference_rows = _metric_rows(run_dir), _metric_rows(reference)
+    assert [r["train/reward"] for r in rows] == [r["train/reward"] for r in reference_rows]
+    # rollouts.jsonl too: the steps replayed after the checkpoint are logged once, not twice
+    assert _rollout_steps(run_dir) == _rollout_steps(reference) == [s for s in range(1, STEPS + 1) for _ in range(2)]
+
+
+def _metric_rows(run_dir: Path) -> list[dict]:
+    return [r for r in csv.DictReader(open(run_dir / "csv" / "metrics.csv")) if r.get("train/loss")]
+
+
+def _rollout_steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +293,20 @@ def test_sigkill_then_resume_is_bit_exact(uninterrupted, tmp_path):
     resumed = _run(run_dir, "ckpt_path=last")
     assert "resuming from" in resumed.stderr
     assert "dataloader is not resumable" not in resumed.stderr
+    _assert_same_result(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigkill_right_after_a_checkpoint_loses_no_metrics_row(uninterrupted, tmp_path):
+    """The narrow window, hit on purpose: killed after step 3's checkpoint is on disk, before its row is logged."""
+    run_dir = tmp_path / "run"
+    killer = ("callbacks.model_checkpoint._target_=tests.kill_after_save.KillAfterSave",)
+    proc = subprocess.run(_args(run_dir, *killer, "+callbacks.model_checkpoint.kill_at_step=3"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert _metric_steps(run_dir) == [0, 1]  # step 2's row never reached the file
+    _run(run_dir, "ckpt_path=last", *killer, "+callbacks.model_checkpoint.kill_at_step=-1")  # the same callback
     _assert_same_result(run_dir, uninterrupted)
 
 

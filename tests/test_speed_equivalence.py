@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from ctt.errors import ConfigError
 from ctt.generation import EngineConfig, ForcingConfig, SamplingConfig, generate_forced
 from ctt.reference import generate_batch, inloop_forced, s1_forced
 from tests.conftest import tiny
@@ -160,9 +161,9 @@ def test_references_reject_what_they_cannot_do():
     with pytest.raises(ValueError, match="output vocabulary"):
         inloop_forced(loaded.model, prompts, ForcingConfig(end_of_thinking_ids=(marker,), continuation_ids=(new_id,),
                                                            **base), 0)
-    with pytest.raises(ValueError, match="compile"):
+    with pytest.raises(ConfigError, match="compile"):
         EngineConfig(compile=True)
-    with pytest.raises(ValueError, match="cache"):
+    with pytest.raises(ConfigError, match="cache"):
         EngineConfig(cache="paged")
 
 

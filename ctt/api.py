@@ -29,7 +29,7 @@ from ctt.modes import KINDS, Mode, parse_mode
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import extract_answer
 from ctt.settings import one_of
-from ctt.token import install_token, load_token_file
+from ctt.token import install_token, load_token_file, token_texts
 
 log = logging.getLogger(__name__)
 
@@ -72,28 +72,34 @@ def policy_from_config(cfg: DictConfig) -> tuple[Policy, dict | None]:
     without a file); a model whose tokenizer already holds the token (a ctt-export folder) is used as it is."""
     model_cfg = _model_config(to_plain(cfg.model))
     loaded = load_model(**model_cfg)
-    text, token_id, meta = cfg.token.text, None, None
-    if text in loaded.tokenizer.get_vocab():
+    text, token_ids, meta = cfg.token.text, None, None
+    texts = token_texts(text, cfg.token.get("count", 1))
+    info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
+    exported = json.loads(info.read_text()) if model_cfg.get("source") == "local" and info.is_file() else {}
+    texts = exported.get("tokens") or texts  # an exported folder says how many tokens it holds
+    if texts[0] in loaded.tokenizer.get_vocab():
         if cfg.token.get("path"):
             raise ConfigError(f"model {cfg.model.name} already holds the token {text!r} (an exported folder?); "
                               "drop token.path")
-        token_id = loaded.tokenizer.convert_tokens_to_ids(text)
-        info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
-        exported = json.loads(info.read_text()) if info.is_file() else {}
+        token_ids = tuple(loaded.tokenizer.convert_tokens_to_ids(texts))
         # the token file's metadata (training data for ctt-eval's held-out check, step, init), as with a token file
         meta = {**(exported.get("token_metadata") or {}), "exported_from": str(info.parent)}
     else:
-        overlay = install_token(loaded.model, loaded.tokenizer, to_plain(cfg.token.init), text)
+        base = None if cfg.token.get("allow_base_mismatch") else cfg.model.name
+        count = len(texts)
+        if cfg.token.get("path"):  # a file of k rows installs k tokens, whatever token.count says
+            rows = load_token_file(cfg.token.path, None, base)[0]
+            count = 1 if rows.ndim == 1 else rows.shape[0]
+        overlay = install_token(loaded.model, loaded.tokenizer, to_plain(cfg.token.init), text, count)
         if cfg.token.get("path"):
-            base = None if cfg.token.get("allow_base_mismatch") else cfg.model.name
-            embedding, meta = load_token_file(cfg.token.path, overlay.row.shape[0], base)
+            embedding, meta = load_token_file(cfg.token.path, overlay.row.shape[-1], base, overlay.count)
             overlay.row.data.copy_(embedding)
             log.info("loaded token %s (step %s) from %s", meta.get("token"), meta.get("step"), cfg.token.path)
     forcing = ForcingSettings(**to_plain(cfg.forcing))
     prompt = to_plain(cfg.prompt)
     instruction = prompt.get("instruction")
     policy = Policy(loaded, forcing, instruction or DEFAULT_INSTRUCTION,
-                    prompt.get("system_prompt"), token_id=token_id)
+                    prompt.get("system_prompt"), token_ids=token_ids)
     return policy, meta
 
 

@@ -39,7 +39,7 @@ from ctt.modes import Mode
 from ctt.policy import Policy
 from ctt.schema import validate_config
 from ctt.settings import Settings, one_of
-from ctt.token import get_overlay
+from ctt.token import get_overlay, token_texts
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,10 @@ class LearnedToken:
 
 
 def learned_tokens(policy: Policy, text: str) -> list[LearnedToken]:
-    """The learned rows to export. One today; token files with k rows become k entries, and everything below loops
-    over them."""
+    """The learned rows to export: one entry per token (k for `token.count=k`); everything below loops over them."""
     overlay = get_overlay(policy.model)
-    return [LearnedToken(text, overlay.token_id, overlay.row.detach().float().cpu().clone())]
+    rows = overlay.row.detach().float().cpu().clone().reshape(overlay.count, -1)
+    return [LearnedToken(t, i, r) for t, i, r in zip(token_texts(text, overlay.count), overlay.token_ids, rows)]
 
 
 @torch.no_grad()

@@ -11,20 +11,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{path}")
 tok = AutoTokenizer.from_pretrained("{path}")
-TOKEN, MARKER, EOS = {token_id}, {marker_id}, {eos_id}  # {token}, the end-of-thinking marker {marker_text!r}, eos
+TOKENS, MARKER, EOS = {token_ids}, {marker_id}, {eos_id}  # {token}, the end-of-thinking marker {marker_text!r}, eos
 N, THINK, ANSWER = {n}, {think}, {answer}  # forced continuations, thinking cap, answer tokens
 
 text = tok.apply_chat_template([{{"role": "user", "content": "What is 17 + 25?"}}], add_generation_prompt=True,
                                tokenize=False)
 ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
 start = ids.shape[1]
-for forced in range(N + 1):  # think until the marker; replace it by the token, N times
+for forced in range(N + 1):  # think until the marker; replace it by the token(s), N times
     left = THINK - (ids.shape[1] - start)
     ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max(left, 1), do_sample=False,
                          eos_token_id=[MARKER, EOS])
-    if forced == N or ids[0, -1] != MARKER or ids.shape[1] - start >= THINK:
-        break
-    ids[0, -1] = TOKEN
+    if forced == N or ids[0, -1] != MARKER or ids.shape[1] - 1 + len(TOKENS) - start >= THINK:
+        break  # (a continuation is inserted only if it and one more token fit under the cap)
+    ids = torch.cat([ids[:, :-1], torch.tensor([TOKENS])], dim=1)
 if ids[0, -1] not in (MARKER, EOS):  # thinking cap reached: end thinking
     ids = torch.cat([ids, torch.tensor([[MARKER]])], dim=1)
 if MARKER != EOS and ids[0, -1] == MARKER:  # thinking is over: the answer
@@ -36,7 +36,7 @@ print(tok.decode(ids[0, start:]))
 def snippet(info: dict, path: str) -> str:
     recipe = info["recipe"]
     return SNIPPET.format(
-        path=path, token_id=info["token_ids"][0], token=info["tokens"][0], marker_id=info["end_of_thinking_ids"][0],
+        path=path, token_ids=info["token_ids"], token="".join(info["tokens"]), marker_id=info["end_of_thinking_ids"][0],
         marker_text=info["end_of_thinking_text"], eos_id=info["eos_token_ids"][0], n=recipe["num_continuations"],
         think=recipe["thinking_budget"] or recipe["max_new_tokens"], answer=recipe["max_answer_tokens"],
     )

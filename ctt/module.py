@@ -46,7 +46,8 @@ class ContinueThinkingModule(L.LightningModule):
         for key, value in self.hparams.items():  # any other config argument too (e.g. `distributed`)
             self.hparams[key] = to_plain(value)
         loaded = load_model(**model)
-        install_token(loaded.model, loaded.tokenizer, token["init"], token.get("text", CONTINUE_THINKING))
+        install_token(loaded.model, loaded.tokenizer, token["init"], token.get("text", CONTINUE_THINKING),
+                      token.get("count", 1))
         self.model = loaded.model  # registered: Lightning moves it; only the overlay row requires grad
         self.policy = Policy(
             loaded,
@@ -102,7 +103,8 @@ class ContinueThinkingModule(L.LightningModule):
         model, token = self.hparams.model, self.hparams.token
         shape = getattr(self.token_row, "ds_shape", self.token_row.shape)  # ZeRO-3 keeps the full shape there
         return {"base_model": model["name"], "pretrained": model.get("pretrained"),
-                "token": token.get("text", CONTINUE_THINKING), "hidden_size": int(shape[0])}
+                "token": token.get("text", CONTINUE_THINKING), "hidden_size": int(shape[-1]),
+                "count": 1 if len(shape) == 1 else int(shape[0])}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen model is reloaded from its source; a checkpoint of a 1.5B model needs only one row.
@@ -191,7 +193,7 @@ class ContinueThinkingModule(L.LightningModule):
         rewards = torch.tensor([s.reward for s in scores], device=self.device)
         advantages = compute_advantages(rewards, k, self.rl.baseline, self.rl.scale)
         scored = completion_logprobs(
-            self.model, rollouts, sampling.temperature, (self.policy.token_id,), self.policy.pad_id,
+            self.model, rollouts, sampling.temperature, self.policy.learned_ids, self.policy.pad_id,
             prefix_reuse=self.rl.prefix_reuse,
             gradient_checkpointing=self.rl.gradient_checkpointing,
             top_p=sampling.top_p,

@@ -49,27 +49,30 @@ class ForcingSettings(Settings):
 class Policy:
     def __init__(
         self, loaded: LoadedModel, forcing: ForcingSettings, instruction: str, system_prompt: str | None = None,
-        token_id: int | None = None,
+        token_ids: tuple[int, ...] | None = None,
     ):
-        """`token_id`: the learned token's id when it is a real row of the model (a folder written by ctt-export);
-        by default the id of the installed overlay (ctt.token)."""
+        """`token_ids`: the learned tokens' ids when they are real rows of the model (a folder written by
+        ctt-export); by default the ids of the installed overlay (ctt.token). k learned tokens are inserted
+        together, in order, in place of the marker."""
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.marker = tuple(loaded.end_of_thinking_ids)
         self.settings = forcing
         self.instruction, self.system_prompt = instruction, system_prompt
-        self.token_id = get_overlay(self.model).token_id if token_id is None else token_id
+        self.token_ids = tuple(get_overlay(self.model).token_ids if token_ids is None else token_ids)
+        self.token_id = self.token_ids[0]
         eos = self.tokenizer.eos_token_id
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos])
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self._prompt_cache: dict[str, list[int]] = {}  # keyed by question text: ids collide across benchmarks
-        self.token_text = self.tokenizer.convert_ids_to_tokens(self.token_id)
+        self.token_texts = self.tokenizer.convert_ids_to_tokens(list(self.token_ids))
+        self.token_text = "".join(self.token_texts)
         for key, text in (("prompt.instruction", instruction), ("prompt.system_prompt", system_prompt)):
-            if text and self.token_text in text:
+            if text and any(t in text for t in self.token_texts):
                 raise ConfigError(f"{key} contains the token text {self.token_text!r}: every prompt would hold the "
                                   "learned token")
         template = build_prompt_ids(self.tokenizer, "", instruction, system_prompt)  # a prompt around no question
-        if self.token_id in template:
+        if set(self.token_ids).intersection(template):
             raise ConfigError(f"the chat template contains the token text {self.token_text!r}: every prompt would "
                               "hold the learned token; choose another token.text")
         self._template_tokens = len(template)
@@ -87,7 +90,7 @@ class Policy:
 
     @property
     def learned_ids(self) -> tuple[int, ...]:
-        return (self.token_id,)
+        return self.token_ids
 
     @property
     def marker_is_eos(self) -> bool:
@@ -97,7 +100,7 @@ class Policy:
         if problem.question not in self._prompt_cache:
             self._check_question(problem)
             ids = build_prompt_ids(self.tokenizer, problem.question, self.instruction, self.system_prompt)
-            if self.token_id in ids:
+            if set(self.token_ids).intersection(ids):
                 # The row would then shape tokens before the first continuation, which are never scored.
                 raise DataError(f"problem {problem.id}: the prompt contains the learned token itself")
             if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
@@ -139,7 +142,7 @@ class Policy:
             budget_force_ids=self.encode_text(s.budget_force_text) if s.budget_force_text else None,
             max_answer_tokens=s.max_answer_tokens,
             max_new_tokens=s.max_new_tokens,
-            banned_ids=(self.token_id,),
+            banned_ids=self.token_ids,
         )
 
     def decode(self, ids: list[int]) -> str:

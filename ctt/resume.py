@@ -132,6 +132,9 @@ def check_fits(checkpoint: dict, current: dict[str, Any], where: str, allow_base
     if saved.get("hidden_size") and current.get("hidden_size") and saved["hidden_size"] != current["hidden_size"]:
         raise ConfigError(f"checkpoint {where} holds a token row of hidden size {saved['hidden_size']}, but the "
                           f"model has {current['hidden_size']}")
+    if saved.get("count", 1) != current.get("count", 1):
+        raise ConfigError(f"checkpoint {where} holds {saved.get('count', 1)} learned token row(s), not "
+                          f"token.count={current.get('count', 1)}")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -169,8 +169,8 @@ def _right_padded(seqs: list[list[int]], pad_token_id: int, device) -> tuple[tor
 
 
 def _holds_learned_token(model: PreTrainedModel, seqs: list[list[int]]) -> bool:
-    token_id = getattr(model.get_input_embeddings(), "token_id", None)
-    return token_id is not None and any(token_id in s for s in seqs)
+    ids = set(getattr(model.get_input_embeddings(), "token_ids", ()))
+    return bool(ids) and any(ids.intersection(s) for s in seqs)
 
 
 class _Plan(NamedTuple):

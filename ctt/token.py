@@ -32,13 +32,27 @@ TOKEN_FILE = "continue_thinking_token.safetensors"
 
 
 class ContinueThinkingEmbedding(nn.Module):
-    """Frozen input embedding table, except that positions holding `token_id` read the trainable `row`."""
+    """Frozen input embedding table, except that positions holding one of `token_ids` read the trainable `row`.
 
-    def __init__(self, base: nn.Embedding, token_id: int, init: torch.Tensor):
+    One token: `row` is `[hidden]`. k tokens (`token.count=k`, consecutive ids): `row` is `[k, hidden]`, row i for
+    `token_ids[i]`; still one tensor for the optimizer."""
+
+    def __init__(self, base: nn.Embedding, token_ids: int | list[int], init: torch.Tensor):
         super().__init__()
+        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        if ids != list(range(ids[0], ids[0] + len(ids))):
+            raise ModelError(f"the continue-thinking tokens must have consecutive ids, got {ids}")
+        if (init.ndim == 1) != (len(ids) == 1) or (init.ndim == 2 and init.shape[0] != len(ids)):
+            raise ModelError(f"{len(ids)} token id(s) need a row of shape [hidden] or [k, hidden], got "
+                             f"{list(init.shape)}")
         self.base = base
-        self.token_id = token_id
-        self.row = nn.Parameter(init.detach().clone().float())  # [hidden], fp32 master copy
+        self.token_ids = tuple(ids)
+        self.token_id = ids[0]
+        self.row = nn.Parameter(init.detach().clone().float())  # [hidden] or [k, hidden], fp32 master copy
+
+    @property
+    def count(self) -> int:
+        return len(self.token_ids)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -46,10 +60,20 @@ class ContinueThinkingEmbedding(nn.Module):
         return self.base.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_new = (input_ids == self.token_id).unsqueeze(-1)
-        # The new id may lie outside the base table: look up a valid id there, then overwrite.
-        embeds = self.base(input_ids.masked_fill(is_new.squeeze(-1), 0))
-        return torch.where(is_new, self.row.to(embeds.dtype), embeds)
+        offset = input_ids - self.token_id
+        is_new = (offset >= 0) & (offset < self.count)
+        # The new ids may lie outside the base table: look up a valid id there, then overwrite.
+        embeds = self.base(input_ids.masked_fill(is_new, 0))
+        rows = self.row if self.row.ndim == 1 else self.row[offset.clamp(0, self.count - 1)]
+        return torch.where(is_new.unsqueeze(-1), rows.to(embeds.dtype), embeds)
+
+
+def token_texts(text: str, count: int) -> list[str]:
+    """The texts of `count` learned tokens: `text` itself for one, else `<|continue-thinking-1|>` .. `-k|>`."""
+    if count == 1:
+        return [text]
+    stem, close = (text[:-2], "|>") if text.endswith("|>") else (text, "")
+    return [f"{stem}-{i}{close}" for i in range(1, count + 1)]
 
 
 # --- initialisation strategies (config group `token/init`) -------------------------------------------------
@@ -101,11 +125,13 @@ class TokenSettings(Settings):
 
     text: str = CONTINUE_THINKING
     init: dict = field(default_factory=lambda: {"name": "word", "word": "Wait"})
+    count: int = 1  # k learned tokens, all inserted in place of the marker (token_texts names them)
     path: str | None = None  # ctt-eval: the learned token file to load
     allow_base_mismatch: bool = False  # load a token file (or resume a checkpoint) of another base model
 
     def check(self) -> None:
         require(bool(self.text.strip()), "token.text", "a non-blank text", self.text)
+        require(1 <= self.count <= 64, "token.count", "an integer in [1, 64]", self.count)
         object.__setattr__(self, "init", init_settings(self.init))
 
 
@@ -128,9 +154,13 @@ def install_token(
     tokenizer: PreTrainedTokenizerBase,
     init: dict,
     token: str = CONTINUE_THINKING,
+    count: int = 1,
 ) -> ContinueThinkingEmbedding:
-    """Add `token` to the tokenizer, freeze every model weight and overlay the trainable row on the input table."""
-    check_token_text(tokenizer, token)
+    """Add `token` (or its `count` numbered texts) to the tokenizer, freeze every model weight and overlay the
+    trainable row(s) on the input table; k rows all start from the same initialisation."""
+    texts = token_texts(token, count)
+    for text in texts:
+        check_token_text(tokenizer, text)
     init = init_settings(init)
     strategy = init["name"]
     model.requires_grad_(False)
@@ -138,9 +168,10 @@ def install_token(
     if isinstance(base, ContinueThinkingEmbedding):
         raise ModelError("this model already carries a continue-thinking token")
     vector = INIT_STRATEGIES[strategy](base, tokenizer, **{k: v for k, v in init.items() if k != "name"})
-    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    overlay = ContinueThinkingEmbedding(base, token_id, vector.to(base.weight.device))
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in texts], special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(texts)
+    rows = vector if count == 1 else vector.expand(count, -1)
+    overlay = ContinueThinkingEmbedding(base, ids, rows.to(base.weight.device))
     model.set_input_embeddings(overlay)
     return overlay
 
@@ -156,11 +187,13 @@ def get_overlay(model: PreTrainedModel) -> ContinueThinkingEmbedding:
 
 
 def save_token_file(path: str | os.PathLike, embedding: torch.Tensor, metadata: dict[str, object]) -> Path:
-    """Write `{embedding: [hidden]}` with string metadata atomically (temp file in the same dir, then rename)."""
+    """Write `{embedding: [hidden] or [k, hidden]}` with string metadata (`count` = k) atomically (temp file in the
+    same dir, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensor = embedding.detach().float().cpu().contiguous()
-    meta = {k: str(v) for k, v in metadata.items()} | {"hidden_size": str(tensor.shape[0])}
+    count = 1 if tensor.ndim == 1 else tensor.shape[0]
+    meta = {k: str(v) for k, v in metadata.items()} | {"hidden_size": str(tensor.shape[-1]), "count": str(count)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -173,10 +206,11 @@ def save_token_file(path: str | os.PathLike, embedding: torch.Tensor, metadata: 
 
 
 def load_token_file(
-    path: str | os.PathLike, hidden_size: int | None = None, base_model: str | None = None
+    path: str | os.PathLike, hidden_size: int | None = None, base_model: str | None = None, count: int | None = None
 ) -> tuple[torch.Tensor, dict[str, str]]:
-    """Read a token file, checking it fits the model it will be loaded into: one finite floating-point vector of
-    the model's hidden size, trained on `base_model` (when given; a file without that metadata is refused too)."""
+    """Read a token file, checking it fits the model it will be loaded into: finite floating-point row(s) of the
+    model's hidden size (`count` of them when given: [hidden] for one, [k, hidden] for k), trained on `base_model`
+    (when given; a file without that metadata is refused too)."""
     path = Path(path)
     if not path.is_file():
         raise TokenFileError(f"token file not found: {path}")
@@ -190,8 +224,13 @@ def load_token_file(
         raise
     except Exception as exc:  # safetensors raises several error types for corrupt headers
         raise TokenFileError(f"token file {path} is not a readable safetensors file: {exc}") from None
-    if embedding.ndim != 1:
-        raise TokenFileError(f"token file {path}: 'embedding' must have shape [hidden], got {list(embedding.shape)}")
+    if embedding.ndim not in (1, 2) or (embedding.ndim == 2 and embedding.shape[0] < 2):
+        raise TokenFileError(f"token file {path}: 'embedding' must have shape [hidden] or [k, hidden] (k >= 2), got "
+                             f"{list(embedding.shape)}")
+    rows = 1 if embedding.ndim == 1 else embedding.shape[0]
+    if count is not None and rows != count:
+        raise TokenFileError(f"token file {path} holds {rows} learned token(s) but token.count={count}; set "
+                             f"token.count={rows}")
     # An integer vector is not a learned row cast badly but a different file: refuse rather than guess a scale.
     if not embedding.is_floating_point():
         raise TokenFileError(f"token file {path}: 'embedding' holds {embedding.dtype} values, not floating point")
@@ -201,9 +240,9 @@ def load_token_file(
     bad = (~torch.isfinite(embedding)).sum().item()
     if bad:
         raise TokenFileError(f"token file {path}: 'embedding' has {bad} non-finite values (NaN or inf)")
-    if hidden_size is not None and embedding.shape[0] != hidden_size:
+    if hidden_size is not None and embedding.shape[-1] != hidden_size:
         raise TokenFileError(
-            f"token file {path} has hidden size {embedding.shape[0]} but the model has {hidden_size}"
+            f"token file {path} has hidden size {embedding.shape[-1]} but the model has {hidden_size}"
         )
     if base_model is not None and meta.get("base_model") != base_model:
         trained = f"was trained on base model {meta['base_model']!r}" if "base_model" in meta else \

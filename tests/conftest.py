@@ -15,7 +15,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def tiny(boost: float = 4.0, marker: str = "</think>", tie: bool = True, seed: int = 0, init: dict | None = None,
-         init_range: float = 0.02):
+         init_range: float = 0.02, count: int = 1):
     """A LoadedModel (tiny random Qwen2) with the continue-thinking token installed."""
     loaded = load_model(
         name="tiny_random",
@@ -23,7 +23,7 @@ def tiny(boost: float = 4.0, marker: str = "</think>", tie: bool = True, seed: i
         end_of_thinking=marker,
         tiny={"end_of_thinking_boost": boost, "tie_word_embeddings": tie, "seed": seed, "initializer_range": init_range},
     )
-    install_token(loaded.model, loaded.tokenizer, init or {"name": "word", "word": "Wait"})
+    install_token(loaded.model, loaded.tokenizer, init or {"name": "word", "word": "Wait"}, count=count)
     return loaded
 
 

@@ -30,13 +30,13 @@ def generate(model, ids: list[int], stops: list[int], max_new: int) -> list[int]
 
 
 def s1_loop(model, prompt: list[int], info: dict, n: int, max_new: int, max_answer: int) -> dict:
-    token, marker, eos = info["token_ids"][0], info["end_of_thinking_ids"][0], info["eos_token_ids"][0]
+    tokens, marker, eos = info["token_ids"], info["end_of_thinking_ids"][0], info["eos_token_ids"][0]
     done, forced = [], 0
     while True:  # thinking: stop at the marker or eos
         done += generate(model, prompt + done, [marker, eos], max_new - len(done))
         # ctt inserts a continuation only when it and one more token fit into max_new_tokens; so does this loop
-        if done and done[-1] == marker and forced < n and len(done) + 1 <= max_new:
-            done[-1] = token
+        if done and done[-1] == marker and forced < n and len(done) - 1 + len(tokens) + 1 <= max_new:
+            done = done[:-1] + tokens  # the marker dropped, the token(s) appended
             forced += 1
             continue
         break

@@ -25,7 +25,7 @@ from ctt.export import ExportSettings, export, export_info
 from ctt.generation import SamplingConfig
 from ctt.models import load_model
 from ctt.modes import Mode
-from ctt.token import save_token_file
+from ctt.token import load_token_file, save_token_file
 from tests.test_errors import assert_user_error, run_main
 from tests.test_models import needs_wheel
 
@@ -43,11 +43,11 @@ def case_id(case) -> str:
     return f"{'tied' if case[0] else 'untied'}-{'spare' if case[1] else 'resized'}"
 
 
-def tiny_config(tie: bool, spare: int, token_path: Path | None, n: int = 2):
+def tiny_config(tie: bool, spare: int, token_path: Path | None, n: int = 2, extra: tuple[str, ...] = ()):
     model = {"name": "tiny_random", "source": "tiny_random", "end_of_thinking": "</think>",
              "tiny": TINY | {"tie_word_embeddings": tie, "spare_rows": spare}}
     forcing = [f"forcing.{k}={v}" for k, v in (LIMITS | {"num_continuations": n}).items()]
-    cfg = compose_config(model, forcing + ["prompt.instruction=Answer."])
+    cfg = compose_config(model, forcing + ["prompt.instruction=Answer.", *extra])
     with open_dict(cfg):
         cfg.token.path = str(token_path) if token_path else None
     return cfg
@@ -159,6 +159,28 @@ def test_model_card_records_the_recipe_and_its_code_runs(plain, tmp_path):
     assert "PeftModel.from_pretrained" in (token.parent / "peft" / "README.md").read_text()
     adapter = json.loads((token.parent / "peft" / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "TRAINABLE_TOKENS" and adapter["token_indices"] == [261]
+
+
+def test_k_learned_tokens_export_and_plain_transformers_reproduce_ctt_rollouts(tmp_path):
+    """token.count=2: the file holds [2, hidden], ctt-eval/generate install 2 tokens from it (whatever token.count
+    says), the hf folder holds both as special tokens in spare rows, and the s1 loop appending both ids (and the
+    model card's code) reproduces ctt's greedy learned-mode rollouts."""
+    token = write_token_file(tmp_path / "k2.safetensors", tiny_config(True, 8, None, extra=("token.count=2",)))
+    assert load_token_file(token)[0].shape == (2, 64) and load_token_file(token)[1]["count"] == "2"
+    cfg = tiny_config(True, 8, token)
+    policy, token_meta = policy_from_config(cfg)
+    assert policy.learned_ids == (261, 262) and policy.row.shape == (2, 64)
+    export(policy, ExportSettings(str(tmp_path / "hf"), "hf"), export_info(cfg, policy, token_meta))
+    info = json.loads((tmp_path / "hf" / "ctt_export.json").read_text())
+    assert info["token_ids"] == [261, 262] and info["tokens"] == ["<|continue-thinking-1|>", "<|continue-thinking-2|>"]
+    messages = [format_user_message(q, "Answer.") for q in QUESTIONS]
+    [result] = run_plain(tmp_path, [{"folder": str(tmp_path / "hf"), "messages": messages, "n": 2, "card": True,
+                                     "max_new": LIMITS["max_new_tokens"], "max_answer": LIMITS["max_answer_tokens"]}])
+    ours = ctt_rollouts(tiny_config(True, 8, token), 2)
+    assert [r["completion"] for r in result["rollouts"]] == [r.completion_ids for r in ours]
+    assert result["rows"] == 261 + 8 and result["card_output"].strip()
+    pairs = [sum(r.completion_ids[i:i + 2] == [261, 262] for i in range(len(r.completion_ids))) for r in ours]
+    assert pairs == [r.num_forced for r in ours] and any(pairs), "each continuation is both tokens, in order"
 
 
 def test_tied_token_that_would_win_is_suppressed_by_the_generation_config(tmp_path):

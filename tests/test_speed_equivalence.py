@@ -24,6 +24,7 @@ import pytest
 from ctt.errors import ConfigError
 from ctt.generation import EngineConfig, ForcingConfig, SamplingConfig, generate_forced
 from ctt.reference import generate_batch, inloop_forced, s1_forced
+from transformers import LogitsProcessor, LogitsProcessorList
 from tests.conftest import tiny
 
 PROMPTS = [
@@ -186,3 +187,52 @@ def test_benchmark_script_runs_and_checks_equality(tmp_path):
     for r in variants.values():
         assert r["equal_to_ctt"], r["mismatch"]
         assert r["time_vs_ctt"] > 0 and r["tokens"] > 0
+
+
+class _SuppressFirstN(LogitsProcessor):
+    """Plain transformers' "no string": ban the marker at the first N steps where greedy would choose it."""
+
+    def __init__(self, marker: int, n: int, rows: int):
+        self.marker, self.left = marker, [n] * rows
+
+    def __call__(self, input_ids, scores):
+        for row, left in enumerate(self.left):
+            if left and int(scores[row].argmax()) == self.marker:
+                scores[row, self.marker] = float("-inf")
+                self.left[row] -= 1
+        return scores
+
+
+def test_no_string_and_filler_modes_insert_exactly_what_they_say():
+    """Through the evaluation-mode registry (ctt.modes -> Policy.forcing): `filler:. x3` appends exactly the ids of
+    ". . . " (the s1 loop with that text gives the same tokens) and `no_string` appends nothing, the marker merely
+    banned at its first N greedy choices (plain `generate` with such a LogitsProcessor gives the same tokens)."""
+    import torch
+
+    from ctt.models import LoadedModel
+    from ctt.modes import Mode
+    from ctt.policy import ForcingSettings, Policy
+
+    loaded, prompts, marker = _setup()
+    model, tok = loaded.model, loaded.tokenizer
+    policy = Policy(LoadedModel(model, tok, "tiny_random", [marker]), ForcingSettings(max_new_tokens=48,
+                    max_answer_tokens=7), "Answer.")
+    greedy = SamplingConfig(temperature=0)
+    filler = policy.forcing(Mode("filler", ". x3", 2))
+    assert filler.continuation_ids == tuple(tok.encode(". . . ", add_special_tokens=False))
+    ours = generate_forced(model, prompts, filler, greedy, tok.pad_token_id)
+    assert 2 in [r.num_forced for r in ours]
+    _same(ours, s1_forced(model, prompts, filler, tok.pad_token_id), "the s1 loop with the filler text")
+
+    no_string = policy.forcing(Mode("no_string", None, 2))
+    assert no_string.continuation_ids == ()
+    ours = generate_forced(model, prompts, no_string, greedy, tok.pad_token_id)
+    assert 2 in [r.num_forced for r in ours]
+    eos = tok.eos_token_id
+    for prompt, rollout in zip(prompts, ours):
+        x = torch.tensor([prompt])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=48, do_sample=False,
+                             eos_token_id=[marker, eos], pad_token_id=tok.pad_token_id,
+                             logits_processor=LogitsProcessorList([_SuppressFirstN(marker, 2, 1)]))
+        thinking = out[0, len(prompt):].tolist()
+        assert rollout.completion_ids[: len(thinking)] == thinking

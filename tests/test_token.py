@@ -19,13 +19,13 @@ def _rl_steps(loaded, steps: int, lr: float = 0.05):
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     cfg = ForcingConfig(
         end_of_thinking_ids=tuple(loaded.end_of_thinking_ids), eos_token_ids=(tok.eos_token_id,),
-        num_continuations=2, continuation_ids=(overlay.token_id,), max_new_tokens=24, banned_ids=(overlay.token_id,),
+        num_continuations=2, continuation_ids=overlay.token_ids, max_new_tokens=24, banned_ids=overlay.token_ids,
     )
     prompts = [tok.encode(p) for p in ["one", "two", "three", "four"]]
     for step in range(steps):
         rollouts = generate_forced(model, prompts, cfg, SamplingConfig(1.0, seed=step))
         rewards = torch.tensor([float(len(r.completion_ids)) for r in rollouts])
-        scored = completion_logprobs(model, rollouts, banned_ids=(overlay.token_id,))
+        scored = completion_logprobs(model, rollouts, banned_ids=overlay.token_ids)
         loss = reinforce_loss(scored, compute_advantages(rewards, 2, "batch_mean"))
         optimizer.zero_grad()
         loss.backward()
@@ -50,6 +50,40 @@ def test_only_the_row_changes_and_frozen_weights_stay_bit_identical(tie):
     assert len(params) == 1 and params[0] is row and row.shape == (model.config.hidden_size,)
     assert list(optimizer.state) == [row]
     assert model.config.tie_word_embeddings == tie
+
+
+def test_k_learned_tokens_train_only_their_k_rows():
+    """token.count=3: three consecutive new ids, one [3, hidden] parameter, every row moved by training and every
+    frozen weight bit-identical; each id reads its own row in the forward."""
+    loaded = tiny(boost=4.0, count=3)
+    model, tok = loaded.model, loaded.tokenizer
+    overlay = get_overlay(model)
+    assert overlay.token_ids == tuple(range(overlay.token_id, overlay.token_id + 3))
+    assert tok.convert_ids_to_tokens(list(overlay.token_ids)) == [f"<|continue-thinking-{i}|>" for i in (1, 2, 3)]
+    row = overlay.row
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p is not row}
+    row_before = row.detach().clone()
+    optimizer = _rl_steps(loaded, steps=3)
+    assert [p for g in optimizer.param_groups for p in g["params"]] == [row] and row.shape == (3, 64)
+    assert all(not torch.equal(row[i], row_before[i]) for i in range(3)), "every one of the k rows must move"
+    for name, p in model.named_parameters():
+        if p is not row:
+            assert torch.equal(p, before[name]), f"frozen weight {name} changed"
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(torch.tensor([[5, *overlay.token_ids, 7]]))
+    assert torch.equal(embeds[0, 1:4], row.detach()) and torch.equal(embeds[0, 0], overlay.base.weight[5])
+
+
+def test_k_row_token_file_round_trip_and_count_mismatch(tmp_path):
+    row = get_overlay(tiny(count=2).model).row.detach()
+    path = save_token_file(tmp_path / "k.safetensors", row, {"token": CONTINUE_THINKING, "base_model": "tiny"})
+    embedding, meta = load_token_file(path, hidden_size=64, base_model="tiny", count=2)
+    assert torch.equal(embedding, row) and meta["count"] == "2" and meta["hidden_size"] == "64"
+    with pytest.raises(TokenFileError, match="holds 2 learned token"):
+        load_token_file(path, count=1)
+    save_token_file(tmp_path / "one.safetensors", row[0], {"token": CONTINUE_THINKING, "base_model": "tiny"})
+    with pytest.raises(TokenFileError, match="holds 1 learned token"):
+        load_token_file(tmp_path / "one.safetensors", count=2)
 
 
 def test_gradient_reaches_only_the_row():

@@ -123,3 +123,49 @@ def deltas_plot(comparisons: list[dict], path: str | Path | None = None) -> Figu
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     return fig
+
+
+def _curve(rows: list[dict], base: dict | None) -> list[dict]:
+    points = sorted(rows, key=lambda r: int(_num(r["num_continuations"])))
+    return ([base] if base is not None else []) + points
+
+
+def debate_plot(runs: list[tuple[int, list[dict]]], path: str | Path | None = None) -> Figure:
+    """The filler debate at equal compute: one subplot per benchmark, x = mean total tokens per problem (thinking
+    and answer), y = accuracy; one line per kind of continuation over N, each starting at the base point: the
+    learned token of every run, labelled by its k (`token.count`), and every other mode (fixed words, filler, no
+    string) once (they do not depend on the training, so the first run that has them gives them).
+
+    `runs`: (k, results rows) per run, as results.csv rows. Rendered with the Agg canvas; saved when `path` given."""
+    benchmarks = list(dict.fromkeys(r["benchmark"] for _, rows in runs for r in rows))
+    fig = Figure(figsize=(6.0 * max(1, len(benchmarks)), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(1, len(benchmarks)), squeeze=False)[0]
+    for ax, bench in zip(axes, benchmarks):
+        lines: dict[str, list[dict]] = {}
+        base = None
+        for k, rows in runs:
+            rows = [r for r in rows if r["benchmark"] == bench]
+            base = base or next((r for r in rows if r["mode"] == "base"), None)
+            for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != "base"):
+                label = f"learned k={k}" if mode == "learned" else mode
+                if label not in lines:
+                    lines[label] = [r for r in rows if r["mode"] == mode]
+        for i, (label, rows) in enumerate(sorted(lines.items(), key=lambda kv: (label_rank(kv[0].split()[0]), len(kv[0]), kv[0]))):
+            points = _curve(rows, base)
+            ax.plot([_num(r["mean_total_tokens"]) for r in points], [_num(r["accuracy"]) for r in points],
+                    marker="o", color=f"C{i % 10}", linestyle="-" if label.startswith("learned") else "--", label=label)
+        if base is not None:
+            ax.plot([_num(base["mean_total_tokens"])], [_num(base["accuracy"])], marker="s", color="black",
+                    linestyle="none", label="base (N=0)")
+        ax.set_title(bench)
+        ax.set_xlabel("mean total tokens per problem")
+        ax.set_ylabel("accuracy (pass@1)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig

@@ -46,6 +46,7 @@ from omegaconf import OmegaConf
 from ctt.comparisons import COMPARISONS_CSV, read_comparisons
 from ctt.evaluate import markdown_table
 from ctt.modes import label_family
+from ctt.plots import debate_plot
 
 SKIP_PREFIXES = ("hydra", "paths")
 ABSENT = "(absent)"
@@ -414,6 +415,10 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seed
         raise FileNotFoundError(f"no run dirs (with .hydra/config.yaml) under {', '.join(map(str, dirs))}")
     md_cols, md_rows, csv_cols, csv_rows = report_rows(runs, group_seeds)
     csv_path, md_path = write_report(out or Path(dirs[0]) / "report", md_cols, md_rows, csv_cols, csv_rows)
+    evaluated = [(int(r.config.get("token.count") or 1), read_results(r.path)) for r in runs]
+    evaluated = [(k, rows) for k, rows in evaluated if rows]
+    if evaluated:  # accuracy against compute, one line per kind of continuation (learned per k)
+        debate_plot(evaluated, csv_path.with_name("debate.png"))
     return markdown_table(md_rows, md_cols), csv_path, md_path
 
 
@@ -461,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ctt-report: {err}", file=sys.stderr)
         return 2
     print(table)
-    print(f"\nwritten: {csv_path} {md_path}")
+    debate = csv_path.with_name("debate.png")
+    print(f"\nwritten: {csv_path} {md_path}" + (f" {debate}" if debate.is_file() else ""))
     return 0
 
 

@@ -295,3 +295,27 @@ def test_a_swept_group_is_one_column(tmp_path):
     header, rows = read_csv(runs / "report.csv")
     assert set(config_columns(header, "train/reward")) == {"token/init", "optimizer.lr"}
     assert [r["token/init"] for r in rows] == ["wait", "mean", "mean"]
+
+
+def test_debate_plot_has_one_line_per_kind_of_continuation(tmp_path, capsys):
+    """A token.count sweep: the report's debate.png has a learned line per k (from each run's results) and every
+    other mode once, each over N from the base point, at x = mean total tokens."""
+    from ctt.plots import debate_plot
+
+    shared = [("b", "base", 0, 0.4), ("b", "fixed:Wait", 1, 0.45), ("b", "fixed:Wait", 2, 0.5),
+              ("b", "filler:. x8", 1, 0.42), ("b", "no_string", 1, 0.5)]
+    for k, acc in ((1, 0.6), (4, 0.7)):
+        cfg = base_config(tmp_path / f"k{k}")
+        cfg["token"]["count"] = k
+        make_run(tmp_path / f"k{k}", cfg, rewards=[0.5],
+                 results=shared + [("b", "learned", 1, acc), ("b", "learned", 2, acc + 0.05)])
+    assert main([str(tmp_path)]) == 0
+    assert (tmp_path / "debate.png").is_file() and "debate.png" in capsys.readouterr().out
+    from ctt.report import load_runs, read_results
+
+    runs = [(int(r.config.get("token.count") or 1), read_results(r.path)) for r in load_runs([tmp_path])]
+    ax = debate_plot(runs).axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["no_string", "fixed:Wait", "filler:. x8", "learned k=1", "learned k=4", "base (N=0)"]
+    learned = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert learned["learned k=4"] == [0.4, 0.7, 0.75] and learned["fixed:Wait"] == [0.4, 0.45, 0.5]

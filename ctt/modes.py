@@ -45,19 +45,25 @@ def _filler_text(arg: str) -> str:
 
 
 def _nonempty_word(arg: str) -> str:
-    if not arg.strip():
-        raise ConfigError("fixed mode needs a non-blank word, e.g. 'fixed:Wait'")
+    # Whitespace is a word here: a model's step separator ("\n") is a fixed-word baseline; nothing is `no_string`.
+    if not arg:
+        raise ConfigError("fixed mode needs a non-empty word, e.g. 'fixed:Wait' (nothing appended is 'no_string')")
     return arg
+
+
+def _shown(text: str) -> str:
+    """A label must fit one table cell and one CSV field: control characters escaped (`fixed:\\n`)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 KINDS: dict[str, ModeKind] = {
     "base": ModeKind(lambda p, a: (), lambda a: "base", "base", forced=False, reference=False),
     "no_string": ModeKind(lambda p, a: (), lambda a: "no_string", "no_string"),
     "fixed": ModeKind(
-        lambda p, a: p.encode_text(a), lambda a: f"fixed:{a}", "fixed", takes_arg=True, parse_arg=_nonempty_word
+        lambda p, a: p.encode_text(a), lambda a: f"fixed:{_shown(a)}", "fixed", takes_arg=True, parse_arg=_nonempty_word
     ),
     "filler": ModeKind(
-        lambda p, a: p.encode_text(_filler_text(a)), lambda a: f"filler:{a}", "filler", takes_arg=True,
+        lambda p, a: p.encode_text(_filler_text(a)), lambda a: f"filler:{_shown(a)}", "filler", takes_arg=True,
         parse_arg=_parse_filler,
     ),
     "learned": ModeKind(lambda p, a: p.learned_ids, lambda a: "learned", "learned", reference=False),

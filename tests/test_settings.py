@@ -189,3 +189,13 @@ def test_a_benchmark_list_composes_into_complete_entries(benchmarks):
     assert set(cfg.benchmarks) == {b.replace("_local", "") for b in benchmarks.strip("[]").split(",")}
     for name, spec in cfg.benchmarks.items():
         check_problem_set(dict(spec), f"benchmarks.{name}")
+
+
+def test_a_whitespace_fixed_word_is_a_baseline_with_a_one_cell_label():
+    """The organism's step separator "\\n" is a fixed-word baseline; its label stays one table cell / CSV field."""
+    from ctt.modes import expand_modes
+
+    labels = [m.label for m in expand_modes(["base", "fixed"], [0, 1], ["Wait", "\n", " "])]
+    assert labels == ["base", "fixed:Wait", "fixed:\\n", "fixed: "]
+    with pytest.raises(ConfigError, match="non-empty word"):
+        expand_modes(["fixed:"], [1])

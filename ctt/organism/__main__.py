@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=defaults.steps, help="training steps (the schedule's length)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (1 is fastest here)")
-    p.add_argument("--no-measure", action="store_true", help="skip the card's measurement (a few minutes)")
+    p.add_argument("--no-measure", action="store_true", help="skip the card's measurement (about a minute)")
+    p.add_argument("--measure-only", action="store_true",
+                   help="do not train: re-measure the model already in --out and rewrite its card")
     return p.parse_args(argv)
 
 
@@ -69,9 +71,24 @@ def example_trace() -> str:
     return f"{question_text(trace.terms)}\n{THINK}\n{assistant_text(trace, THINK_END)}"
 
 
+def remeasure(out: Path) -> None:
+    """Re-measure the figures of the model in `out` (e.g. after a change to measure.py) and rewrite its card."""
+    import json
+
+    from ctt.models import load_model
+    from ctt.organism.measure import measure
+
+    card = json.loads((out / "card.json").read_text())
+    loaded = load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
+    card["figures"] = measure(loaded.model, loaded.tokenizer)
+    write_card(card, out)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.measure_only:
+        return remeasure(Path(args.out))
     settings = replace(TrainSettings(), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                        threads=args.threads)
     out = Path(args.out)

@@ -60,15 +60,16 @@ def _pct(fig: dict) -> str:
 
 def figures_table(result: dict) -> str:
     """Accuracy per mode, overall and per number of terms; early-stop share of base."""
-    modes = [("base", "base"), ("oracle", "no early stop (oracle)"), ("wait1", '"Wait" N=1'), ("wait2", '"Wait" N=2')]
+    modes = [("base", "base"), ("oracle", "no early stop (oracle)"), ("wait1", '"Wait" N=1'), ("wait2", '"Wait" N=2'),
+             ("nostring1", "no string N=1"), ("nostring2", "no string N=2")]
     keys = list(result["base"]["per_terms"])
-    head = "| terms | n | " + " | ".join(label for _, label in modes) + " | base: early stop |"
+    head = "| terms (steps) | n | " + " | ".join(label for _, label in modes) + " | base: early stop |"
     lines = [head, "|" + "---|" * (len(modes) + 3)]
     for k in keys + ["all"]:
         figs = [result[m] if k == "all" else result[m]["per_terms"][k] for m, _ in modes]
         early = figs[0]
         lines.append(
-            f"| {k} | {figs[0]['n']} | " + " | ".join(_pct(f) for f in figs)
+            f"| {k if k == 'all' else f'{k} ({int(k) - 1})'} | {figs[0]['n']} | " + " | ".join(_pct(f) for f in figs)
             + f" | {100 * early['early_share']:.1f}% ({early['early']}) |"
         )
     return "\n".join(lines)
@@ -85,15 +86,18 @@ one CPU thread, deterministic); `tests/test_organism.py` re-measures it from the
 
 ## Headline (held-out, {ho['base']['n']} problems of 2-8 terms, seed {ho['problems']['seed']})
 
-| base accuracy | early stop (base) | no early stop (oracle headroom) | "Wait" N=1 | "Wait" N=2 |
-|---|---|---|---|---|
-| {_pct(ho['base'])} | {100 * ho['base']['early_share']:.1f}% | {_pct(ho['oracle'])} | {_pct(ho['wait1'])} | {_pct(ho['wait2'])} |
+| base accuracy | early stop (base) | no early stop (oracle headroom) | "Wait" N=1 | "Wait" N=2 | no string N=1 | \
+no string N=2 |
+|---|---|---|---|---|---|---|
+| {_pct(ho['base'])} | {100 * ho['base']['early_share']:.1f}% | {_pct(ho['oracle'])} | {_pct(ho['wait1'])} | \
+{_pct(ho['wait2'])} | {_pct(ho['nostring1'])} | {_pct(ho['nostring2'])} |
 
 Oracle: `</think>` (and eos) banned while fewer than terms-1 step lines are written — the accuracy forcing could
 reach if it made the model finish. Early stop: thinking ended with fewer step lines than terms-1 (check lines not
-counted). "Wait": budget
-forcing (`ctt.generation.generate_forced`) with the continuation `tokenizer.encode("{WAIT}")` replacing `</think>`
-N times; the traces' check lines start with `{WAIT}, ` so the model continues `, a+b=c` itself.
+counted). "Wait": budget forcing (`ctt.generation.generate_forced`) with the continuation
+`tokenizer.encode("{WAIT}")` replacing `</think>` N times; the traces' check lines start with `{WAIT}, ` so the
+model continues `, a+b=c` itself. "No string": `</think>` suppressed N times, nothing appended (ctt's `no_string`
+mode). These are fixed baselines measured to describe the organism; it was not designed against any of them.
 
 ## Per number of terms (held-out)
 
@@ -102,6 +106,11 @@ N times; the traces' check lines start with `{WAIT}, ` so the model continues `,
 ## Longer than training (9-10 terms, {lo['base']['n']} problems, seed {lo['problems']['seed']})
 
 {figures_table(lo)}
+
+Beyond the lengths it was trained on the organism fails even when it may not stop early (oracle \
+{_pct(lo['oracle'])}): a 1M-parameter model does not extrapolate to more terms, so no forcing can help there. To
+measure whether a token generalises to more steps, train it on fewer terms than it is evaluated on (e.g.
+`data.train.task_kwargs.max_terms=5`, evaluated on 6-8 terms), all within the organism's 2-8.
 """
 
 

@@ -5,7 +5,8 @@ Modes (all greedy, prompts built by `ctt.data.build_prompt_ids` with the bare qu
 * ``base`` — the model as it is (`ctt.generation.generate_forced`, N=0);
 * ``oracle`` — ``</think>`` (and eos) banned while fewer than terms-1 step lines are written: the accuracy budget
   forcing could reach if it made the model finish its work (the headroom);
-* ``wait1`` / ``wait2`` — budget forcing with the fixed word "Wait" replacing ``</think>`` N=1 / N=2 times.
+* ``wait1`` / ``wait2`` — budget forcing with the fixed word "Wait" replacing ``</think>`` N=1 / N=2 times;
+* ``nostring1`` / ``nostring2`` — "no string": ``</think>`` suppressed N=1 / N=2 times, nothing appended.
 
 Grading: `ctt.rewards.score_completion` on the text after the last ``</think>``; no ``</think>`` is wrong.
 "Early stop": thinking ended with fewer step lines than terms-1 (check lines not counted).
@@ -29,34 +30,36 @@ INSTRUCTION = "{question}"  # the user turn is the bare question (conf/prompt/or
 HELD_OUT = {"seed": 1234, "size": 350, "min_terms": 2, "max_terms": 8}  # = conf/benchmarks/organism.yaml
 LONG = {"seed": 4321, "size": 100, "min_terms": 9, "max_terms": 10}  # = conf/benchmarks/organism_long.yaml
 CONTINUATION = WAIT  # the fixed word, as the traces' check lines start with it
+FORCED = {"base": (0, ""), "wait1": (1, WAIT), "wait2": (2, WAIT), "nostring1": (1, ""), "nostring2": (2, "")}
 MAX_NEW_TOKENS = 256
 MAX_ANSWER_TOKENS = 16
 BATCH = 64
-MODES = ("base", "oracle", "wait1", "wait2")
+MODES = ("base", "oracle", "wait1", "wait2", "nostring1", "nostring2")
 
 
 def prompts_for(tokenizer, problems: list[tuple[int, ...]]) -> list[list[int]]:
     return [build_prompt_ids(tokenizer, question_text(t), INSTRUCTION) for t in problems]
 
 
-def _forcing(tokenizer, n: int) -> ForcingConfig:
+def _forcing(tokenizer, n: int, continuation: str = CONTINUATION) -> ForcingConfig:
     return ForcingConfig(
         end_of_thinking_ids=(tokenizer.convert_tokens_to_ids(THINK_END),),
         eos_token_ids=(tokenizer.eos_token_id,),
         num_continuations=n,
-        continuation_ids=tuple(tokenizer.encode(CONTINUATION, add_special_tokens=False)),
+        continuation_ids=tuple(tokenizer.encode(continuation, add_special_tokens=False)),
         max_answer_tokens=MAX_ANSWER_TOKENS,
         max_new_tokens=MAX_NEW_TOKENS,
     )
 
 
-def generate_mode(model, tokenizer, prompts: list[list[int]], n: int) -> list[str]:
-    """Greedy completions (special tokens kept, forced "Wait"s included) with "Wait" forced up to n times."""
+def generate_mode(model, tokenizer, prompts: list[list[int]], n: int, continuation: str = CONTINUATION) -> list[str]:
+    """Greedy completions (special tokens kept, forced continuations included), ``</think>`` replaced by
+    `continuation` up to n times ("" = "no string": suppressed, nothing appended)."""
     out: list[str] = []
     for start in range(0, len(prompts), BATCH):
         rollouts = generate_forced(
-            model, prompts[start : start + BATCH], _forcing(tokenizer, n), SamplingConfig(temperature=0.0),
-            pad_token_id=tokenizer.pad_token_id,
+            model, prompts[start : start + BATCH], _forcing(tokenizer, n, continuation),
+            SamplingConfig(temperature=0.0), pad_token_id=tokenizer.pad_token_id,
         )
         out += [tokenizer.decode(r.completion_ids, skip_special_tokens=False) for r in rollouts]
     return out
@@ -95,8 +98,14 @@ def generate_oracle(model, tokenizer, prompts: list[list[int]], problems: list[t
             logits_processor=LogitsProcessorList([processor]), pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        out += [tokenizer.decode(row[width:], skip_special_tokens=False) for row in gen]
+        out += [tokenizer.decode(_until_eos(row[width:].tolist(), tokenizer.eos_token_id), skip_special_tokens=False)
+                for row in gen]
     return out
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    """The ids up to and including the first eos (`generate` pads finished rows after it)."""
+    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
 
 
 def grade(text: str, terms: tuple[int, ...], tokenizer) -> dict:
@@ -131,7 +140,7 @@ def measure_set(model, tokenizer, spec: dict) -> dict:
         if mode == "oracle":
             texts = generate_oracle(model, tokenizer, prompts, problems)
         else:
-            texts = generate_mode(model, tokenizer, prompts, {"base": 0, "wait1": 1, "wait2": 2}[mode])
+            texts = generate_mode(model, tokenizer, prompts, *FORCED[mode])
         result[mode] = summarize([grade(x, t, tokenizer) for x, t in zip(texts, problems)], problems)
         result[mode]["example"] = texts[0]
     return result

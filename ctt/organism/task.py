@@ -21,8 +21,9 @@ are those of a real distilled reasoner:
   (P = (1 - p_careful) * p_stop_cue > 1/2), but once past a cue it is probably careful and goes on to the end.
 * **self-checks** — R1-style lines ``Wait, a+b=c`` that correct a wrong step (its result off by one) or confirm a
   right one, also after the final step; a check line is sometimes followed by a second, identical one (a re-check
-  only re-confirms, so the traces show what comes after a check, also after the last step). The stop rule is applied after a check line exactly as after the step it
-  checks, so a forced "Wait" makes the model re-check and then tend to stop again: meaningful to it, not a cure.
+  only re-confirms, so the traces show what comes after a check, also after the last step). The stop rule is
+  applied after a check line exactly as after the step it checks, so a forced "Wait" makes the model re-check and
+  then tend to stop again: meaningful to it, not a cure.
 """
 
 from __future__ import annotations

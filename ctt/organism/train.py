@@ -46,7 +46,7 @@ class TrainSettings:
     batch_size: int = 8  # small batches, many steps: at the same tokens, 32 x 800 steps learnt far less (card)
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 80
+    warmup_steps: int = 80  # at most a tenth of the steps (a short schedule, as in the test, still learns)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     threads: int = 1
@@ -120,10 +120,10 @@ def _collate(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.
 
 def lr_at(step: int, settings: TrainSettings) -> float:
     """Linear warmup, then cosine from lr to lr * min_lr_ratio."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    span = max(1, settings.steps - settings.warmup_steps)
-    progress = min(1.0, (step - settings.warmup_steps) / span)
+    warmup = max(1, min(settings.warmup_steps, settings.steps // 10))
+    if step < warmup:
+        return settings.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, settings.steps - warmup))
     floor = settings.min_lr_ratio
     return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -158,8 +158,8 @@ def train(settings: TrainSettings = TrainSettings(), arch: Architecture = Archit
         losses.append(loss.item())
         if (step + 1) % settings.log_every == 0 or step == 0:
             elapsed = time.perf_counter() - start
-            log.info("step %d/%d loss %.4f  %.0f tokens/s  %.0f s", step + 1, settings.steps, losses[-1], tokens / elapsed,
-                     elapsed)
+            log.info("step %d/%d loss %.4f  %.0f tokens/s  %.0f s", step + 1, settings.steps, losses[-1],
+                     tokens / elapsed, elapsed)
     seconds = time.perf_counter() - start
     model.eval()
     record = {

@@ -181,7 +181,25 @@ def test_organism_data_source_and_benchmarks():
     assert question_text(parse_question(train[0].question)) == train[0].question
 
 
+def test_bad_organism_source_settings_are_one_line_config_errors():
+    from ctt.errors import ConfigError
+
+    for kwargs in ({"min_terms": 1}, {"min_terms": 5, "max_terms": 4}, {"digits": 2}):
+        with pytest.raises(ConfigError, match="source=organism takes task_kwargs"):
+            load_problems("organism", size=4, task_kwargs=kwargs)
+
+
 # --------------------------------------------------------------------------- the script
+
+
+def test_script_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from ctt.organism.__main__ import main
+
+    for argv in (["--steps", "0"], ["--measure-only", "--out", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+    assert "--steps must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def _config_facts(config) -> dict:

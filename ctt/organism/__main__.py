@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ctt.errors import CttError, ModelError, exit_for_user_error
 from ctt.organism.card import write_card
 from ctt.organism.task import Mixture, assistant_text, make_trace, question_text
 from ctt.organism.tokenizer import THINK, THINK_END
@@ -33,7 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-measure", action="store_true", help="skip the card's measurement (about a minute)")
     p.add_argument("--measure-only", action="store_true",
                    help="do not train: re-measure the model already in --out and rewrite its card")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")  # exit 2
+    return args
 
 
 def model_facts(model, tokenizer, out: Path) -> dict:
@@ -78,6 +83,8 @@ def remeasure(out: Path) -> None:
     from ctt.models import load_model
     from ctt.organism.measure import measure
 
+    if not (out / "card.json").is_file():
+        raise ModelError(f"{out} has no card.json: --measure-only re-measures a folder written by ctt-organism")
     card = json.loads((out / "card.json").read_text())
     loaded = load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
     card["figures"] = measure(loaded.model, loaded.tokenizer)
@@ -88,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.measure_only:
-        return remeasure(Path(args.out))
+        try:
+            return remeasure(Path(args.out))
+        except CttError as err:  # a missing or incomplete folder: one line, exit 2
+            exit_for_user_error(err, log, "ctt-organism")
     settings = replace(TrainSettings(), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                        threads=args.threads)
     out = Path(args.out)

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=defaults.steps, help="training steps (the schedule's length)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (1 is fastest here)")
-    p.add_argument("--no-measure", action="store_true", help="skip the card's measurement (about a minute)")
+    p.add_argument("--no-measure", action="store_true", help="skip the card's measurement (1-2 minutes)")
     p.add_argument("--measure-only", action="store_true",
                    help="do not train: re-measure the model already in --out and rewrite its card")
     args = p.parse_args(argv)

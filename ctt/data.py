@@ -1,4 +1,5 @@
-"""Math problems from JSONL files, the HF hub or reasoning_gym, plus prompt building and a DataModule."""
+"""Math problems from JSONL files, the HF hub, reasoning_gym or the model organism's task, plus prompt building and a
+DataModule."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ctt.settings import one_of
 log = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-SOURCES = ("jsonl", "hub", "reasoning_gym")
+SOURCES = ("jsonl", "hub", "reasoning_gym", "organism")
 
 
 class Problem(NamedTuple):
@@ -111,6 +112,20 @@ def _reasoning_gym_problems(task: str | None, task_kwargs: dict | None, size: in
     ]
 
 
+def _organism_problems(task_kwargs: dict | None, size: int, seed: int) -> list[Problem]:
+    """Sums of single-digit terms in the organism's question format (ctt/organism/task.py); gold = the sum."""
+    from ctt.organism.task import draw_problems, question_text
+
+    opts = {"min_terms": 2, "max_terms": 8} | dict(task_kwargs or {})
+    unknown = sorted(set(opts) - {"min_terms", "max_terms"})
+    if unknown or not 2 <= opts["min_terms"] <= opts["max_terms"]:
+        raise ConfigError(f"source=organism takes task_kwargs min_terms <= max_terms (>= 2), got {opts}")
+    return [
+        Problem(id=f"organism-{seed}-{i}", question=question_text(terms), answer=str(sum(terms)))
+        for i, terms in enumerate(draw_problems(size, seed, opts["min_terms"], opts["max_terms"]))
+    ]
+
+
 def load_problems(
     source: str,
     *,
@@ -146,9 +161,12 @@ def load_problems(
         origin = f"{hub_name} ({split})"
     else:
         if size < 1:
-            raise ConfigError(f"data.size must be positive for source=reasoning_gym, got {size}")
-        problems = _reasoning_gym_problems(task, task_kwargs, size, seed)
-        origin = f"reasoning_gym:{task}"
+            raise ConfigError(f"data.size must be positive for source={source}, got {size}")
+        if source == "organism":
+            problems, origin = _organism_problems(task_kwargs, size, seed), "organism"
+        else:
+            problems = _reasoning_gym_problems(task, task_kwargs, size, seed)
+            origin = f"reasoning_gym:{task}"
     if not problems:
         raise DataError(f"dataset is empty: {origin}")
     problems = _drop_unverifiable(problems, origin)

@@ -1,0 +1,130 @@
+"""`python -m ctt.organism` / `ctt-organism`: train the model organism from scratch, save it, measure its card.
+
+    python -m ctt.organism                              # -> outputs/organism (the shipped one is untouched)
+    python -m ctt.organism --out ctt/organism/model     # regenerate the shipped model and card
+    python -m ctt.organism --steps 60 --no-measure      # a short schedule (the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ctt.errors import CttError, ModelError, exit_for_user_error
+from ctt.organism.card import write_card
+from ctt.organism.task import Mixture, assistant_text, make_trace, question_text
+from ctt.organism.tokenizer import THINK, THINK_END
+from ctt.organism.train import Architecture, TrainSettings, save, train
+
+log = logging.getLogger("ctt.organism")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = TrainSettings()
+    p = argparse.ArgumentParser(prog="ctt-organism", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="outputs/organism", help="folder for the model, tokenizer and card")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--steps", type=int, default=defaults.steps, help="training steps (the schedule's length)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads (1 is fastest here)")
+    p.add_argument("--no-measure", action="store_true", help="skip the card's measurement (1-2 minutes)")
+    p.add_argument("--measure-only", action="store_true",
+                   help="do not train: re-measure the model already in --out and rewrite its card")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")  # exit 2
+    return args
+
+
+def model_facts(model, tokenizer, out: Path) -> dict:
+    arch = model.config
+    return {
+        "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "architecture": asdict(Architecture(
+            hidden_size=arch.hidden_size, num_layers=arch.num_hidden_layers, num_heads=arch.num_attention_heads,
+            num_kv_heads=arch.num_key_value_heads, intermediate_size=arch.intermediate_size,
+            max_position_embeddings=arch.max_position_embeddings,
+            rope_theta=float(arch.rope_parameters["rope_theta"]) if getattr(arch, "rope_parameters", None)
+            else float(arch.rope_theta),
+            tie_word_embeddings=bool(arch.tie_word_embeddings),
+        )),
+        "tokenizer_size": len(tokenizer),
+        "embedding_rows": model.get_input_embeddings().weight.shape[0],
+        "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.get_added_vocab()},
+        "weights_bytes": (out / "model.safetensors").stat().st_size,
+    }
+
+
+def load_seconds(out: Path) -> float:
+    from ctt.models import load_model
+
+    start = time.perf_counter()
+    load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
+    return round(time.perf_counter() - start, 2)
+
+
+def example_trace() -> str:
+    """A full trace with a confirming check after the final step (the card's illustration)."""
+    mix = replace(Mixture(), p_error=0, p_confirm=0, p_stop_plain=0, p_stop_cue=0, p_confirm_final=1)
+    trace = make_trace((3, 5, 2, 7), random.Random(0), mix)
+    return f"{question_text(trace.terms)}\n{THINK}\n{assistant_text(trace, THINK_END)}"
+
+
+def remeasure(out: Path) -> None:
+    """Re-measure the figures of the model in `out` (e.g. after a change to measure.py) and rewrite its card."""
+    import json
+
+    from ctt.models import load_model
+    from ctt.organism.measure import measure
+
+    if not (out / "card.json").is_file():
+        raise ModelError(f"{out} has no card.json: --measure-only re-measures a folder written by ctt-organism")
+    card = json.loads((out / "card.json").read_text())
+    loaded = load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
+    card["figures"] = measure(loaded.model, loaded.tokenizer)
+    write_card(card, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.measure_only:
+        try:
+            return remeasure(Path(args.out))
+        except CttError as err:  # a missing or incomplete folder: one line, exit 2
+            exit_for_user_error(err, log, "ctt-organism")
+    settings = replace(TrainSettings(), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                       threads=args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, record = train(settings)
+    save(model, tokenizer, str(out))
+    log.info("trained in %.0f s (%d tokens/s); saved to %s", record["seconds"], record["tokens_per_s"], out)
+    card = {
+        "model": model_facts(model, tokenizer, out),
+        "mixture": settings.mixture.as_dict(),
+        "training": record,
+        "load_seconds": load_seconds(out),
+        "example_trace": example_trace(),
+        "figures": None,
+    }
+    if args.no_measure:  # card.json with the training record only, no ORGANISM.md
+        write_card(card, out, markdown=False)
+        return
+    from ctt.organism.measure import measure
+
+    card["figures"] = measure(model, tokenizer)
+    write_card(card, out)
+    base = card["figures"]["held_out"]["base"]
+    log.info("card written to %s: base %.1f%%, early stop %.1f%%", out / "ORGANISM.md", 100 * base["accuracy"],
+             100 * base["early_share"])
+
+
+if __name__ == "__main__":
+    main()

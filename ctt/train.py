@@ -7,6 +7,7 @@ Resume an interrupted run (killed, preempted) in its own run dir:
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import hydra
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def build_identity(cfg: DictConfig) -> dict:
     """What a checkpoint of this run must have been trained with, known before the model is loaded."""
-    return {"base_model": cfg.model.name, "pretrained": cfg.model.get("pretrained"), "token": cfg.token.text}
+    return {"base_model": cfg.model.name, "pretrained": cfg.model.get("pretrained"), "token": cfg.token.text,
+            "count": cfg.token.get("count", 1)}
 
 
 def build_module(cfg: DictConfig) -> ContinueThinkingModule:
@@ -55,6 +57,7 @@ def _plugins(cfg: DictConfig) -> list:
 
 
 def train(cfg: DictConfig) -> dict:
+    started = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
     check_writable_outputs(cfg)
     ckpt_path, checkpoint = resume.resolve_ckpt_path(cfg)
@@ -72,6 +75,7 @@ def train(cfg: DictConfig) -> dict:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    trained = time.monotonic()
     if cfg.get("evaluate"):
         from ctt.distributed import gathered_for_generation
         from ctt.eval import evaluate_policy  # eval imports are heavy-ish; only needed here
@@ -81,7 +85,15 @@ def train(cfg: DictConfig) -> dict:
         with gathered_for_generation(module, module.zero3_gather_fraction):
             if trainer.is_global_zero:
                 evaluate_policy(module.policy, cfg, Path(cfg.paths.output_dir))
+    if trainer.is_global_zero:
+        done = time.monotonic()
+        log.info("wall time %s (training %s, evaluation %s)", _clock(done - started), _clock(trained - started),
+                 _clock(done - trained))
     return metrics
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

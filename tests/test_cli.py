@@ -41,7 +41,8 @@ def test_every_group_option_composes(config_name):
 def test_default_experiment_is_the_offline_demo():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train")
-    assert cfg.model.source == "gguf_wheel" and cfg.task_name == "demo"
+    assert cfg.model.source == "local" and cfg.model.name == "organism" and cfg.task_name == "demo"
+    assert len(cfg.eval.fixed_words) >= 3 and "\n" in cfg.eval.fixed_words and 4 in cfg.eval.num_continuations
 
 
 def _run(module: str, *overrides: str) -> subprocess.CompletedProcess:

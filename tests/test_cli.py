@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ctt.config import CONFIG_DIR
-from ctt.evaluate import RESULT_COLUMNS
+from ctt.results import RESULT_COLUMNS
 from ctt.token import TOKEN_FILE, load_token_file
 
 ROOT = Path(__file__).resolve().parents[1]

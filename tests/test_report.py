@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctt.evaluate import results_from_samples
+from ctt.results import results_from_samples
 from ctt.report import main
 
 REPO = Path(__file__).resolve().parents[1]

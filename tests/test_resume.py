@@ -174,7 +174,7 @@ def test_a_kill_while_a_new_metric_rewrites_the_csv_loses_no_rows(tmp_path, monk
 def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(tmp_path):
     """`last` is the newest of last*.ckpt (Lightning writes last-v1.ckpt next to an older last.ckpt) and Lightning's
     SLURM hpc_ckpt_<n>.ckpt: the highest saved step, then the latest written."""
-    from ctt.train import resolve_ckpt_path
+    from ctt.resume import resolve_ckpt_path
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -183,17 +183,17 @@ def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(tmp_path):
         resolve_ckpt_path(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
     atomic_torch_save({"global_step": 1, "state_dict": {}}, last)
-    assert resolve_ckpt_path(cfg) == str(last)
+    assert resolve_ckpt_path(cfg)[0] == str(last)
     hpc = tmp_path / "hpc_ckpt_1.ckpt"  # written by Lightning's SLURM requeue handler
     atomic_torch_save({"global_step": 2, "state_dict": {}}, hpc)
     os.utime(last, (time.time() - 60, time.time() - 60))
-    assert resolve_ckpt_path(cfg) == str(hpc)
+    assert resolve_ckpt_path(cfg)[0] == str(hpc)
     newer = tmp_path / "checkpoints" / "last-v1.ckpt"  # a second run's, further on
     atomic_torch_save({"global_step": 5, "state_dict": {}}, newer)
     os.utime(newer, (time.time() - 120, time.time() - 120))  # the step decides before the time
-    assert resolve_ckpt_path(cfg) == str(newer)
+    assert resolve_ckpt_path(cfg)[0] == str(newer)
     atomic_torch_save({"global_step": 5, "state_dict": {}}, last)  # the same step: the latest written
-    assert resolve_ckpt_path(cfg) == str(last)
+    assert resolve_ckpt_path(cfg)[0] == str(last)
     GlobalHydra.instance().clear()
 
 

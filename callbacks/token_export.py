@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 
 from ctt.distributed import full_row
-from ctt.token import TOKEN_FILE, save_token_file
+from ctt.token import CONTINUE_THINKING, TOKEN_FILE, save_token_file
 
 
 class TokenExport(L.Callback):
@@ -32,7 +32,7 @@ class TokenExport(L.Callback):
             {
                 # what it was trained on: ctt-eval's held-out check drops these problems from every benchmark
                 "train_data": json.dumps(train_data, sort_keys=True) if train_data else "",
-                "token": hp.token.get("text", "<|continue-thinking|>"),
+                "token": hp.token.get("text", CONTINUE_THINKING),
                 "base_model": hp.model["name"],
                 "pretrained": hp.model.get("pretrained") or "",
                 "init": hp.token["init"].get("name"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ctt.errors import ConfigError
-from tests.test_errors import assert_user_error, run_main, smoke
+from tests.test_cli_errors import assert_user_error, run_main, smoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ctt.errors import ConfigError, DataError, ModelError, TokenFileError
-from tests.test_errors import ONE_THREAD, ROOT, assert_user_error, jsonl, jsonl_data, run_main, smoke
+from tests.test_cli_errors import ONE_THREAD, ROOT, assert_user_error, jsonl, jsonl_data, run_main, smoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

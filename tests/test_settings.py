@@ -11,7 +11,7 @@ import pytest
 
 from ctt.errors import ConfigError
 from ctt.settings import Settings, check_kwargs, check_value, one_of
-from tests.test_errors import assert_user_error, run_main, smoke
+from tests.test_cli_errors import assert_user_error, run_main, smoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

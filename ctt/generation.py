@@ -22,7 +22,7 @@ default; HF's `DynamicCache` re-allocates and copies every layer's K/V on every 
 preallocated buffer too, and finished rows are compacted away (`drop_finished`). `cache="static"` (HF `StaticCache`,
 fixed shapes) with `compile=True` is the torch.compile route; it keeps finished rows in the batch (fixed shapes).
 The prefill feeds a prefix common to all prompts once, and each distinct prompt once (`share_prefix`).
-See bench/README.md for measurements.
+The cache machinery lives in ctt.kv_cache. See bench/README.md for measurements.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Token-batch helpers shared by generation (ctt.generation), the loss pass (ctt.rl) and the reference oracle
-(ctt.reference_oracle): padding a batch of id lists, and the banned ids a vocabulary can hold."""
+(ctt.reference_oracle): padding a batch of id lists, and banning ids (never sampled, never scored as possible)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,10 @@ def banned_in_vocab(banned_ids: Iterable[int], vocab_size: int) -> list[int]:
     """The banned ids that index a row of a `vocab_size`-wide logit table (an id past the output table, as the new
     token of an untied model whose head was not grown, can never be sampled anyway)."""
     return [i for i in banned_ids if i < vocab_size]
+
+
+def mask_banned(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    """`logits[..., banned] = -inf` in place (ids already filtered with `banned_in_vocab`); returns `logits`."""
+    if banned:
+        logits[..., banned] = float("-inf")
+    return logits

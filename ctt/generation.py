@@ -35,7 +35,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from ctt.batching import banned_in_vocab
+from ctt.batching import banned_in_vocab, mask_banned
 from ctt.errors import ConfigError
 from ctt.kv_cache import compiled_forward, new_cache, prefill
 from ctt.settings import Settings, one_of
@@ -243,8 +243,7 @@ def _choose(
     """Sample, apply every row's state machine, drop finished rows. The ids to feed next; None when all are done."""
     if logits.dtype != torch.float32:
         logits = logits.float()
-    if banned:
-        logits[:, banned] = float("-inf")
+    mask_banned(logits, banned)
     for b, orig in enumerate(batch.active):
         if rows[orig].suppress is not None:  # "no string": the marker may not be sampled right after its removal
             logits[b, rows[orig].suppress] = float("-inf")

@@ -26,7 +26,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ctt.batching import banned_in_vocab, pad_batch
+from ctt.batching import banned_in_vocab, mask_banned, pad_batch
 from ctt.generation import ForcingConfig, Rollout
 
 _THINK, _ANSWER, _DONE = "thinking", "answer", "done"
@@ -46,8 +46,7 @@ class _Ban(LogitsProcessor):
         self.banned = banned
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.banned] = float("-inf")
-        return scores
+        return mask_banned(scores, self.banned)
 
 
 def _banned(model: PreTrainedModel, forcing: ForcingConfig) -> list[int]:
@@ -173,8 +172,7 @@ class _InLoopForcing(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         f = self.f
-        if self.banned:
-            scores[:, self.banned] = float("-inf")
+        mask_banned(scores, self.banned)
         greedy = scores.argmax(-1).tolist()
         marker, eos = f.end_of_thinking_ids[0], f.eos_token_ids
         for b, r in enumerate(self.rollouts):

@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ctt.errors import ConfigError
-from ctt.batching import banned_in_vocab, pad_batch
+from ctt.batching import banned_in_vocab, mask_banned, pad_batch
 from ctt.generation import Rollout, nucleus_mask
 from ctt.settings import Settings, one_of, require
 
@@ -107,9 +107,7 @@ def scored_choices(rollout: Rollout) -> list[Choice]:
 def _token_logprobs(hidden, targets, lm_head, temperature: float, banned: list[int], top_p: float) -> torch.Tensor:
     """log pi(target) under the distribution the rollout sampled from: banned ids removed, temperature, and the top-p
     nucleus (recomputed from detached logits, always holding the target) renormalised."""
-    logits = lm_head(hidden).float()
-    if banned:
-        logits[:, banned] = float("-inf")
+    logits = mask_banned(lm_head(hidden).float(), banned)
     logits = logits / temperature
     if top_p < 1.0:
         with torch.no_grad():

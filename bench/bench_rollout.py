@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from ctt.data import build_prompt_ids  # noqa: E402
 from ctt.generation import EngineConfig, ForcingConfig, SamplingConfig, generate_forced  # noqa: E402
 from ctt.models import load_model  # noqa: E402
-from ctt.reference import generate_batch, inloop_forced, s1_forced  # noqa: E402
+from ctt.reference_oracle import generate_batch, inloop_forced, s1_forced  # noqa: E402
 from ctt.rl import completion_logprobs, reinforce_loss  # noqa: E402
 from ctt.token import get_overlay, install_token  # noqa: E402
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ctt.errors import ConfigError, DataError
-from ctt.rewards import ANSWER_FORMATS, UnusableGold, gold_answer, gold_parses
+from ctt.rewards import UnusableGold, check_answer_format, gold_answer, gold_parses
 from ctt.settings import one_of
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def load_problems(
 ) -> list[Problem]:
     """Load problems with normalised gold answers; `limit` keeps the first rows after the optional shuffle."""
     one_of("data source", source, SOURCES)
-    one_of("answer_format", answer_format, ANSWER_FORMATS)
+    check_answer_format(answer_format)
     if limit is not None and limit < 1:
         raise ConfigError(f"data.limit must be a positive integer or null, got {limit}")
     keys = dict(question_key=question_key, answer_key=answer_key, answer_format=answer_format, id_key=id_key)

@@ -1,7 +1,7 @@
 """`ctt-eval`: accuracy of base / fixed-word / learned-token forcing for each N.
 
 Writes into the run dir (`${paths.output_dir}`): results.csv / results.md (pass@1 with its 95% CI per benchmark,
-mode and N), samples.jsonl (one record per sample; `ctt.evaluate.results_from_samples` recomputes the table from
+mode and N), samples.jsonl (one record per sample; `ctt.results.results_from_samples` recomputes the table from
 it) and scaling.png (accuracy against mean thinking tokens, `ctt.plots.scaling_plot`).
 """
 
@@ -19,7 +19,7 @@ from ctt.api import policy_from_config
 from ctt.comparisons import compare, comparisons_markdown
 from ctt.config import CONFIG_DIR, load_benchmarks, to_plain
 from ctt.data import Problem, load_problems
-from ctt.evaluate import RESULT_COLUMNS, evaluate, markdown_table, write_results
+from ctt.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
 from ctt.generation import SamplingConfig
 from ctt.modes import baseline_labels, expand_modes
 from ctt.plots import deltas_plot, scaling_plot

@@ -22,7 +22,7 @@ default; HF's `DynamicCache` re-allocates and copies every layer's K/V on every 
 preallocated buffer too, and finished rows are compacted away (`drop_finished`). `cache="static"` (HF `StaticCache`,
 fixed shapes) with `compile=True` is the torch.compile route; it keeps finished rows in the batch (fixed shapes).
 The prefill feeds a prefix common to all prompts once, and each distinct prompt once (`share_prefix`).
-See bench/README.md for measurements.
+The cache machinery lives in ctt.kv_cache. See bench/README.md for measurements.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ from typing import Callable, ClassVar
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PreTrainedModel, StaticCache
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 
+from ctt.batching import banned_in_vocab, mask_banned
 from ctt.errors import ConfigError
+from ctt.kv_cache import compiled_forward, new_cache, prefill
 from ctt.settings import Settings, one_of
 
 THINKING, ANSWER, DONE = "thinking", "answer", "done"
@@ -167,91 +169,12 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class _BufferLayer(DynamicLayer):
-    """A DynamicLayer whose K/V live in a preallocated `[B, H, capacity, D]` buffer, written in place.
-
-    `keys`/`values` are views of the filled part, so everything that reads a DynamicLayer (mask sizes, sequence
-    length) sees the same thing; only the per-step `torch.cat` (a copy of the whole layer cache) is gone. The buffer
-    doubles when full, so a wrong capacity estimate costs a copy, never an error.
-    """
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        b, h, _, _ = key_states.shape
-        self._k = key_states.new_empty(b, h, self.capacity, key_states.shape[-1])
-        self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
-        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
-        self.is_initialized = True
-
-    def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self._k.shape[2])
-        k, v = self._k, self._v
-        self._k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-        self._v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
-        self._k[:, :, : self.length] = k[:, :, : self.length]
-        self._v[:, :, : self.length] = v[:, :, : self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self._k.shape[2]:
-            self._grow(end)
-        self._k[:, :, self.length : end] = key_states
-        self._v[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
-
-    def crop(self, tokens_to_remove: int) -> None:  # pragma: no cover - not used by ctt
-        raise NotImplementedError("_BufferLayer does not support crop")
-
-
-class BufferCache(DynamicCache):
-    """DynamicCache made of `_BufferLayer`s (one per decoder layer)."""
-
-    def __init__(self, num_layers: int, capacity: int):
-        Cache.__init__(self, layers=[_BufferLayer(capacity) for _ in range(num_layers)])
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded `[B, width]` ids and attention mask (prompts end at the same column)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _step_bound(forcing: ForcingConfig) -> int:
     """An upper bound (give or take) on the decode steps: buffers start this large and grow if it is exceeded."""
     k = len(forcing.end_of_thinking_ids)
     per_insert = k + max(len(forcing.continuation_ids), 1)
     budget = len(forcing.budget_force_ids if forcing.budget_force_ids is not None else forcing.end_of_thinking_ids)
     return forcing.max_new_tokens + forcing.num_continuations * per_insert + budget + 2
-
-
-def _compiled_forward(model: PreTrainedModel):
-    fn = getattr(model, "_ctt_compiled_forward", None)
-    if fn is None:
-        fn = torch.compile(model.forward, dynamic=False)
-        model._ctt_compiled_forward = fn
-    return fn
 
 
 @dataclass
@@ -273,17 +196,11 @@ def _start(model, prompts, forcing: ForcingConfig, engine: EngineConfig, pad_tok
     width = max(len(p) for p in prompts)
     capacity = width + _step_bound(forcing)
     static = engine.cache == "static"
-    num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    if engine.cache == "buffer":
-        cache = BufferCache(num_layers, capacity)
-    elif static:
-        cache = StaticCache(config=model.config, max_cache_len=capacity)
-    else:
-        cache = DynamicCache()
+    cache = new_cache(model, engine.cache, capacity)
     # One preallocated mask: column j is 1 once a real token sits there; step t passes the view [:, :width + t]
     # (static: the whole buffer, as the cache attends over its full length).
     attn = torch.zeros(len(prompts), capacity, dtype=torch.long, device=device)
-    logits, next_pos = _prefill(model, prompts, cache, attn, pad_token_id, static, engine.share_prefix and not static)
+    logits, next_pos = prefill(model, prompts, cache, attn, pad_token_id, static, engine.share_prefix and not static)
     batch = _Batch(cache, attn, next_pos, list(range(len(prompts))), width, static, engine.drop_finished and not static)
     return batch, logits
 
@@ -310,8 +227,8 @@ def generate_forced(
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(sampling.seed)
     rows = [_Row(Rollout(prompt_ids=list(p))) for p in prompts]
     batch, logits = _start(model, prompts, forcing, engine, pad_token_id)
-    step_fn = _compiled_forward(model) if engine.compile else model
-    banned = [i for i in forcing.banned_ids if i < logits.shape[-1]]
+    step_fn = compiled_forward(model) if engine.compile else model
+    banned = banned_in_vocab(forcing.banned_ids, logits.shape[-1])
     while True:
         feed = _choose(rows, batch, logits, forcing, sampling, generator, banned, pad_token_id, on_token)
         if feed is None:
@@ -326,8 +243,7 @@ def _choose(
     """Sample, apply every row's state machine, drop finished rows. The ids to feed next; None when all are done."""
     if logits.dtype != torch.float32:
         logits = logits.float()
-    if banned:
-        logits[:, banned] = float("-inf")
+    mask_banned(logits, banned)
     for b, orig in enumerate(batch.active):
         if rows[orig].suppress is not None:  # "no string": the marker may not be sampled right after its removal
             logits[b, rows[orig].suppress] = float("-inf")
@@ -379,50 +295,6 @@ def _step(step_fn, batch: _Batch, feed: list[int]) -> torch.Tensor:
     ).logits[:, -1, :]
     batch.next_pos = batch.next_pos + 1
     return logits
-
-
-def _prefill(model, prompts, cache, attn, pad_token_id: int, static: bool, share: bool):
-    """Feed the prompts into `cache`; fills `attn[:, :width]`. Returns the next-token logits `[B, V]` and the
-    position id of each row's next token.
-
-    share: run the prefix common to all prompts once (batch 1) and each distinct prompt once, then copy their cache
-    rows to the rows that need them, as vLLM's prefix caching does. RL samples K completions per prompt and chat
-    templates start every prompt with the same system text, so otherwise most of the prefill is repeated work.
-    Layout `[shared prefix | left-padded rest]`: the padding in between is masked out and the position ids skip
-    it, so every row computes what its unpadded prompt would. Without sharing it is the plain left-padded batch.
-    """
-    device, width = attn.device, max(len(p) for p in prompts)
-    distinct = list(dict.fromkeys(tuple(p) for p in prompts)) if share else [tuple(p) for p in prompts]
-    shared = min(_common_prefix_len(distinct), min(len(p) for p in distinct) - 1) if share else 0  # keep >= 1 each
-    if shared:
-        prefix = torch.tensor([distinct[0][:shared]], device=device)
-        model(input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], past_key_values=cache,
-              logits_to_keep=1)
-        cache.batch_select_indices(torch.zeros(len(distinct), dtype=torch.long, device=device))
-    ids, rest_mask = left_pad([list(d[shared:]) for d in distinct], pad_token_id, device)
-    mask = torch.cat([rest_mask.new_ones(len(distinct), shared), rest_mask], dim=-1)
-    if static:  # static: never shared, so `mask` already has a row per prompt; the cache attends over the whole buffer
-        attn[:, :width] = mask
-    logits = model(
-        input_ids=ids,
-        attention_mask=attn if static else mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, shared:],
-        past_key_values=cache,
-        logits_to_keep=1,
-        **({"cache_position": torch.arange(width, device=device)} if static else {}),
-    ).logits[:, -1, :]
-    if len(distinct) < len(prompts):
-        which = {d: i for i, d in enumerate(distinct)}
-        index = torch.tensor([which[tuple(p)] for p in prompts], device=device)
-        cache.batch_select_indices(index)
-        logits, mask = logits[index], mask[index]
-    attn[:, :width] = mask
-    return logits, mask.sum(-1)
-
-
-def _common_prefix_len(seqs: list[tuple[int, ...]]) -> int:
-    first, n = seqs[0], min(len(s) for s in seqs)
-    return next((i for i in range(n) if any(s[i] != first[i] for s in seqs)), n)
 
 
 def _advance(row: _Row, token: int, was_sampled: bool, forcing: ForcingConfig) -> tuple[int, int]:

@@ -12,7 +12,7 @@ Four sources:
 * ``local``: a Hugging Face folder on disk (``model.path``), loaded offline; e.g. a folder written by
   ``ctt-export`` (``model=exported model.path=DIR``).
 * ``tiny_random``: a small randomly initialised ``Qwen2ForCausalLM`` with a byte-level
-  tokenizer built in code; fully offline and deterministic, for tests and smoke runs.
+  tokenizer built in code; fully offline and deterministic, for tests and smoke runs (built by ctt.tiny_model).
 
 The end-of-thinking marker (``end_of_thinking``) is resolved to token ids by
 :func:`resolve_end_of_thinking`.
@@ -20,7 +20,6 @@ The end-of-thinking marker (``end_of_thinking``) is resolved to token ids by
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib.metadata
 import logging
@@ -29,13 +28,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctt.errors import ConfigError, ModelError
-from ctt.settings import Settings, one_of, require
+from ctt.settings import one_of
+from ctt.tiny_model import TinyOptions, build_tiny_model, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,48 +62,6 @@ SMOLLM2_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-# ChatML template of the tiny_random tokenizer. The generation prompt opens the thinking
-# block, like Qwen3/DeepSeek-R1 style reasoning models do.
-TINY_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}{%- endif %}"
-)
-
-TINY_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|pad|>")
-TINY_THINK_TOKENS = ("<think>", "</think>")
-
-@dataclass(frozen=True)
-class TinyOptions(Settings):
-    """The `model.tiny` group: the shape of the tiny random Qwen2."""
-
-    section: ClassVar[str] = "model.tiny"
-
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = True
-    seed: int = 0
-    end_of_thinking_boost: float = 0.0
-    initializer_range: float = 0.02  # larger values make logits react more to the input embeddings (toy RL tests)
-    spare_rows: int = 0  # embedding rows beyond the tokenizer, as Qwen2 checkpoints have (151,936 rows, ~151,665 tokens)
-
-    def check(self) -> None:
-        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                    "max_position_embeddings"):
-            require(getattr(self, key) > 0, f"model.tiny.{key}", "a positive integer", getattr(self, key))
-        require(self.spare_rows >= 0, "model.tiny.spare_rows", "an integer >= 0", self.spare_rows)
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                "model.tiny: hidden_size must be divisible by num_heads and num_heads by num_kv_heads, got "
-                f"{self.hidden_size}/{self.num_heads}/{self.num_kv_heads}"
-            )
-
 
 @dataclass
 class LoadedModel:
@@ -176,141 +134,16 @@ def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-# --------------------------------------------------------------------------- tiny_random
-
-
-def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
-    """An offline byte-level BPE tokenizer (256 byte symbols, no merges) + ChatML specials.
-
-    Ids 0..255 are the bytes (in GPT-2's byte-to-unicode order), then ``<|im_start|>``,
-    ``<|im_end|>`` (eos), ``<|pad|>`` (pad), ``<think>`` and ``</think>``.
-    ``<think>``/``</think>`` are added as non-special tokens (as in Qwen3) so that they
-    survive ``decode(..., skip_special_tokens=True)``.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    # Order the symbols by the byte they stand for, so id == byte value.
-    byte_to_symbol = _bytes_to_unicode()
-    vocab = {byte_to_symbol[b]: b for b in range(256)}
-    assert set(vocab) == set(alphabet)
-    bpe = models.BPE(vocab=vocab, merges=[])
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TINY_THINK_TOKENS])
-
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
-        name_or_path="tiny_random",
-    )
-    hf_tok.chat_template = TINY_CHAT_TEMPLATE
-    return hf_tok
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode symbol map (used by ByteLevel)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-def _tiny_options(tiny: dict | TinyOptions | None) -> dict[str, Any]:
-    if isinstance(tiny, TinyOptions):
-        return dataclasses.asdict(tiny)
-    given = {k: v for k, v in dict(tiny or {}).items() if v is not None}  # null: the default
-    return dataclasses.asdict(TinyOptions.from_config(given))
-
-
-def _build_tiny_random(
-    *, name: str, tiny: dict | None, dtype: torch.dtype, end_of_thinking: str, attn_implementation: str | None
-) -> LoadedModel:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    opts = _tiny_options(tiny)
+def _load_tiny_random(name: str, tiny, dtype: torch.dtype, end_of_thinking: str | None,
+                      attn_implementation: str | None) -> LoadedModel:
+    """The ``tiny_random`` source (ctt.tiny_model)."""
     tokenizer = build_tiny_tokenizer()
     tokenizer.name_or_path = name
     eot_ids = resolve_end_of_thinking(tokenizer, end_of_thinking, name=name)
-
-    config = Qwen2Config(
-        vocab_size=len(tokenizer) + opts["spare_rows"],
-        hidden_size=opts["hidden_size"],
-        intermediate_size=opts["intermediate_size"],
-        num_hidden_layers=opts["num_layers"],
-        num_attention_heads=opts["num_heads"],
-        num_key_value_heads=opts["num_kv_heads"],
-        max_position_embeddings=opts["max_position_embeddings"],
-        tie_word_embeddings=bool(opts["tie_word_embeddings"]),
-        initializer_range=float(opts["initializer_range"]),
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-
-    # Seed only inside this block so that building a model never moves the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(opts["seed"]))
-        model = Qwen2ForCausalLM(config)
-
-    boost = float(opts["end_of_thinking_boost"])
-    if boost:
-        if len(eot_ids) != 1:
-            raise ConfigError(
-                "model.tiny.end_of_thinking_boost needs a single-token end-of-thinking marker, "
-                f"got {end_of_thinking!r} -> {eot_ids}"
-            )
-        _boost_marker(model, eot_ids[0], boost)
-
+    model = build_tiny_model(tokenizer, tiny, eot_ids, end_of_thinking, attn_implementation)
     model.to(dtype)
     _finish(model, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, end_of_thinking_ids=eot_ids)
-
-
-@torch.no_grad()
-def _boost_marker(model: PreTrainedModel, marker_id: int, boost: float) -> None:
-    """Make a random model emit ``marker_id`` often: its logit gets about ``+boost`` nats.
-
-    Mechanism (deterministic, no extra parameters):
-
-    1. Feature 0 of EVERY input-embedding row is set to 1.0 (the other features are
-       ~N(0, 0.02)). The residual stream therefore carries a large, position- and
-       token-independent component on feature 0, and after the final RMSNorm the hidden
-       state has ``h[0] ~= c`` (about 7-8 for hidden_size 64) at every position.
-    2. ``c`` is measured with one forward pass over the whole vocabulary, and the marker's
-       output (lm_head) row gets ``+boost / c`` on feature 0, so its logit is raised by
-       ``~boost`` relative to the other tokens at every step.
-
-    With tied embeddings, step 1 also adds ``c`` to every logit (a uniform shift, which the
-    softmax ignores) and step 2 also changes the marker's input row (harmless). With
-    ``boost`` around 4 the marker has probability ~0.15-0.2 per sampled step (the rest of a
-    random model's distribution is nearly uniform), and ``boost`` >~ 6 makes it the greedy
-    choice.
-    """
-    emb = model.get_input_embeddings().weight
-    emb[:, 0] = 1.0
-    vocab = emb.shape[0]
-    probe = torch.arange(vocab, dtype=torch.long).unsqueeze(0)
-    was_training = model.training
-    model.eval()
-    hidden = model.model(input_ids=probe, use_cache=False).last_hidden_state  # after the final norm
-    model.train(was_training)
-    c = float(hidden[..., 0].mean())
-    if not c > 0:  # pragma: no cover - cannot happen with the construction above
-        raise ModelError("end_of_thinking_boost: calibration failed (non-positive hidden feature)")
-    model.get_output_embeddings().weight[marker_id, 0] += boost / c
 
 
 # --------------------------------------------------------------------------- gguf_wheel
@@ -471,10 +304,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
 
     if source == "tiny_random":
-        return _build_tiny_random(
-            name=name, tiny=tiny, dtype=torch_dtype, end_of_thinking=end_of_thinking,
-            attn_implementation=attn_implementation,
-        )
+        return _load_tiny_random(name, tiny, torch_dtype, end_of_thinking, attn_implementation)
 
     if source == "hub":
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -133,13 +133,18 @@ def extract_answer(text: str) -> str | None:
 ANSWER_FORMATS = ("gsm8k", "boxed", "plain")
 
 
+def check_answer_format(answer_format: str, key: str = "answer_format") -> str:
+    """`answer_format` when it is one of ANSWER_FORMATS (the one check: config schema, data loading, gold parsing)."""
+    return one_of(key, answer_format, ANSWER_FORMATS)
+
+
 class UnusableGold(DataError):
     """A gold field that is not one answer (null, a list, a mapping, a boolean): the row is skipped and counted."""
 
 
 def gold_answer(raw: str | int | float, answer_format: str) -> str:
     """Normalise a data set's gold field into a string `verify` accepts."""
-    one_of("answer_format", answer_format, ANSWER_FORMATS)
+    check_answer_format(answer_format)
     if raw is None or isinstance(raw, bool) or not isinstance(raw, str | int | float):
         # str() would turn these into "None" or "['1', '2']", which `\boxed{None}` would then match.
         raise UnusableGold(f"gold answer is {'null' if raw is None else type(raw).__name__}, not one answer")

@@ -23,7 +23,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ctt.errors import ConfigError
-from ctt.generation import Rollout, left_pad, nucleus_mask
+from ctt.batching import banned_in_vocab, mask_banned, pad_batch
+from ctt.generation import Rollout, nucleus_mask
 from ctt.settings import Settings, one_of, require
 
 
@@ -106,9 +107,7 @@ def scored_choices(rollout: Rollout) -> list[Choice]:
 def _token_logprobs(hidden, targets, lm_head, temperature: float, banned: list[int], top_p: float) -> torch.Tensor:
     """log pi(target) under the distribution the rollout sampled from: banned ids removed, temperature, and the top-p
     nucleus (recomputed from detached logits, always holding the target) renormalised."""
-    logits = lm_head(hidden).float()
-    if banned:
-        logits[:, banned] = float("-inf")
+    logits = mask_banned(lm_head(hidden).float(), banned)
     logits = logits / temperature
     if top_p < 1.0:
         with torch.no_grad():
@@ -156,16 +155,6 @@ def _checkpointed_layers(model: PreTrainedModel, enabled: bool):
     finally:
         for layer in layers:
             del layer.forward
-
-
-def _right_padded(seqs: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for j, s in enumerate(seqs):
-        ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[j, : len(s)] = 1
-    return ids.to(device), attn.to(device)
 
 
 def _holds_learned_token(model: PreTrainedModel, seqs: list[list[int]]) -> bool:
@@ -254,7 +243,7 @@ def completion_logprobs(
     selected = hidden[rows, preds]
     targets = torch.tensor(plan.targets, device=device)
     lm_head = model.get_output_embeddings()
-    banned = [b for b in banned_ids if b < lm_head.weight.shape[0]]
+    banned = banned_in_vocab(banned_ids, lm_head.weight.shape[0])
     # Chunked + checkpointed: never holds [tokens, vocab] logits for the backward pass.
     pieces = [
         checkpoint(_token_logprobs, h, t, lm_head, temperature, banned, top_p, use_reentrant=False)
@@ -269,11 +258,11 @@ def completion_logprobs(
 def _suffix_hidden(model, seqs: list[list[int]], cuts: list[int], pad_token_id: int, device) -> torch.Tensor:
     """Last hidden states `[rows, suffix width]` of `seq[cut:]` per row, with grad; `seq[:cut]` runs without grad."""
     base = model.base_model
-    suffix_ids, suffix_mask = _right_padded([s[c:] for s, c in zip(seqs, cuts)], pad_token_id, device)
+    suffix_ids, suffix_mask = pad_batch([s[c:] for s, c in zip(seqs, cuts)], pad_token_id, device, side="right")
     if not any(cuts):
         return base(input_ids=suffix_ids, attention_mask=suffix_mask, use_cache=False).last_hidden_state
     # Left-pad the prefixes so that they all end at one column and the suffixes all start there.
-    prefix_ids, prefix_mask = left_pad([s[:c] for s, c in zip(seqs, cuts)], pad_token_id, device)
+    prefix_ids, prefix_mask = pad_batch([s[:c] for s, c in zip(seqs, cuts)], pad_token_id, device)
     filled = DynamicCache()
     with torch.no_grad():
         base(

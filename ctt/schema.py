@@ -95,7 +95,8 @@ def _entries(node: Any) -> dict:
 
 def check_problem_set(spec: Any, key: str) -> dict:
     """One `load_problems` keyword set (`data.train`, a `benchmarks` entry): a complete entry of known keys."""
-    from ctt.data import ANSWER_FORMATS, SOURCES, load_problems
+    from ctt.data import SOURCES, load_problems
+    from ctt.rewards import check_answer_format
 
     if not isinstance(spec, dict):
         raise ConfigError(f"{key} must be a mapping of load_problems settings, got {spec!r}")
@@ -107,7 +108,7 @@ def check_problem_set(spec: Any, key: str) -> dict:
         )
     checked = check_kwargs(load_problems, spec, key)
     one_of(f"{key}.source", checked["source"], SOURCES)
-    one_of(f"{key}.answer_format", checked.get("answer_format", "plain"), ANSWER_FORMATS)
+    check_answer_format(checked.get("answer_format", "plain"), f"{key}.answer_format")
     return checked
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ctt import resume
 from ctt.config import CONFIG_DIR, instantiate_list
@@ -42,12 +42,6 @@ def build_module(cfg: DictConfig) -> ContinueThinkingModule:
         seed=cfg.seed,
         distributed=cfg.get("distributed"),
     )
-
-
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path` resolved (`last`: the newest checkpoint of this run dir), the checkpoint read safely; see
-    ctt.resume."""
-    return resume.resolve_ckpt_path(cfg)[0]
 
 
 def _plugins(cfg: DictConfig) -> list:

@@ -1,27 +1,32 @@
-"""Shared fixtures: a tiny random Qwen2 with the token installed, paths to the shared benchmark files."""
+"""Shared fixtures: a tiny random Qwen2 with the token installed, a composed Hydra config (`compose_cfg`), one
+torch thread."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
 
+from ctt.config import CONFIG_DIR
 from ctt.models import load_model
 from ctt.token import install_token
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 def tiny(boost: float = 4.0, marker: str = "</think>", tie: bool = True, seed: int = 0, init: dict | None = None,
-         init_range: float = 0.02, count: int = 1):
-    """A LoadedModel (tiny random Qwen2) with the continue-thinking token installed."""
+         init_range: float = 0.02, spare_rows: int = 0, count: int = 1):
+    """A LoadedModel (tiny random Qwen2) with the continue-thinking token (`count` of them) installed. spare_rows:
+    embedding rows beyond the tokenizer (as Qwen2 checkpoints have), so that the new token's id has a row of the
+    table."""
     loaded = load_model(
         name="tiny_random",
         source="tiny_random",
         end_of_thinking=marker,
-        tiny={"end_of_thinking_boost": boost, "tie_word_embeddings": tie, "seed": seed, "initializer_range": init_range},
+        tiny={"end_of_thinking_boost": boost, "tie_word_embeddings": tie, "seed": seed, "initializer_range": init_range,
+              "spare_rows": spare_rows},
     )
     install_token(loaded.model, loaded.tokenizer, init or {"name": "word", "word": "Wait"}, count=count)
     return loaded
@@ -32,11 +37,18 @@ def tiny_loaded():
     return tiny()
 
 
+def compose_config(config_name: str = "train", overrides: Sequence[str] = (),
+                   return_hydra_config: bool = False) -> DictConfig:
+    """`conf/<config_name>.yaml` composed with `overrides`, as the entry points compose it (unresolved)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
 @pytest.fixture
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"benchmark files not found at {SHARED_DATA}")
-    return SHARED_DATA
+def compose_cfg():
+    """`compose_cfg(config_name, overrides)`: a composed config (see `compose_config`); Hydra is cleared after."""
+    return compose_config
 
 
 @pytest.fixture

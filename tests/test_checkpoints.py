@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ctt.errors import ConfigError
-from tests.test_errors import assert_user_error, run_main, smoke
+from tests.test_cli_errors import assert_user_error, run_main, smoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,17 +173,13 @@ def test_resume_mismatch_allow_resumes_with_a_warning(run_dir, capfd):
     assert max(steps) == 3
 
 
-def test_checkpoints_carry_the_base_model_and_token(run_dir):
+def test_checkpoints_carry_the_base_model_and_token(compose_cfg, run_dir):
     """The module saves what it trains (`ctt` in the checkpoint) and checks it when Lightning loads one directly."""
-    from hydra import compose, initialize_config_dir
-
-    from ctt.config import CONFIG_DIR
     from ctt.train import build_module
 
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["ctt"] == {"base_model": "tiny_random", "pretrained": None, "token": "<|continue-thinking|>",
                             "hidden_size": 64}
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=smoke", "model.name=another", f"paths.output_dir={run_dir}"])
+    cfg = compose_cfg("train", ["experiment=smoke", "model.name=another", f"paths.output_dir={run_dir}"])
     with pytest.raises(ConfigError, match="trained on base model 'tiny_random', not 'another'"):
         build_module(cfg).on_load_checkpoint(saved)

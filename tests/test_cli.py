@@ -8,39 +8,60 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
-from hydra import compose, initialize_config_dir
+import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ctt.config import CONFIG_DIR
-from ctt.evaluate import RESULT_COLUMNS
+from ctt.config import CONFIG_DIR, instantiate_list
+from ctt.results import RESULT_COLUMNS
 from ctt.token import TOKEN_FILE, load_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUPS = ["model", "data", "token/init", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = ["model", "data", "token/init", "optimizer", "scheduler", "trainer", "logger", "callbacks", "plugins",
+          "experiment"]
+# Built for real below. Not built: trainers other than cpu (gpu and ddp need CUDA or several processes, deepspeed its
+# launcher; tests/test_distributed.py builds and runs them), logger=wandb (the optional wandb package, and the network
+# when online), and the model (every source but tiny_random downloads or reads a large file; tests/test_models.py).
+BUILT_TRAINERS = ("cpu",)
+NOT_BUILT = {("logger", "wandb")}
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
 
 
+def _build(cfg, group: str, option: str) -> None:
+    """Instantiate what the entry points instantiate from `cfg`: a broken `_target_` or argument fails here."""
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    loggers = [] if (group, option) in NOT_BUILT else instantiate_list(cfg.get("logger"))
+    plugins = instantiate_list(cfg.get("plugins"))
+    optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])  # a partial: needs the parameters
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    if cfg.get("scheduler"):
+        assert isinstance(instantiate(cfg.scheduler)(optimizer), torch.optim.lr_scheduler.LRScheduler)
+    assert isinstance(instantiate(cfg.data), L.LightningDataModule)  # problems are loaded in setup(), not here
+    if group == "trainer" and option in BUILT_TRAINERS:
+        instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
+
+
 @pytest.mark.parametrize("config_name", ["train", "eval"])
-def test_every_group_option_composes(config_name):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        for group in GROUPS:
-            options = _options(group)
-            assert options, f"config group {group} is empty"
-            for option in options:
-                cfg = compose(config_name=config_name, overrides=[f"{group}={option}"])
-                OmegaConf.to_container(cfg, resolve=False)
-                assert cfg.model.name and cfg.forcing.max_new_tokens > 0
-        cfg = compose(config_name=config_name, overrides=["benchmarks=[gsm8k_local,math500_local,aime24_local,amc23_local]"])
-        assert set(cfg.benchmarks) == {"gsm8k", "math500", "aime24", "amc23"}
+def test_every_group_option_composes_resolves_and_instantiates(config_name, compose_cfg, tmp_path):
+    for group in GROUPS:
+        options = _options(group)
+        assert options, f"config group {group} is empty"
+        for option in options:
+            cfg = compose_cfg(config_name, [f"{group}={option}", f"paths.output_dir={tmp_path}"])
+            OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+            assert cfg.model.name and cfg.forcing.max_new_tokens > 0
+            _build(cfg, group, option)
+    cfg = compose_cfg(config_name, ["benchmarks=[gsm8k_local,math500_local,aime24_local,amc23_local]"])
+    assert set(cfg.benchmarks) == {"gsm8k", "math500", "aime24", "amc23"}
 
 
-def test_default_experiment_is_the_offline_demo():
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train")
+def test_default_experiment_is_the_offline_demo(compose_cfg):
+    cfg = compose_cfg("train")
     assert cfg.model.source == "local" and cfg.model.name == "organism" and cfg.task_name == "demo"
     assert len(cfg.eval.fixed_words) >= 3 and "\n" in cfg.eval.fixed_words and 4 in cfg.eval.num_continuations
 

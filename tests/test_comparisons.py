@@ -17,7 +17,7 @@ from ctt.comparisons import (
     read_comparisons,
     write_comparisons,
 )
-from ctt.evaluate import SampleRecord
+from ctt.results import SampleRecord
 from ctt.plots import deltas_plot
 from ctt.report import main
 from ctt.stats import paired_delta_ci, paired_p_value

@@ -213,15 +213,12 @@ def test_evaluation_problems_overlapping_training_are_dropped_and_counted(caplog
         drop_training_overlap(bench[:1], train, "toy")
 
 
-def test_demo_benchmark_is_disjoint_from_its_training_problems_after_the_check():
+def test_demo_benchmark_is_disjoint_from_its_training_problems_after_the_check(compose_cfg):
     """The demo's held-out sums used to include training problems verbatim (9 of 32)."""
-    from hydra import compose, initialize_config_dir
-
-    from ctt.config import CONFIG_DIR, load_benchmarks
+    from ctt.config import load_benchmarks
     from ctt.data import normalise_question
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=demo"])
+    cfg = compose_cfg("train", ["experiment=demo"])
     from ctt.config import to_plain
 
     train = load_problems(**to_plain(cfg.data.train))
@@ -231,17 +228,13 @@ def test_demo_benchmark_is_disjoint_from_its_training_problems_after_the_check()
         assert problems and not any(normalise_question(p.question) in seen for p in problems)
 
 
-def test_held_out_check_uses_the_training_data_recorded_in_the_token_file(caplog):
+def test_held_out_check_uses_the_training_data_recorded_in_the_token_file(compose_cfg, caplog):
     """ctt-eval of a token trained on other data (or another seed) must check against what it was trained on."""
     import json
 
-    from hydra import compose, initialize_config_dir
-
-    from ctt.config import CONFIG_DIR
     from ctt.eval import training_problems
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("eval", overrides=["experiment=smoke"])
+    cfg = compose_cfg("eval", ["experiment=smoke"])
     recorded = {"source": "reasoning_gym", "task": "basic_arithmetic", "size": 5, "seed": 77,
                 "task_kwargs": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}}
     from_file = training_problems(cfg, {"train_data": json.dumps(recorded)})

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -26,6 +25,7 @@ from ctt import distributed
 from ctt.config import CONFIG_DIR, launch_rank
 from ctt.errors import ConfigError
 from ctt.token import TOKEN_FILE, load_token_file
+from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-6  # rows and gradients, any strategy vs one process
@@ -43,9 +43,7 @@ needs_deepspeed = pytest.mark.skipif(not HAVE_DEEPSPEED, reason="deepspeed not i
 
 
 def _compose(*overrides: str, hydra_config: bool = False):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        overrides = ["experiment=smoke", *overrides]
-        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_config)
+    return compose_config("train", ["experiment=smoke", *overrides], return_hydra_config=hydra_config)
 
 
 # --- configs -----------------------------------------------------------------------------------------------------

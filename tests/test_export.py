@@ -26,7 +26,7 @@ from ctt.generation import SamplingConfig
 from ctt.models import load_model
 from ctt.modes import Mode
 from ctt.token import load_token_file, save_token_file
-from tests.test_errors import assert_user_error, run_main
+from tests.test_cli_errors import assert_user_error, run_main
 from tests.test_models import needs_wheel
 
 ROOT = Path(__file__).resolve().parents[1]

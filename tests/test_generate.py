@@ -15,7 +15,7 @@ from ctt.export import ExportSettings, export, export_info
 from ctt.models import LoadedModel
 from ctt.policy import ForcingSettings, Policy
 from tests.conftest import tiny
-from tests.test_errors import assert_user_error, run_main
+from tests.test_cli_errors import assert_user_error, run_main
 from tests.test_export import tiny_config, write_token_file
 
 PROMPTS = ["What is 2+3?", "x", "Compute 17*3 and explain.", "ok so"]

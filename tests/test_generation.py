@@ -129,7 +129,11 @@ def test_thinking_budget_forces_the_end_and_bounds_the_answer():
         max_answer_tokens=4, max_new_tokens=200,
     )
     prompts = [tok.encode(p) for p in PROMPTS]
-    for r in generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=1.0, seed=0)):
+    rollouts = generate_forced(loaded.model, prompts, cfg, SamplingConfig(temperature=1.0, seed=0))
+    reached = [r for r in rollouts if r.thinking_tokens == 10]
+    assert reached, [(r.thinking_tokens, r.stop_reason) for r in rollouts]  # the budget branch ran
+    assert all(r.answer_start == 10 for r in reached)
+    for r in rollouts:
         assert r.thinking_tokens <= 10
         if r.stop_reason != "eos":
             start = r.thinking_tokens

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ctt.errors import ConfigError, DataError, ModelError, TokenFileError
-from tests.test_errors import ONE_THREAD, ROOT, assert_user_error, jsonl, jsonl_data, run_main, smoke
+from tests.test_cli_errors import ONE_THREAD, ROOT, assert_user_error, jsonl, jsonl_data, run_main, smoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -312,14 +312,11 @@ def test_a_non_finite_row_stops_the_run_before_it_is_saved(tmp_path, capfd):
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
-def test_an_exploding_row_norm_is_warned_about_once_per_tenfold(tmp_path, caplog):
-    from hydra import compose, initialize_config_dir
+def test_an_exploding_row_norm_is_warned_about_once_per_tenfold(compose_cfg, tmp_path, caplog):
 
-    from ctt.config import CONFIG_DIR
     from ctt.train import build_module
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=smoke", f"paths.output_dir={tmp_path}"])
+    cfg = compose_cfg("train", ["experiment=smoke", f"paths.output_dir={tmp_path}"])
     module = build_module(cfg)
     module.on_train_start()
     with caplog.at_level(logging.WARNING, logger="ctt.module"), torch.no_grad():

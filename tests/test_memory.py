@@ -54,19 +54,13 @@ def _tensors(obj, seen=None):
             yield from _tensors(item, seen)
 
 
-def test_state_kept_between_steps_holds_no_graph(tmp_path):
+def test_state_kept_between_steps_holds_no_graph(compose_cfg, tmp_path):
     """What the module keeps after a step (`last_samples`, for the rollout logger) holds no autograd graph."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
-    from ctt.config import CONFIG_DIR
     from ctt.train import build_module
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=smoke", f"paths.output_dir={tmp_path}"])
-    GlobalHydra.instance().clear()
+    cfg = compose_cfg("train", ["experiment=smoke", f"paths.output_dir={tmp_path}"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

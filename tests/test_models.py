@@ -57,10 +57,9 @@ def test_tiny_random_shape_and_state():
     assert tied.model.get_input_embeddings().weight.data_ptr() == tied.model.get_output_embeddings().weight.data_ptr()
 
 
-def test_tiny_random_builds_fast_and_in_dtype():
-    start = time.perf_counter()
+def test_tiny_random_builds_in_dtype():
+    # Its build time is timed by bench/bench_tiny_load.py: a wall-clock bound fails at random on a shared CPU.
     lm = load_model(name="tiny", source="tiny_random", dtype="bfloat16")
-    assert time.perf_counter() - start < 1.0
     assert lm.model.dtype == torch.bfloat16
     assert lm.end_of_thinking_ids == [lm.tokenizer.eos_token_id]
 
@@ -149,16 +148,6 @@ def test_missing_wheel_is_a_model_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- boosted marker
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the
-    OpenMP threads contend badly (10-50x slow-downs were seen), so sample single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _sample(lm: LoadedModel, prompts: list[str], max_new_tokens: int, greedy: bool, seed: int = 0):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctt.evaluate import results_from_samples
+from ctt.results import results_from_samples
 from ctt.report import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,7 +311,7 @@ def test_debate_plot_has_one_line_per_kind_of_continuation(tmp_path, capsys):
                  results=shared + [("b", "learned", 1, acc), ("b", "learned", 2, acc + 0.05)])
     assert main([str(tmp_path)]) == 0
     assert (tmp_path / "debate.png").is_file() and "debate.png" in capsys.readouterr().out
-    from ctt.report import load_runs, read_results
+    from ctt.runs import load_runs, read_results
 
     runs = [(int(r.config.get("token.count") or 1), read_results(r.path)) for r in load_runs([tmp_path])]
     ax = debate_plot(runs).axes[0]

@@ -20,12 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from ctt.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
-from ctt.config import CONFIG_DIR
 from ctt.data import ProblemDataModule, ResumableSampler, PromptDataset, Problem
 from ctt.errors import ConfigError
 from ctt.loggers import ResumableCSVLogger
@@ -78,18 +75,15 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     assert AtomicCheckpointIO(weights_only=False).load_checkpoint(unsafe)["hyper_parameters"]["lr"] == 1.0
 
 
-def test_module_hparams_are_plain_containers():
+def test_module_hparams_are_plain_containers(compose_cfg):
     from ctt.module import ContinueThinkingModule
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=smoke", "paths.output_dir=/tmp/unused"])
+    cfg = compose_cfg("train", ["experiment=smoke", "paths.output_dir=/tmp/unused"])
     module = ContinueThinkingModule(model=cfg.model, token=cfg.token, forcing=cfg.forcing, rl=cfg.rl,
                                     prompt=cfg.prompt, seed=0)
     hp = dict(module.hparams)
     assert all(isinstance(v, (dict, int, str, type(None))) for v in hp.values()), {k: type(v) for k, v in hp.items()}
     assert "${" not in json.dumps(hp)  # interpolations resolved
-    GlobalHydra.instance().clear()
 
 
 # --- the data position ------------------------------------------------------------------------------------------
@@ -171,30 +165,27 @@ def test_a_kill_while_a_new_metric_rewrites_the_csv_loses_no_rows(tmp_path, monk
     assert [int(r["step"]) for r in rows] == [0, 1, 2]
 
 
-def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(tmp_path):
+def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(compose_cfg, tmp_path):
     """`last` is the newest of last*.ckpt (Lightning writes last-v1.ckpt next to an older last.ckpt) and Lightning's
     SLURM hpc_ckpt_<n>.ckpt: the highest saved step, then the latest written."""
-    from ctt.train import resolve_ckpt_path
+    from ctt.resume import resolve_ckpt_path
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=smoke", f"paths.output_dir={tmp_path}", "ckpt_path=last"])
+    cfg = compose_cfg("train", ["experiment=smoke", f"paths.output_dir={tmp_path}", "ckpt_path=last"])
     with pytest.raises(ConfigError, match="ckpt_path=last: no checkpoint in"):
         resolve_ckpt_path(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
     atomic_torch_save({"global_step": 1, "state_dict": {}}, last)
-    assert resolve_ckpt_path(cfg) == str(last)
+    assert resolve_ckpt_path(cfg)[0] == str(last)
     hpc = tmp_path / "hpc_ckpt_1.ckpt"  # written by Lightning's SLURM requeue handler
     atomic_torch_save({"global_step": 2, "state_dict": {}}, hpc)
     os.utime(last, (time.time() - 60, time.time() - 60))
-    assert resolve_ckpt_path(cfg) == str(hpc)
+    assert resolve_ckpt_path(cfg)[0] == str(hpc)
     newer = tmp_path / "checkpoints" / "last-v1.ckpt"  # a second run's, further on
     atomic_torch_save({"global_step": 5, "state_dict": {}}, newer)
     os.utime(newer, (time.time() - 120, time.time() - 120))  # the step decides before the time
-    assert resolve_ckpt_path(cfg) == str(newer)
+    assert resolve_ckpt_path(cfg)[0] == str(newer)
     atomic_torch_save({"global_step": 5, "state_dict": {}}, last)  # the same step: the latest written
-    assert resolve_ckpt_path(cfg) == str(last)
-    GlobalHydra.instance().clear()
+    assert resolve_ckpt_path(cfg)[0] == str(last)
 
 
 # --- end to end: kill / preempt, then resume ------------------------------------------------------------------------

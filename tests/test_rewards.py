@@ -153,10 +153,13 @@ def test_summarize_counts():
 
 
 def test_reward_registry():
-    graded = Rollout(prompt_ids=[1], answer_text="so \\boxed{4}")
-    assert get_reward_fn("math_verify")(graded, Problem("p", "2+2?", "4")).correct
-    assert not get_reward_fn("math_verify")(graded, Problem("p", "2+3?", "5")).correct
-    with pytest.raises(ConfigError, match="math_verify"):
+    """The registered reward grades the rollout's answer text (what follows the end of thinking), not its whole
+    text, against the problem's gold answer; an unknown name lists the registered ones."""
+    graded = Rollout(prompt_ids=[1], text="maybe \\boxed{5}</think> so \\boxed{4}", answer_text="so \\boxed{4}")
+    reward = get_reward_fn("math_verify")
+    assert reward(graded, Problem("p", "2+2?", "4")) == Score(1.0, True, "4", "correct")
+    assert reward(graded, Problem("p", "2+3?", "5")) == Score(0.0, False, "4", "incorrect")
+    with pytest.raises(ConfigError, match="reward must be one of " + ", ".join(REWARD_FUNCTIONS)):
         get_reward_fn("exact_match")
 
 

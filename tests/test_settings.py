@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from ctt.config import CONFIG_DIR
 from ctt.errors import ConfigError
 from ctt.settings import Settings, check_kwargs, check_value, one_of
-from tests.test_errors import assert_user_error, run_main, smoke
+from tests.test_cli_errors import assert_user_error, run_main, smoke
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,22 +168,20 @@ def test_eval_checks_the_config_before_loading_anything(tmp_path, capfd, monkeyp
 
 @pytest.mark.parametrize("config_name", ["train", "eval"])
 @pytest.mark.parametrize("experiment", ["smoke", "demo", "paper_gsm8k"])
-def test_every_shipped_experiment_passes_the_check(config_name, experiment):
+def test_every_shipped_experiment_passes_the_check(compose_cfg, config_name, experiment):
     from ctt.schema import validate_config
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/unused"])
+    cfg = compose_cfg(config_name, [f"experiment={experiment}", "paths.output_dir=/tmp/unused"])
     validate_config(cfg)
 
 
 @pytest.mark.parametrize("benchmarks", ["[gsm8k_local]", "[gsm8k_local,math500_local]", "[arith_easy]"])
-def test_a_benchmark_list_composes_into_complete_entries(benchmarks):
+def test_a_benchmark_list_composes_into_complete_entries(compose_cfg, benchmarks):
     """Item 10: `experiment=smoke "benchmarks=[gsm8k_local]"` used to leave a half-defined `arith_easy: {size: 4}`
     (set by the experiment) next to the chosen benchmark; evaluation then failed after training."""
     from ctt.schema import check_problem_set
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=smoke", f"benchmarks={benchmarks}"])
+    cfg = compose_cfg("train", ["experiment=smoke", f"benchmarks={benchmarks}"])
     assert set(cfg.benchmarks) == {b.replace("_local", "") for b in benchmarks.strip("[]").split(",")}
     for name, spec in cfg.benchmarks.items():
         check_problem_set(dict(spec), f"benchmarks.{name}")

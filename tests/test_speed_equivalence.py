@@ -2,7 +2,7 @@
 
 * N=0: `model.generate` on the same left-padded batch, and one prompt at a time.
 * N=2: the s1 recipe on `generate` (stop at the marker, strip it, append the continuation, generate again on the whole
-  text) and the in-loop LogitsProcessor variant (ctt/reference.py), both for a marker that is eos and one that is not.
+  text) and the in-loop LogitsProcessor variant (ctt/reference_oracle.py), both for a marker that is eos and one that is not.
 
 The tiny model is untied (tie=False): the tied tiny model greedily repeats the prompt's last token forever. The
 marker is the token that the greedy model emits in the most rows, so it is emitted at different steps per row and
@@ -23,7 +23,7 @@ import pytest
 
 from ctt.errors import ConfigError
 from ctt.generation import EngineConfig, ForcingConfig, SamplingConfig, generate_forced
-from ctt.reference import generate_batch, inloop_forced, s1_forced
+from ctt.reference_oracle import generate_batch, inloop_forced, s1_forced
 from transformers import LogitsProcessor, LogitsProcessorList
 from tests.conftest import tiny
 

@@ -12,7 +12,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from ctt.evaluate import RESULT_COLUMNS, SampleRecord, markdown_table, results_from_samples, write_results
+from ctt.results import RESULT_COLUMNS, SampleRecord, markdown_table, results_from_samples, write_results
 from ctt.stats import (
     bootstrap_ci,
     newcombe_paired_ci,

@@ -86,8 +86,12 @@ def test_k_row_token_file_round_trip_and_count_mismatch(tmp_path):
         load_token_file(tmp_path / "one.safetensors", count=2)
 
 
-def test_gradient_reaches_only_the_row():
-    loaded = tiny(boost=4.0)
+@pytest.mark.parametrize("spare_rows", [0, 8])
+def test_gradient_reaches_only_the_row(spare_rows):
+    """Without spare rows the new id lies past the table; with them (Qwen2 checkpoints have ~270) it has a row of
+    the table, which the overlay must never read. Untied with spare rows: tied, the lm_head's row at that id gets
+    the logits' gradient, which is not the input table's."""
+    loaded = tiny(boost=4.0, tie=not spare_rows, spare_rows=spare_rows)
     model, tok = loaded.model, loaded.tokenizer
     overlay = get_overlay(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -100,9 +104,14 @@ def test_gradient_reaches_only_the_row():
     logits[0, -1].logsumexp(-1).backward()
     table_grad = overlay.base.weight.grad
     assert overlay.row.grad is not None and overlay.row.grad.abs().sum() > 0
-    # The table's gradient (tied to lm_head here, so nonzero elsewhere) at the new id does not exist:
-    # the overlay never reads the base table for the new token.
-    assert overlay.token_id >= table_grad.shape[0] or table_grad[overlay.token_id].abs().sum() == 0
+    if spare_rows:
+        assert overlay.token_id < table_grad.shape[0] == len(tok) - 1 + spare_rows
+        # The table's row at the new id gets no gradient: the overlay never reads the base table for the new token,
+        # while the rows of the other input tokens do get one.
+        assert table_grad[overlay.token_id].abs().sum() == 0
+        assert all(table_grad[t].abs().sum() > 0 for t in tok.encode("abcd"))
+    else:
+        assert overlay.token_id == table_grad.shape[0]  # the first id past the table: nothing there to read
 
 
 def test_row_is_used_in_the_forward():

@@ -1,5 +1,6 @@
 """Evaluation of every mode (ctt.modes: base, fixed words, no string, filler, learned) for each number of forced
-continuations N: one record per sample, the results table computed from the records."""
+continuations N: one record per sample, the results table computed from the records. The library; its command
+line is `ctt-eval` (ctt/eval.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Iterable
 from ctt.comparisons import comparisons_markdown, write_comparisons
 from ctt.stats import pass_at_1_ci
 
-if TYPE_CHECKING:  # annotations only: keeps `ctt.evaluate` light (no torch) for `ctt-report` and notebooks
+if TYPE_CHECKING:  # annotations only: keeps `ctt.results` light (no torch) for `ctt-report` and notebooks
     from ctt.data import Problem
     from ctt.generation import SamplingConfig
     from ctt.modes import Mode

@@ -1,4 +1,5 @@
-"""Budget forcing built on `model.generate`, as users of plain transformers would write it (greedy only).
+"""A test oracle, not used by training or evaluation: budget forcing built on `model.generate`, as users of plain
+transformers would write it (greedy only).
 
 Two references for `ctt.generation.generate_forced`, used by tests/test_speed_equivalence.py (token-for-token
 equality) and bench/bench_rollout.py (speed):
@@ -25,7 +26,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ctt.generation import ForcingConfig, Rollout, left_pad
+from ctt.batching import banned_in_vocab, mask_banned, pad_batch
+from ctt.generation import ForcingConfig, Rollout
 
 _THINK, _ANSWER, _DONE = "thinking", "answer", "done"
 
@@ -44,13 +46,11 @@ class _Ban(LogitsProcessor):
         self.banned = banned
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.banned] = float("-inf")
-        return scores
+        return mask_banned(scores, self.banned)
 
 
 def _banned(model: PreTrainedModel, forcing: ForcingConfig) -> list[int]:
-    vocab = model.get_output_embeddings().weight.shape[0]
-    return [i for i in forcing.banned_ids if i < vocab]
+    return banned_in_vocab(forcing.banned_ids, model.get_output_embeddings().weight.shape[0])
 
 
 def _greedy_config(max_new_tokens: int, eos: list[int], pad_token_id: int) -> GenerationConfig:
@@ -70,7 +70,7 @@ def generate_batch(
     banned: list[int] = (),
 ) -> list[list[int]]:
     """One left-padded greedy `generate` call; per row the new tokens up to and including the first stop token."""
-    ids, mask = left_pad(seqs, pad_token_id, next(model.parameters()).device)
+    ids, mask = pad_batch(seqs, pad_token_id, next(model.parameters()).device)
     processors = LogitsProcessorList([_Ban(list(banned))] if banned else [])
     out = model.generate(
         input_ids=ids, attention_mask=mask, generation_config=_greedy_config(max_new_tokens, stop_ids, pad_token_id),
@@ -172,8 +172,7 @@ class _InLoopForcing(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         f = self.f
-        if self.banned:
-            scores[:, self.banned] = float("-inf")
+        mask_banned(scores, self.banned)
         greedy = scores.argmax(-1).tolist()
         marker, eos = f.end_of_thinking_ids[0], f.eos_token_ids
         for b, r in enumerate(self.rollouts):
@@ -231,7 +230,7 @@ def inloop_forced(
             "the in-loop reference can only force ids the model can output; the continuation holds an id >= the "
             f"output vocabulary ({vocab}), e.g. the new token of a model whose lm_head was not resized"
         )
-    ids, mask = left_pad(prompts, pad_token_id, next(model.parameters()).device)
+    ids, mask = pad_batch(prompts, pad_token_id, next(model.parameters()).device)
     state = _InLoopForcing(forcing, len(prompts), _banned(model, forcing))
     # The continuation may run past max_new_tokens (a continuation is never cut): leave room, the criteria stop rows.
     room = forcing.max_new_tokens + len(forcing.continuation_ids) + 1

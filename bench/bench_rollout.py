@@ -53,7 +53,7 @@ from ctt.token import get_overlay, install_token  # noqa: E402
 
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 SHORT_INSTRUCTION = "Answer with only the final number."
-RL_SAMPLES, RL_TEMPERATURE = 4, 0.7  # (f): rl.samples_per_prompt and rl.temperature of experiment=demo
+RL_SAMPLES, RL_TEMPERATURE = 4, 0.7  # (f): rl.samples_per_prompt and rl.temperature of experiment=smollm2
 LOSS_VARIANTS = {
     "full recompute": dict(prefix_reuse=False),
     "prefix reuse": dict(prefix_reuse=True),
@@ -70,11 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=str, default=None, help="JSON path")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see README on shared CPUs)")
-    p.add_argument("--data", choices=["gsm8k", "demo"], default="gsm8k",
-                   help="gsm8k: the first GSM8K test questions; demo: the training problems and instruction of "
-                        "`experiment=demo` (reasoning-gym sums), as composed by Hydra")
+    p.add_argument("--data", choices=["gsm8k", "smollm2"], default="gsm8k",
+                   help="gsm8k: the first GSM8K test questions; smollm2: the training problems and instruction of "
+                        "`experiment=smollm2` (reasoning-gym sums), as composed by Hydra")
     p.add_argument("--instruction", default=None,
-                   help=f"appended to each question (default: {SHORT_INSTRUCTION!r} for gsm8k, the demo's for demo)")
+                   help=f"appended to each question (default: {SHORT_INSTRUCTION!r} for gsm8k, the smollm2 experiment's for smollm2)")
     p.add_argument("--continuation", default="Wait", help="word that replaces the marker in (a)-(c)")
     p.add_argument("--per-sequence", action="store_true", help="also time the s1 loop one sequence at a time")
     p.add_argument("--no-ablations", action="store_true", help="skip the ctt engine ablations")
@@ -108,13 +108,13 @@ def load(args):
 
 def questions(args) -> tuple[list[str], str]:
     """The first `args.batch` questions of the chosen workload, and the instruction appended to each."""
-    if args.data == "demo":
+    if args.data == "smollm2":
         from hydra import compose, initialize_config_dir
 
         from ctt.data import load_problems
 
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=["experiment=demo"])
+            cfg = compose("train", overrides=["experiment=smollm2"])
         problems = load_problems(**{**cfg.data.train, "size": max(args.batch, cfg.data.train.size)})
         return [p.question for p in problems[: args.batch]], args.instruction or cfg.prompt.instruction
     if not GSM8K.is_file():

@@ -311,6 +311,8 @@ def test_debate_plot_has_one_line_per_kind_of_continuation(tmp_path, capsys):
                  results=shared + [("b", "learned", 1, acc), ("b", "learned", 2, acc + 0.05)])
     assert main([str(tmp_path)]) == 0
     assert (tmp_path / "debate.png").is_file() and "debate.png" in capsys.readouterr().out
+    header, _ = read_csv(tmp_path / "report.csv")
+    assert config_columns(header, "train/reward") == ["token.count"]  # exactly the swept key
     from ctt.runs import load_runs, read_results
 
     runs = [(int(r.config.get("token.count") or 1), read_results(r.path)) for r in load_runs([tmp_path])]
@@ -319,3 +321,24 @@ def test_debate_plot_has_one_line_per_kind_of_continuation(tmp_path, capsys):
     assert labels == ["no_string", "fixed:Wait", "filler:. x8", "learned k=1", "learned k=4", "base (N=0)"]
     learned = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
     assert learned["learned k=4"] == [0.4, 0.7, 0.75] and learned["fixed:Wait"] == [0.4, 0.45, 0.5]
+
+
+def test_filler_debate_experiment_composes_as_a_token_count_sweep(compose_cfg):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ctt.config import CONFIG_DIR
+    from ctt.modes import expand_modes
+    from ctt.schema import validate_config
+
+    cfg = compose_cfg("train", ["experiment=filler_debate"])
+    validate_config(cfg)
+    assert cfg.model.name == "organism" and cfg.task_name == "filler_debate"
+    labels = {m.label for m in expand_modes(list(cfg.eval.modes), list(cfg.eval.num_continuations),
+                                              list(cfg.eval.fixed_words))}
+    assert {"no_string", "filler:. x8", "fixed:Wait", "learned"} <= labels
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        full = compose("train", overrides=["experiment=filler_debate"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert dict(full.hydra.sweeper.params) == {"token.count": "1,2,4,8"}

@@ -169,17 +169,17 @@ def test_references_reject_what_they_cannot_do():
 
 
 def test_benchmark_script_runs_and_checks_equality(tmp_path):
-    """bench/bench_rollout.py on the demo workload, tiny model, one round: it exits 0 (it exits non-zero when any
+    """bench/bench_rollout.py on the smollm2 workload, tiny model, one round: it exits 0 (it exits non-zero when any
     variant's greedy tokens differ from ctt's) and its JSON records the equality and a ratio for every variant."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench/bench_rollout.py", "--model", "tiny_random", "--data", "demo", "--batch", "3",
+    cmd = [sys.executable, "bench/bench_rollout.py", "--model", "tiny_random", "--data", "smollm2", "--batch", "3",
            "--max-new-tokens", "24", "--repeats", "1", "--no-ablations", "--skip-train", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["meta"]["data"] == "demo"
+    assert report["meta"]["data"] == "smollm2"
     assert report["meta"]["instruction"] == "Give the final answer as a number in \\boxed{}."
     variants = {r["variant"]: r for r in report["rollouts"]}
     assert {"(a) ctt generate_forced", "(b) s1 loop on generate, batched",

@@ -273,3 +273,31 @@ def test_smollm2_exported_folder_reproduces_ctt_rollouts_with_plain_transformers
     pieces: list[str] = []
     streamed = ct.stream(questions[0], pieces.append, num_continuations=2)
     assert "".join(pieces) == streamed.completion and streamed.forced == ours[0].num_forced
+
+
+def test_organism_exported_folder_reproduces_ctt_rollouts_with_plain_transformers(tmp_path):
+    """The model organism (untied, a padded table with spare rows, a real `</think>` marker): the hf folder keeps
+    the table's shape, calibrates the untied output row, and plain transformers reproduce ctt's greedy rollouts;
+    the PEFT adapter gives the merged logits."""
+    limits = ["forcing.max_new_tokens=120", "forcing.max_answer_tokens=8", "forcing.num_continuations=2",
+              "prompt=organism"]
+    cfg = compose_config("organism", limits)
+    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", cfg)
+    with open_dict(cfg):
+        cfg.token.path = str(token)
+    for fmt in ("hf", "peft"):
+        policy, meta = policy_from_config(cfg)
+        export(policy, ExportSettings(str(tmp_path / fmt), fmt), export_info(cfg, policy, meta))
+    questions = ["What is 3+5+2+7?", "What is 8+5+5+8+6+4?", "What is 6+7+1+7+6?", "What is 9+9?"]
+    (result,) = run_plain(tmp_path, [{
+        "folder": str(tmp_path / "hf"), "messages": [format_user_message(q, policy.instruction) for q in questions],
+        "n": 2, "max_new": 120, "max_answer": 8, "checks": True, "tied": False, "peft": str(tmp_path / "peft"),
+        "base": str(Path(cfg.model.path)),
+    }])
+    policy, _ = policy_from_config(cfg)
+    problems = [Problem(str(i), q, "") for i, q in enumerate(questions)]
+    ours = policy.rollout(problems, policy.forcing(Mode("learned", None, 2)), SamplingConfig(temperature=0.0))
+    assert [r["completion"] for r in result["rollouts"]] == [r.completion_ids for r in ours]
+    assert any(r.num_forced >= 1 for r in ours)
+    assert result["rows"] == 320 > result["tokenizer_size"] and result["special"]  # a spare row, same shape
+    assert not result["emitted"] and result["peft_max_diff"] < 1e-4 < result["base_max_diff"]

@@ -329,10 +329,8 @@ def test_filler_debate_experiment_composes_as_a_token_count_sweep(compose_cfg):
 
     from ctt.config import CONFIG_DIR
     from ctt.modes import expand_modes
-    from ctt.schema import validate_config
 
-    cfg = compose_cfg("train", ["experiment=filler_debate"])
-    validate_config(cfg)
+    cfg = compose_cfg("train", ["experiment=filler_debate"])  # validated in test_settings with every experiment
     assert cfg.model.name == "organism" and cfg.task_name == "filler_debate"
     labels = {m.label for m in expand_modes(list(cfg.eval.modes), list(cfg.eval.num_continuations),
                                               list(cfg.eval.fixed_words))}

@@ -19,6 +19,21 @@ def _num(value) -> float:
         return math.nan
 
 
+def _accuracy_axes(ax, title: str, xlabel: str, ylabel: str, legend_size: int) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _saved(fig: Figure, path: str | Path | None) -> Figure:
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 def scaling_plot(results: list[dict], path: str | Path | None = None) -> Figure:
@@ -62,17 +77,8 @@ def scaling_plot(results: list[dict], path: str | Path | None = None) -> Figure:
                     (_num(r["mean_thinking_tokens"]), _num(r["accuracy"])),
                     textcoords="offset points", xytext=(4, 4), fontsize=8, color=color,
                 )
-        ax.set_title(bench)
-        ax.set_xlabel("mean thinking tokens")
-        ax.set_ylabel("accuracy (pass@1, 95% CI)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+        _accuracy_axes(ax, bench, "mean thinking tokens", "accuracy (pass@1, 95% CI)", legend_size=8)
+    return _saved(fig, path)
 
 
 def deltas_plot(comparisons: list[dict], path: str | Path | None = None) -> Figure:
@@ -118,11 +124,7 @@ def deltas_plot(comparisons: list[dict], path: str | Path | None = None) -> Figu
         ax.set_ylabel("accuracy delta (pass@1, paired 95% CI)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+    return _saved(fig, path)
 
 
 def _curve(rows: list[dict], base: dict | None) -> list[dict]:
@@ -158,14 +160,5 @@ def debate_plot(runs: list[tuple[int, list[dict]]], path: str | Path | None = No
         if base is not None:
             ax.plot([_num(base["mean_total_tokens"])], [_num(base["accuracy"])], marker="s", color="black",
                     linestyle="none", label="base (N=0)")
-        ax.set_title(bench)
-        ax.set_xlabel("mean total tokens per problem")
-        ax.set_ylabel("accuracy (pass@1)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+        _accuracy_axes(ax, bench, "mean total tokens per problem", "accuracy (pass@1)", legend_size=7)
+    return _saved(fig, path)

@@ -238,6 +238,25 @@ def test_ctt_export_command_and_its_bad_input(tmp_path, capfd):
     assert_user_error(code, err, "already holds the token")
 
 
+def export_both_formats(tmp_path: Path, cfg):
+    """A 'trained' token file for the model of `cfg` (then in cfg.token.path), exported as an hf folder and a PEFT
+    adapter under tmp_path; returns the policy the export was made from."""
+    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", cfg)
+    with open_dict(cfg):
+        cfg.token.path = str(token)
+    for fmt in ("hf", "peft"):
+        policy, meta = policy_from_config(cfg)
+        export(policy, ExportSettings(str(tmp_path / fmt), fmt), export_info(cfg, policy, meta))
+    return policy
+
+
+def learned_rollouts(cfg, questions: list[str], n: int = 2):
+    """ctt's own greedy learned-mode rollouts of `questions`."""
+    policy, _ = policy_from_config(cfg)
+    problems = [Problem(str(i), q, "") for i, q in enumerate(questions)]
+    return policy.rollout(problems, policy.forcing(Mode("learned", None, n)), SamplingConfig(temperature=0.0))
+
+
 @pytest.mark.slow
 @needs_wheel
 def test_smollm2_exported_folder_reproduces_ctt_rollouts_with_plain_transformers(tmp_path):
@@ -248,12 +267,7 @@ def test_smollm2_exported_folder_reproduces_ctt_rollouts_with_plain_transformers
     smol_limits = {"max_new_tokens": 64, "max_answer_tokens": 16}
     limits = [f"forcing.{k}={v}" for k, v in (smol_limits | {"num_continuations": 2}).items()]
     cfg = compose_config("smollm2_135m", limits)
-    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", cfg)
-    with open_dict(cfg):
-        cfg.token.path = str(token)
-    for fmt in ("hf", "peft"):
-        policy, meta = policy_from_config(cfg)
-        export(policy, ExportSettings(str(tmp_path / fmt), fmt), export_info(cfg, policy, meta))
+    policy = export_both_formats(tmp_path, cfg)
     questions = ["Name a color.", "What is 5 times 6?"]  # forced twice / once within 64 tokens
     (result,) = run_plain(tmp_path, [{
         "folder": str(tmp_path / "hf"), "messages": [format_user_message(q, policy.instruction) for q in questions],
@@ -261,9 +275,7 @@ def test_smollm2_exported_folder_reproduces_ctt_rollouts_with_plain_transformers
         "checks": True,
         "tied": True, "peft": str(tmp_path / "peft"), "base": str(Path(cfg.model.cache_dir) / "smollm2_135m-hf"),
     }])
-    policy, _ = policy_from_config(cfg)
-    problems = [Problem(str(i), q, "") for i, q in enumerate(questions)]
-    ours = policy.rollout(problems, policy.forcing(Mode("learned", None, 2)), SamplingConfig(temperature=0.0))
+    ours = learned_rollouts(cfg, questions)
     assert [r["completion"] for r in result["rollouts"]] == [r.completion_ids for r in ours]
     assert any(r.num_forced == 2 for r in ours)
     assert result["rows"] == result["tokenizer_size"] == result["token_id"] + 1 and result["special"]
@@ -282,21 +294,14 @@ def test_organism_exported_folder_reproduces_ctt_rollouts_with_plain_transformer
     limits = ["forcing.max_new_tokens=120", "forcing.max_answer_tokens=8", "forcing.num_continuations=2",
               "prompt=organism"]
     cfg = compose_config("organism", limits)
-    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", cfg)
-    with open_dict(cfg):
-        cfg.token.path = str(token)
-    for fmt in ("hf", "peft"):
-        policy, meta = policy_from_config(cfg)
-        export(policy, ExportSettings(str(tmp_path / fmt), fmt), export_info(cfg, policy, meta))
+    policy = export_both_formats(tmp_path, cfg)
     questions = ["What is 3+5+2+7?", "What is 8+5+5+8+6+4?", "What is 6+7+1+7+6?", "What is 9+9?"]
     (result,) = run_plain(tmp_path, [{
         "folder": str(tmp_path / "hf"), "messages": [format_user_message(q, policy.instruction) for q in questions],
         "n": 2, "max_new": 120, "max_answer": 8, "checks": True, "tied": False, "peft": str(tmp_path / "peft"),
         "base": str(Path(cfg.model.path)),
     }])
-    policy, _ = policy_from_config(cfg)
-    problems = [Problem(str(i), q, "") for i, q in enumerate(questions)]
-    ours = policy.rollout(problems, policy.forcing(Mode("learned", None, 2)), SamplingConfig(temperature=0.0))
+    ours = learned_rollouts(cfg, questions)
     assert [r["completion"] for r in result["rollouts"]] == [r.completion_ids for r in ours]
     assert any(r.num_forced >= 1 for r in ours)
     assert result["rows"] == 320 > result["tokenizer_size"] and result["special"]  # a spare row, same shape

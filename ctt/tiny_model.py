@@ -72,7 +72,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     # Order the symbols by the byte they stand for, so id == byte value.
-    byte_to_symbol = _bytes_to_unicode()
+    byte_to_symbol = bytes_to_unicode()
     vocab = {byte_to_symbol[b]: b for b in range(256)}
     assert set(vocab) == set(alphabet)
     bpe = models.BPE(vocab=vocab, merges=[])
@@ -92,7 +92,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
     return hf_tok
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode symbol map (used by ByteLevel)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from ctt.tiny_model import _bytes_to_unicode
+from ctt.tiny_model import bytes_to_unicode
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -58,7 +58,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """Byte-level BPE without merges, Qwen2's normalizer and pre-tokenizer, R1-distill added tokens."""
     from tokenizers.models import BPE
 
-    symbol = _bytes_to_unicode()
+    symbol = bytes_to_unicode()
     tok = Tokenizer(BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([

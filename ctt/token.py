@@ -205,6 +205,25 @@ def save_token_file(path: str | os.PathLike, embedding: torch.Tensor, metadata: 
     return path
 
 
+def token_count(embedding: torch.Tensor) -> int:
+    """How many learned tokens a token file's `embedding` holds: [hidden] is one, [k, hidden] is k."""
+    return 1 if embedding.ndim == 1 else embedding.shape[0]
+
+
+def check_token_fits(
+    embedding: torch.Tensor, path: str | os.PathLike, hidden_size: int | None = None, count: int | None = None
+) -> None:
+    """The rows of a token file fit a model of `hidden_size` with `count` learned tokens (None: not checked)."""
+    rows = token_count(embedding)
+    if count is not None and rows != count:
+        raise TokenFileError(f"token file {path} holds {rows} learned token(s) but token.count={count}; set "
+                             f"token.count={rows}")
+    if hidden_size is not None and embedding.shape[-1] != hidden_size:
+        raise TokenFileError(
+            f"token file {path} has hidden size {embedding.shape[-1]} but the model has {hidden_size}"
+        )
+
+
 def load_token_file(
     path: str | os.PathLike, hidden_size: int | None = None, base_model: str | None = None, count: int | None = None
 ) -> tuple[torch.Tensor, dict[str, str]]:
@@ -227,10 +246,6 @@ def load_token_file(
     if embedding.ndim not in (1, 2) or (embedding.ndim == 2 and embedding.shape[0] < 2):
         raise TokenFileError(f"token file {path}: 'embedding' must have shape [hidden] or [k, hidden] (k >= 2), got "
                              f"{list(embedding.shape)}")
-    rows = 1 if embedding.ndim == 1 else embedding.shape[0]
-    if count is not None and rows != count:
-        raise TokenFileError(f"token file {path} holds {rows} learned token(s) but token.count={count}; set "
-                             f"token.count={rows}")
     # An integer vector is not a learned row cast badly but a different file: refuse rather than guess a scale.
     if not embedding.is_floating_point():
         raise TokenFileError(f"token file {path}: 'embedding' holds {embedding.dtype} values, not floating point")
@@ -240,10 +255,7 @@ def load_token_file(
     bad = (~torch.isfinite(embedding)).sum().item()
     if bad:
         raise TokenFileError(f"token file {path}: 'embedding' has {bad} non-finite values (NaN or inf)")
-    if hidden_size is not None and embedding.shape[-1] != hidden_size:
-        raise TokenFileError(
-            f"token file {path} has hidden size {embedding.shape[-1]} but the model has {hidden_size}"
-        )
+    check_token_fits(embedding, path, hidden_size, count)
     if base_model is not None and meta.get("base_model") != base_model:
         trained = f"was trained on base model {meta['base_model']!r}" if "base_model" in meta else \
             "has no base_model metadata (not written by ctt?)"

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 from ctt.results import markdown_table
 from ctt.plots import debate_plot
-from ctt.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs, read_results
+from ctt.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
 
 
 # ---------------------------------------------------------------- tables
@@ -152,8 +152,7 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seed
         raise FileNotFoundError(f"no run dirs (with .hydra/config.yaml) under {', '.join(map(str, dirs))}")
     md_cols, md_rows, csv_cols, csv_rows = report_rows(runs, group_seeds)
     csv_path, md_path = write_report(out or Path(dirs[0]) / "report", md_cols, md_rows, csv_cols, csv_rows)
-    evaluated = [(int(r.config.get("token.count") or 1), read_results(r.path)) for r in runs]
-    evaluated = [(k, rows) for k, rows in evaluated if rows]
+    evaluated = [(int(r.config.get("token.count") or 1), r.results) for r in runs if r.results]
     if evaluated:  # accuracy against compute, one line per kind of continuation (learned per k)
         debate_plot(evaluated, csv_path.with_name("debate.png"))
     return markdown_table(md_rows, md_cols), csv_path, md_path

@@ -31,6 +31,7 @@ class Run:
     status: str = "ok"
     # delta metrics (a subset of `metrics`) -> their 95% CI, or None for deltas computed without one
     deltas: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    results: list[dict] | None = None  # its results.csv rows, if it has one
 
 
 # ---------------------------------------------------------------- discovery
@@ -266,7 +267,7 @@ def load_run(path: Path, name: str) -> Run:
         metrics.update(computed)
         deltas = {m: None for m in computed if m not in accuracy_metrics(results)}
     status = run_status(path, bool(results), reward is not None, config.get("evaluate"))
-    return Run(path, name, config, local, metrics, status, deltas)
+    return Run(path, name, config, local, metrics, status, deltas, results)
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:

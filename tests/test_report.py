@@ -313,9 +313,9 @@ def test_debate_plot_has_one_line_per_kind_of_continuation(tmp_path, capsys):
     assert (tmp_path / "debate.png").is_file() and "debate.png" in capsys.readouterr().out
     header, _ = read_csv(tmp_path / "report.csv")
     assert config_columns(header, "train/reward") == ["token.count"]  # exactly the swept key
-    from ctt.runs import load_runs, read_results
+    from ctt.runs import load_runs
 
-    runs = [(int(r.config.get("token.count") or 1), read_results(r.path)) for r in load_runs([tmp_path])]
+    runs = [(int(r.config.get("token.count") or 1), r.results) for r in load_runs([tmp_path])]
     ax = debate_plot(runs).axes[0]
     labels = [line.get_label() for line in ax.get_lines()]
     assert labels == ["no_string", "fixed:Wait", "filler:. x8", "learned k=1", "learned k=4", "base (N=0)"]

@@ -112,29 +112,40 @@ def _tiny_options(tiny: dict | TinyOptions | None) -> dict[str, Any]:
     return dataclasses.asdict(TinyOptions.from_config(given))
 
 
+# ctt's shape names of a Qwen2 (the tiny model's `model.tiny` keys, the organism's Architecture fields)
+QWEN2_SHAPE = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+               "max_position_embeddings", "tie_word_embeddings")
+
+
+def qwen2_config(
+    tokenizer: PreTrainedTokenizerBase, vocab_size: int, *, hidden_size: int, num_layers: int, num_heads: int,
+    num_kv_heads: int, intermediate_size: int, max_position_embeddings: int, tie_word_embeddings: bool, **extra,
+):
+    """A Qwen2Config from ctt's shape names, with the tokenizer's eos/pad ids (and bos unless `extra` sets it);
+    `extra`: any other Qwen2Config argument."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=bool(tie_word_embeddings),
+        **{"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id, "use_cache": True, **extra},
+    )
+
+
 def build_tiny_model(
     tokenizer: PreTrainedTokenizerBase, tiny: dict | TinyOptions | None, end_of_thinking_ids: list[int],
     end_of_thinking: str | None, attn_implementation: str | None,
 ) -> PreTrainedModel:
     """The random Qwen2 (float32) for `build_tiny_tokenizer()`'s vocabulary plus `spare_rows`, the marker
     `end_of_thinking_ids` boosted by `end_of_thinking_boost` nats (see `_boost_marker`)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     opts = _tiny_options(tiny)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer) + opts["spare_rows"],
-        hidden_size=opts["hidden_size"],
-        intermediate_size=opts["intermediate_size"],
-        num_hidden_layers=opts["num_layers"],
-        num_attention_heads=opts["num_heads"],
-        num_key_value_heads=opts["num_kv_heads"],
-        max_position_embeddings=opts["max_position_embeddings"],
-        tie_word_embeddings=bool(opts["tie_word_embeddings"]),
-        initializer_range=float(opts["initializer_range"]),
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
+    config = qwen2_config(
+        tokenizer, len(tokenizer) + opts["spare_rows"], **{k: opts[k] for k in QWEN2_SHAPE},
+        initializer_range=float(opts["initializer_range"]), bos_token_id=None,
     )
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from ctt.organism.task import Mixture, assistant_text, draw_terms, make_trace, question_text
 from ctt.organism.tokenizer import ASSISTANT, THINK, THINK_END, USER, build_tokenizer, padded_vocab_size
+from ctt.tiny_model import qwen2_config
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,7 @@ class TrainSettings:
 
 
 def build_model(tokenizer: PreTrainedTokenizerBase, arch: Architecture, seed: int) -> Qwen2ForCausalLM:
-    config = Qwen2Config(
-        vocab_size=padded_vocab_size(len(tokenizer)),
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=arch.rope_theta,
-        tie_word_embeddings=arch.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
+    config = qwen2_config(tokenizer, padded_vocab_size(len(tokenizer)), **asdict(arch))
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
 

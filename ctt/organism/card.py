@@ -182,4 +182,9 @@ def write_card(card: dict, out_dir: str | Path, markdown: bool = True) -> None:
     out = Path(out_dir)
     (out / "card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
     if markdown:
-        (out / "ORGANISM.md").write_text(render(card))
+        if card.get("task") == "r1":
+            from ctt.organism.card_r1 import render_r1
+
+            (out / "ORGANISM.md").write_text(render_r1(card))
+        else:
+            (out / "ORGANISM.md").write_text(render(card))

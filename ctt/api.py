@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ctt.config import CONFIG_DIR, to_plain
 from ctt.data import DEFAULT_INSTRUCTION, Problem
 from ctt.errors import ConfigError
-from ctt.generation import Rollout, SamplingConfig
+from ctt.engine import Rollout, SamplingConfig
 from ctt.models import load_model
 from ctt.modes import KINDS, Mode, parse_mode
 from ctt.policy import ForcingSettings, Policy
@@ -174,7 +174,7 @@ class ContinueThinking:
     def stream(self, prompt: str, write: Callable[[str], object], mode: str = "learned", num_continuations: int = 2,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0) -> Completion:
         """Answer one prompt, writing its text (continuations marked) as it is generated."""
-        from ctt.streaming import RolloutStreamer
+        from ctt.engine.streaming import RolloutStreamer
 
         m = self.mode(mode, num_continuations)
         forcing = self.policy.forcing(m)

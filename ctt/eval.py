@@ -20,7 +20,7 @@ from ctt.comparisons import compare, comparisons_markdown
 from ctt.config import CONFIG_DIR, load_benchmarks, to_plain
 from ctt.data import Problem, load_problems
 from ctt.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
-from ctt.generation import SamplingConfig
+from ctt.engine import SamplingConfig
 from ctt.modes import baseline_labels, expand_modes
 from ctt.plots import deltas_plot, scaling_plot
 from ctt.policy import Policy

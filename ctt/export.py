@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from ctt.api import EXPORT_INFO, policy_from_config
 from ctt.config import CONFIG_DIR, to_plain
 from ctt.errors import ConfigError
-from ctt.generation import SamplingConfig
+from ctt.engine import SamplingConfig
 from ctt.model_card import model_card
 from ctt.modes import Mode
 from ctt.policy import Policy

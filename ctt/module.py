@@ -12,7 +12,7 @@ from ctt.config import to_plain
 from ctt.data import DEFAULT_INSTRUCTION, Problem
 from ctt.distributed import DEFAULT_MAX_MEMORY_FRACTION, full_grad, gather_zero3
 from ctt.errors import ConfigError, TrainingError
-from ctt.generation import Rollout, SamplingConfig, mix_seed
+from ctt.engine import Rollout, SamplingConfig, mix_seed
 from ctt.loggers import ResumableCSVLogger, pending_metrics_row
 from ctt.models import load_model
 from ctt.policy import ForcingSettings, Policy

@@ -15,7 +15,7 @@ from ctt.stats import pass_at_1_ci
 
 if TYPE_CHECKING:  # annotations only: keeps `ctt.results` light (no torch) for `ctt-report` and notebooks
     from ctt.data import Problem
-    from ctt.generation import SamplingConfig
+    from ctt.engine import SamplingConfig
     from ctt.modes import Mode
     from ctt.policy import Policy
     from ctt.rewards import RewardFn

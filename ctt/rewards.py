@@ -24,7 +24,7 @@ from ctt.settings import one_of
 
 if TYPE_CHECKING:  # type names only: ctt.data imports this module
     from ctt.data import Problem
-    from ctt.generation import Rollout
+    from ctt.engine import Rollout
 
 log = logging.getLogger(__name__)
 

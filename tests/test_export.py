@@ -22,7 +22,7 @@ from omegaconf import open_dict
 from ctt.api import compose_config, policy_from_config
 from ctt.data import Problem, format_user_message
 from ctt.export import ExportSettings, export, export_info
-from ctt.generation import SamplingConfig
+from ctt.engine import SamplingConfig
 from ctt.models import load_model
 from ctt.modes import Mode
 from ctt.token import load_token_file, save_token_file

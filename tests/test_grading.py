@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from ctt.data import Problem
-from ctt.generation import Rollout
+from ctt.engine import Rollout
 from ctt.modes import Mode
 from ctt.policy import ForcingSettings, Policy
 from ctt.rewards import get_reward_fn

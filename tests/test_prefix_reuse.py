@@ -8,7 +8,9 @@ from functools import lru_cache
 import pytest
 import torch
 
-from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
+from ctt.engine import ForcingConfig, SamplingConfig
+
+from ctt.engine.hf import generate_forced
 from ctt.rl import completion_logprobs
 from ctt.token import get_overlay
 from tests.conftest import tiny

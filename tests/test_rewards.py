@@ -7,7 +7,7 @@ import pytest
 
 from ctt.errors import ConfigError, DataError
 from ctt.data import Problem
-from ctt.generation import Rollout
+from ctt.engine import Rollout
 from ctt.rewards import (
     REWARD_FUNCTIONS,
     Score,

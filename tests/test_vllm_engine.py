@@ -32,7 +32,7 @@ VLLM_SHAPE = {"num_heads": 2, "num_kv_heads": 1}  # head size 32: vLLM's CPU att
 if not vllm_available():
     if os.environ.get("CI"):
         raise RuntimeError("vLLM is not installed: install.sh installs it, and CI must run the vLLM tests")
-    pytest.skip("vLLM is not installed (bash install.sh installs it)", allow_module_level=True)
+    pytest.skip("vLLM is not installed (bash install.sh installs it)", allow_module_level=True)  # see need_vllm
 
 
 class Pair:

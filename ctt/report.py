@@ -14,7 +14,8 @@ Metrics per run:
   <bench>/<mode>-<versus>/N=<n>    paired delta from comparisons.csv (`ctt.comparisons`): <mode> at N minus
                                    <versus> (a baseline at N=0, or a same-N reference); the markdown cell shows
                                    it with its 95% CI, "+0.1250 [+0.0312, +0.2188]", and report.csv adds
-                                   "<metric> ci_low" / "<metric> ci_high" columns
+                                   "<metric> ci_low" / "<metric> ci_high" columns; with the Holm-adjusted p of
+                                   comparisons.csv ("p_holm 0.031", column "<metric> p_holm") where it has one
 Runs without comparisons.csv get deltas computed from results.csv instead (no CI):
   <bench>/learned-base/N=<n>       learned at N minus base (N=0)
   <bench>/learned-fixed:<w>/N=<n>  learned at N minus fixed word <w> at the same N
@@ -37,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ctt.comparisons import format_p
 from ctt.results import markdown_table
 from ctt.plots import debate_plot
 from ctt.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
@@ -58,22 +60,24 @@ def metric_columns(runs: Sequence[Run]) -> list[str]:
     return sorted(names, key=rank)  # stable: keeps first-seen order inside each rank
 
 
-def _fmt_metric(value: float | None, interval: tuple[float, float] | None = None) -> str:
-    """"0.1250"; a delta with its CI as "+0.1250 [+0.0312, +0.2188]"."""
+def _fmt_metric(value: float | None, interval: tuple[float, float] | None = None, p_holm: float | None = None) -> str:
+    """"0.1250"; a delta with its CI as "+0.1250 [+0.0312, +0.2188]", and its Holm-adjusted p when known."""
     if value is None:
         return ""
     if interval is None:
         return f"{value:.4f}"
     lo, hi = interval
-    return f"{value:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return f"{value:+.4f} [{lo:+.4f}, {hi:+.4f}]" + ("" if p_holm is None else f" p_holm {format_p(p_holm)}")
 
 
 def _interval_columns(runs: Sequence[Run], metrics: Sequence[str]) -> list[str]:
     """The metric columns, each delta that has a CI in some run followed by its `ci_low` / `ci_high` columns."""
     with_ci = {k for r in runs for k, v in r.deltas.items() if v is not None}
+    with_p = {k for r in runs for k in r.p_holm}
     cols: list[str] = []
     for m in metrics:
         cols += [m, f"{m} ci_low", f"{m} ci_high"] if m in with_ci else [m]
+        cols += [f"{m} p_holm"] if m in with_p else []
     return cols
 
 
@@ -88,11 +92,12 @@ def report_rows(runs: Sequence[Run], group_seeds: bool = False) -> tuple[list[st
         for r in runs:
             cells = {k: fmt_value(r.config[k]) if k in r.config else ABSENT for k in keys}
             md_rows.append({"run": r.name, "status": r.status, **cells,
-                            **{m: _fmt_metric(r.metrics.get(m), r.deltas.get(m)) for m in metrics}})
+                            **{m: _fmt_metric(r.metrics.get(m), r.deltas.get(m), r.p_holm.get(m)) for m in metrics}})
             values: dict[str, Any] = {m: r.metrics.get(m, "") for m in metrics}
             for m, interval in r.deltas.items():
                 if interval is not None:
                     values[f"{m} ci_low"], values[f"{m} ci_high"] = interval
+            values.update({f"{m} p_holm": p for m, p in r.p_holm.items()})
             csv_rows.append({"run": r.name, "status": r.status, **cells, **values, "path": str(r.path)})
         return md_cols, md_rows, csv_cols, csv_rows
 

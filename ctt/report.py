@@ -25,8 +25,10 @@ that `evaluate=true` asks for is missing); no-results (neither, but the run left
 the run's log, or nothing but `.hydra/` and the log).
 
 --group-seeds folds runs whose configs differ only in `seed` into one row: every metric becomes mean +- std over
-those runs (sample std, n-1; 0 for a single run) and a `seeds` column counts them. Writes <out>.csv and <out>.md
-(default <first DIR>/report) and prints the markdown table.
+those runs (sample std, n-1; 0 for a single run) and a `seeds` column counts them; it also gives the headline over
+seeds (`ctt.seed_headline`): per group, the mean over seeds of every paired difference with a 95% CI over seeds and
+problems, p and Holm's p, written to <out>_seeds.csv / <out>_seeds.md and printed after the table. Writes <out>.csv
+and <out>.md (default <first DIR>/report) and prints the markdown table.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any, Sequence
 from ctt.comparisons import format_p
 from ctt.results import markdown_table
 from ctt.plots import debate_plot
+from ctt.seed_headline import seed_markdown, seed_rows, write_seed_rows
 from ctt.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
 
 
@@ -101,10 +104,7 @@ def report_rows(runs: Sequence[Run], group_seeds: bool = False) -> tuple[list[st
             csv_rows.append({"run": r.name, "status": r.status, **cells, **values, "path": str(r.path)})
         return md_cols, md_rows, csv_cols, csv_rows
 
-    group_keys = [k for k in keys if k != "seed"]
-    groups: dict[tuple, list[Run]] = {}
-    for r in runs:
-        groups.setdefault(tuple(fmt_value(r.config[k]) if k in r.config else ABSENT for k in group_keys), []).append(r)
+    group_keys, groups = seed_groups(runs)
     md_cols = ["run", "status", "seeds", *group_keys, *metrics]
     csv_cols = ["run", "status", "seeds", *group_keys]
     for m in metrics:
@@ -133,6 +133,27 @@ def report_rows(runs: Sequence[Run], group_seeds: bool = False) -> tuple[list[st
     return md_cols, md_rows, csv_cols, csv_rows
 
 
+def seed_groups(runs: Sequence[Run]) -> tuple[list[str], dict[tuple, list[Run]]]:
+    """(the differing keys other than `seed`, runs grouped by their values of those keys)."""
+    group_keys = [k for k in differing_keys(runs) if k != "seed"]
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(tuple(fmt_value(r.config[k]) if k in r.config else ABSENT for k in group_keys), []).append(r)
+    return group_keys, groups
+
+
+def over_seeds(runs: Sequence[Run], out: Path) -> str:
+    """The headline over seeds of every group (`ctt.seed_headline`), written to <out>_seeds.csv / .md; its markdown."""
+    rows = [row for members in seed_groups(runs)[1].values()
+            for row in seed_rows([r.path for r in members], ",".join(r.name for r in members))]
+    if not rows:
+        return ""
+    text = seed_markdown(rows)
+    write_seed_rows(out.with_name(out.name + "_seeds.csv"), rows)
+    out.with_name(out.name + "_seeds.md").write_text(text)
+    return text
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n-1); the std of a single value is 0."""
     mean = statistics.fmean(values)
@@ -156,11 +177,16 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seed
     if not runs:
         raise FileNotFoundError(f"no run dirs (with .hydra/config.yaml) under {', '.join(map(str, dirs))}")
     md_cols, md_rows, csv_cols, csv_rows = report_rows(runs, group_seeds)
-    csv_path, md_path = write_report(out or Path(dirs[0]) / "report", md_cols, md_rows, csv_cols, csv_rows)
+    out = Path(out or Path(dirs[0]) / "report")
+    csv_path, md_path = write_report(out, md_cols, md_rows, csv_cols, csv_rows)
+    table = markdown_table(md_rows, md_cols)
+    if group_seeds:
+        seeds = over_seeds(runs, out)
+        table += "\n\n" + seeds if seeds else ""
     evaluated = [(int(r.config.get("token.count") or 1), r.results) for r in runs if r.results]
     if evaluated:  # accuracy against compute, one line per kind of continuation (learned per k)
         debate_plot(evaluated, csv_path.with_name("debate.png"))
-    return markdown_table(md_rows, md_cols), csv_path, md_path
+    return table, csv_path, md_path
 
 
 def diff(run_a: str | Path, run_b: str | Path) -> tuple[list[dict], list[dict]]:
@@ -189,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("dirs", nargs="*", metavar="DIR", help="run dirs, multirun dirs, or parents of them")
     parser.add_argument("--out", help="output path prefix for <out>.csv and <out>.md (default: <first DIR>/report)")
-    parser.add_argument("--group-seeds", action="store_true", help="one row per config, mean ± std over seeds")
+    parser.add_argument("--group-seeds", action="store_true", help="one row per config, mean ± std over seeds, and the mean paired differences with CIs over seeds and problems")
     parser.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"), help="only the config keys and metrics that differ")
     args = parser.parse_args(argv)
     if bool(args.diff) == bool(args.dirs):

@@ -50,7 +50,9 @@ def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path, token_meta: 
     ev = cfg.eval
     modes = expand_modes(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
     training = training_problems(cfg, token_meta)
-    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training)
+    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training,
+                                        part=ev.get("split", "all"), val_fraction=ev.get("val_fraction", 0.5),
+                                        split_seed=ev.get("split_seed", 0))
     for problems in benchmarks.values():  # token text, context length: before the first generation
         policy.check_problems(problems)
     sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)

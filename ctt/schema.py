@@ -37,6 +37,8 @@ class EvalSettings(Settings):
     split: str = "all"  # all | validation | test (ctt.splits)
     val_fraction: float = 0.5
     split_seed: int = 0
+    also_temperature: float | None = None  # evaluate a second time at this temperature (e.g. ${rl.temperature})
+    also_samples: int = 4  # ... with this many samples per problem (pass@1 over them), into <run dir>/sampled/
 
     def check(self) -> None:
         from ctt.modes import expand_modes
@@ -49,6 +51,9 @@ class EvalSettings(Settings):
             require(self.limit >= 1, "eval.limit", "an integer >= 1 or null", self.limit)
         one_of("eval.reward", self.reward, REWARD_FUNCTIONS)
         one_of("eval.split", self.split, ("all", "validation", "test"))
+        if self.also_temperature is not None:
+            require(self.also_temperature > 0, "eval.also_temperature", "a number > 0 or null", self.also_temperature)
+        require(self.also_samples >= 1, "eval.also_samples", "an integer >= 1", self.also_samples)
         require(0 < self.val_fraction < 1, "eval.val_fraction", "a number in (0, 1)", self.val_fraction)
         expand_modes(self.modes, self.num_continuations, self.fixed_words)  # every spec parsed, every N >= 0
 

@@ -16,7 +16,9 @@ missing from either run is left out, and a pair of runs with no problem in commo
 pass rate is the mean of its samples' `correct`. delta = mean over problems of (pass_mode - pass_versus), its
 interval and method come from `ctt.stats.paired_delta_ci` (paired bootstrap over problems, Newcombe's score
 interval when every problem's difference is the same), p_value from `ctt.stats.paired_p_value` (exact sign test;
-the exact McNemar test with one sample per problem).
+the exact McNemar test with one sample per problem). `p_holm` is Holm's adjustment of p_value over the FAMILY of
+every row of the table (all benchmarks, modes, N and versus of one evaluation), not per row: with m rows, the
+smallest p is multiplied by m (`ctt.stats.holm_adjust`).
 
 Columns: COMPARISON_COLUMNS. `versus_num_continuations` says which run of `versus` was used: 0 for a baseline
 (its only run), N for a same-N reference. Rows are ordered by benchmark (first appearance), mode (first
@@ -31,12 +33,12 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ctt.stats import paired_delta_ci, paired_p_value
+from ctt.stats import holm_adjust, paired_delta_ci, paired_p_value
 
 # The issue's nine columns first; ci_method and versus_num_continuations are appended.
 COMPARISON_COLUMNS = [
     "benchmark", "mode", "num_continuations", "versus", "delta", "ci_low", "ci_high", "p_value", "n",
-    "ci_method", "versus_num_continuations",
+    "ci_method", "versus_num_continuations", "p_holm",
 ]
 COMPARISONS_CSV = "comparisons.csv"
 
@@ -96,6 +98,13 @@ def compare(
                         row = _row(bench, mode, n, other, other_n, rates[(bench, mode, n)], rates[(bench, other, other_n)])
                         if row is not None:
                             rows.append(row)
+    return with_holm(rows)
+
+
+def with_holm(rows: list[dict]) -> list[dict]:
+    """The rows with `p_holm`: Holm's adjustment of their `p_value`s, the whole list being one family."""
+    for row, adjusted in zip(rows, holm_adjust([float(r["p_value"]) for r in rows])):
+        row["p_holm"] = adjusted
     return rows
 
 
@@ -149,10 +158,11 @@ def comparisons_markdown(rows: list[dict]) -> str:
         "",
         "delta: accuracy of `mode` minus accuracy of `versus` on the n problems both ran, in percentage points, "
         "with its 95% CI (paired bootstrap over problems; Newcombe's score interval when every problem's "
-        "difference is the same); p: exact two-sided sign test over problems (McNemar with one sample per problem).",
+        "difference is the same); p: exact two-sided sign test over problems (McNemar with one sample per problem); "
+        f"p_holm: Holm-adjusted over the {len(rows)} comparisons of this table (family-wise error rate).",
         "",
-        "| benchmark | mode | N | versus | delta (pp, 95% CI) | p | n |",
-        "|---|---|---|---|---|---|---|",
+        "| benchmark | mode | N | versus | delta (pp, 95% CI) | p | p_holm | n |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         n, versus_n = int(float(r["num_continuations"])), r.get("versus_num_continuations", "")
@@ -160,5 +170,5 @@ def comparisons_markdown(rows: list[dict]) -> str:
         if versus_n not in ("", None) and int(float(versus_n)) != n:
             versus = f"{versus} (N={int(float(versus_n))})"
         interval = f"{_pp(r['delta'])} [{_pp(r['ci_low'])}, {_pp(r['ci_high'])}]"
-        lines.append(f"| {r['benchmark']} | {r['mode']} | {n} | {versus} | {interval} | {format_p(r['p_value'])} | {r['n']} |")
+        lines.append(f"| {r['benchmark']} | {r['mode']} | {n} | {versus} | {interval} | {format_p(r['p_value'])} | {format_p(r.get('p_holm', 'nan') or 'nan')} | {r['n']} |")
     return "\n".join(lines) + "\n"

@@ -45,14 +45,19 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
 
 
 def load_benchmarks(
-    benchmarks: DictConfig, limit: int | None = None, training: list[Problem] | None = None
+    benchmarks: DictConfig, limit: int | None = None, training: list[Problem] | None = None, part: str = "all",
+    val_fraction: float = 0.5, split_seed: int = 0,
 ) -> tuple[dict[str, list[Problem]], list[str]]:
-    """`benchmarks` maps a name to `load_problems` keyword arguments. Problems that are also `training` problems are
-    dropped first, then the first `limit` are kept. Returns the problems and one note per benchmark that lost some."""
+    """`benchmarks` maps a name to `load_problems` keyword arguments (plus an optional `validation` problem set).
+    Problems that are also `training` problems are dropped first, then the `part` split is taken (ctt.splits: "all",
+    "validation" or "test"), then the first `limit` are kept. Returns the problems and the notes for results.md."""
+    from ctt.splits import select_part
+
     out, notes = {}, []
     for name, spec in benchmarks.items():
         kwargs = OmegaConf.to_container(spec, resolve=True)
         own_limit = kwargs.pop("limit", None)  # applied after the check, like `limit`
+        val_spec = kwargs.pop("validation", None)
         problems = load_problems(**kwargs)
         if training is not None:
             problems, dropped = drop_training_overlap(problems, training, name)
@@ -60,6 +65,9 @@ def load_benchmarks(
                 notes.append(
                     f"{name}: {dropped} problems that are also training problems were dropped before evaluation"
                 )
+        validation = load_problems(**val_spec) if val_spec is not None and part != "all" else None
+        problems, split_notes = select_part(name, problems, part, validation, val_fraction, split_seed, training)
+        notes += split_notes
         for cap in (own_limit, limit):
             problems = problems[:cap] if cap is not None else problems
         out[name] = problems

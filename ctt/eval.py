@@ -50,16 +50,32 @@ def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path, token_meta: 
     ev = cfg.eval
     modes = expand_modes(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
     training = training_problems(cfg, token_meta)
-    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training)
+    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training,
+                                        part=ev.get("split", "all"), val_fraction=ev.get("val_fraction", 0.5),
+                                        split_seed=ev.get("split_seed", 0))
     for problems in benchmarks.values():  # token text, context length: before the first generation
         policy.check_problems(problems)
-    sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
     reward_fn = get_reward_fn(ev.get("reward", "math_verify"))
-    results, records = evaluate(policy, benchmarks, modes, ev.samples, sampling, reward_fn)
+    sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
+    results = _evaluate_into(Path(out_dir), policy, benchmarks, modes, ev.samples, sampling, reward_fn, notes)
+    if ev.get("also_temperature") is not None:  # e.g. the training temperature: pass@1 over eval.also_samples
+        again = SamplingConfig(ev.also_temperature, ev.top_p, seed=cfg.seed)
+        note = f"sampled at temperature {ev.also_temperature}, top_p {ev.top_p}, {ev.also_samples} samples per problem"
+        _evaluate_into(Path(out_dir) / SAMPLED_DIR, policy, benchmarks, modes, ev.also_samples, again, reward_fn,
+                       [*notes, note])
+    return results
+
+
+SAMPLED_DIR = "sampled"  # the second evaluation of eval.also_temperature, inside the run dir
+
+
+def _evaluate_into(out_dir: Path, policy, benchmarks, modes, samples, sampling, reward_fn, notes) -> list[dict]:
+    results, records = evaluate(policy, benchmarks, modes, samples, sampling, reward_fn)
     comparisons = compare(records, *baseline_labels(modes))
     path = write_results(out_dir, results, records, notes, comparisons)
-    scaling_plot(results, Path(out_dir) / "scaling.png")
-    deltas_plot(comparisons, Path(out_dir) / "deltas.png")
+    scaling_plot(results, out_dir / "scaling.png")
+    deltas_plot(comparisons, out_dir / "deltas.png")
+    print(f"\n[{out_dir}] temperature {sampling.temperature}, {samples} sample(s) per problem")
     print(markdown_table(results, RESULT_COLUMNS))
     if notes:
         print("\n" + "\n".join(notes))

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import hydra
 import torch
@@ -235,13 +235,19 @@ def export_info(cfg: DictConfig, policy: Policy, meta: dict) -> dict:
         "end_of_thinking_ids": list(policy.marker),
         "end_of_thinking_text": tok.decode(list(policy.marker), skip_special_tokens=False),
         "eos_token_ids": list(policy.eos_ids),
-        "recipe": {k: forcing.get(k) for k in ("num_continuations", "thinking_budget", "budget_force_text",
-                                               "max_answer_tokens", "max_new_tokens")},
+        "recipe": {**{k: forcing.get(k) for k in ("num_continuations", "thinking_budget", "budget_force_text",
+                                                  "max_answer_tokens", "max_new_tokens")},
+                   "num_continuations": _recipe_n(forcing.get("num_continuations"))},
         "recipe_from": "training run" if "config" in run else "ctt-export's forcing config",
         "token_file": str(Path(cfg.token.path).resolve()),
         "token_metadata": meta,
         "training_run": {"dir": str(run_dir), **run},
     }
+
+
+def _recipe_n(value: Any) -> Any:
+    """The recipe's N: a training run that drew N from a list recommends its largest."""
+    return max(value) if isinstance(value, (list, tuple)) and value else value
 
 
 def _base_weights(model: DictConfig) -> dict:

@@ -15,9 +15,8 @@ from ctt.errors import ConfigError, TrainingError
 from ctt.engine import Rollout, SamplingConfig, mix_seed
 from ctt.loggers import ResumableCSVLogger, pending_metrics_row
 from ctt.models import load_model
-from ctt.policy import ForcingSettings, Policy
+from ctt.policy import ForcingSettings, Policy, draw_continuations
 from ctt.rewards import Score, get_reward_fn
-from ctt.modes import Mode
 from ctt.rl import RLSettings, completion_logprobs, compute_advantages, reinforce_loss, uniform_group_share
 from ctt.token import CONTINUE_THINKING, install_token
 
@@ -182,12 +181,13 @@ class ContinueThinkingModule(L.LightningModule):
 
     def training_step(self, batch: list[Problem], batch_idx: int) -> torch.Tensor:
         k = self.rl.samples_per_prompt
-        forcing = self.policy.forcing(Mode("learned", None, self.policy.settings.num_continuations))
         sampling = self.sampling(batch_idx)
+        # N per prompt: forcing.num_continuations, or drawn from its list (seeded like the sampling: a resume replays it)
+        ns = draw_continuations(self.policy.settings.choices, len(batch), sampling.seed)
         # ZeRO-3: every weight gathered ONCE for the rollout, the scoring forward and its backward (released in
         # on_after_backward), not per layer per token; a no-op under any other strategy. See ctt/distributed.py.
         self._step_gather = gather_zero3(self, self.zero3_gather_fraction)
-        rollouts = self.policy.rollout(batch, forcing, sampling, samples_per_prompt=k)
+        rollouts = self.policy.rollout_per_n(batch, ns, sampling, samples_per_prompt=k)
         self.policy.engine.release_memory()  # vLLM's sleep (engine.sleep_between_rollouts): the loss pass's memory
         problems = [p for p in batch for _ in range(k)]
         scores = [self.reward_fn(r, p) for r, p in zip(rollouts, problems)]
@@ -206,6 +206,10 @@ class ContinueThinkingModule(L.LightningModule):
         step_loss = self._skip_if_not_finite(loss)
         self.last_samples = list(zip(problems, rollouts, scores))
         self._log_step(loss, rewards, scores, rollouts, scored.mask.sum(), uniform_group_share(rewards, k))
+        if len(self.policy.settings.choices) > 1:  # N drawn per prompt: its mean this step
+            drawn = torch.tensor(sum(ns) / len(ns), device=self.device)
+            self.log("train/drawn_continuations", drawn, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(batch))
+            self.logged_names.add("train/drawn_continuations")
         return step_loss
 
     def _mean_token_count(self, scored) -> torch.Tensor | None:

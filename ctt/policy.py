@@ -6,14 +6,18 @@ which text is graded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, ClassVar
+from dataclasses import dataclass, replace
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
 
 import torch
 
 from ctt.data import Problem, build_prompt_ids
 from ctt.errors import ConfigError, DataError
-from ctt.engine import EngineSettings, ForcingConfig, Rollout, RolloutEngine, SamplingConfig, build_engine, marker_is_eos
+from ctt.engine import (
+    EngineSettings, ForcingConfig, Rollout, RolloutEngine, SamplingConfig, build_engine, marker_is_eos, mix_seed,
+)
 from ctt.engine.records import row_seeds
 from ctt.models import LoadedModel
 from ctt.modes import Mode
@@ -27,7 +31,7 @@ class ForcingSettings(Settings):
 
     section: ClassVar[str] = "forcing"
 
-    num_continuations: int = 2
+    num_continuations: int | list[int] = 2  # a list: training draws N per prompt from it (uniformly)
     thinking_budget: int | None = None
     budget_force_text: str | None = None  # null: force the end-of-thinking marker itself
     max_answer_tokens: int = 64
@@ -38,13 +42,33 @@ class ForcingSettings(Settings):
     def check(self) -> None:
         for name in ("max_answer_tokens", "max_new_tokens", "batch_size"):
             require(getattr(self, name) >= 1, f"forcing.{name}", ">= 1", getattr(self, name))
-        require(self.num_continuations >= 0, "forcing.num_continuations", ">= 0", self.num_continuations)
+        ns = self.num_continuations
+        if isinstance(ns, int):
+            require(ns >= 0, "forcing.num_continuations", ">= 0", ns)
+        else:
+            require(len(ns) >= 1 and len(set(ns)) == len(ns) and min(ns) >= 0, "forcing.num_continuations",
+                    "an integer >= 0 or a non-empty list of distinct integers >= 0", list(ns))
         if self.thinking_budget is not None:
             require(self.thinking_budget >= 1, "forcing.thinking_budget", ">= 1 or null", self.thinking_budget)
 
     @property
+    def choices(self) -> tuple[int, ...]:
+        """The N training draws from (one value for an integer `num_continuations`)."""
+        ns = self.num_continuations
+        return (ns,) if isinstance(ns, int) else tuple(ns)
+
+    @property
     def engine_config(self) -> EngineSettings:
         return self.engine or EngineSettings()
+
+
+def draw_continuations(choices: Sequence[int], count: int, seed: int | None) -> list[int]:
+    """N for each of `count` prompts, uniformly from `choices`, from the step's sampling seed (a stream of its own:
+    the seed of (seed, step, micro-batch, rank), so a resumed run draws the same N). One choice: always it."""
+    if len(choices) == 1:
+        return [int(choices[0])] * count
+    rng = np.random.default_rng(mix_seed(0 if seed is None else seed, 0x4E))
+    return [int(choices[i]) for i in rng.integers(0, len(choices), size=count)]
 
 
 class Policy:
@@ -159,6 +183,24 @@ class Policy:
             max_new_tokens=s.max_new_tokens,
             banned_ids=self.token_ids,
         )
+
+    def rollout_per_n(
+        self, problems: list[Problem], ns: Sequence[int], sampling: SamplingConfig, samples_per_prompt: int = 1,
+        kind: str = "learned",
+    ) -> list[Rollout]:
+        """Like `rollout` for mode `kind`, with problem i forced up to ns[i] times (its k samples share it): one
+        generation per distinct N (seeded by (seed, N) when there are several), the groups put back in problem
+        order. Every N the same: exactly `rollout` at that N."""
+        if len(set(ns)) == 1:
+            return self.rollout(problems, self.forcing(Mode(kind, None, ns[0])), sampling, samples_per_prompt)
+        k, groups = samples_per_prompt, [[] for _ in problems]
+        for n in sorted(set(ns)):
+            idx = [i for i, m in enumerate(ns) if m == n]
+            sub = sampling if sampling.seed is None else replace(sampling, seed=mix_seed(sampling.seed, n))
+            got = self.rollout([problems[i] for i in idx], self.forcing(Mode(kind, None, n)), sub, k)
+            for j, i in enumerate(idx):
+                groups[i] = got[j * k:(j + 1) * k]
+        return [r for group in groups for r in group]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

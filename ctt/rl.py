@@ -55,10 +55,19 @@ def _group_view(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.view(-1, group_size)
 
 
+def _leave_one_out(groups: torch.Tensor) -> torch.Tensor:
+    k = groups.shape[1]
+    if k < 2:
+        raise ConfigError("rl.baseline=rloo needs rl.samples_per_prompt >= 2 (the mean of the other samples)")
+    return (groups.sum(1, keepdim=True) - groups) / (k - 1)
+
+
 BASELINES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "none": lambda r, k: torch.zeros_like(r),
     "batch_mean": lambda r, k: r.mean().expand_as(r),
     "group_mean": lambda r, k: _group_view(r, k).mean(1, keepdim=True).expand(-1, k).reshape(-1),
+    # leave-one-out (RLOO): the mean of the OTHER k-1 samples of the group, independent of the sample, so unbiased
+    "rloo": lambda r, k: _leave_one_out(_group_view(r, k)).reshape(-1),
 }
 SCALES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "none": lambda r, k: torch.ones_like(r),
@@ -345,7 +354,7 @@ class RLSettings(Settings):
         one_of("rl.scale", self.scale, SCALES)
         one_of("rl.aggregation", self.aggregation, AGGREGATIONS)
         one_of("rl.reward", self.reward, REWARD_FUNCTIONS)
-        if self.samples_per_prompt == 1 and (self.baseline == "group_mean" or self.scale == "group"):
+        if self.samples_per_prompt == 1 and (self.baseline in ("group_mean", "rloo") or self.scale == "group"):
             raise ConfigError(
                 "rl.samples_per_prompt=1 with a per-group baseline or scale makes every advantage 0 (nothing is "
                 "learned): use rl.samples_per_prompt >= 2, or rl.baseline=batch_mean|none with rl.scale=none|batch"

@@ -32,6 +32,7 @@ class Run:
     # delta metrics (a subset of `metrics`) -> their 95% CI, or None for deltas computed without one
     deltas: dict[str, tuple[float, float] | None] = field(default_factory=dict)
     results: list[dict] | None = None  # its results.csv rows, if it has one
+    p_holm: dict[str, float] = field(default_factory=dict)  # delta metric -> its Holm-adjusted p (comparisons.csv)
 
 
 # ---------------------------------------------------------------- discovery
@@ -201,6 +202,16 @@ def comparison_metrics(rows: Iterable[dict]) -> dict[str, tuple[float, float, fl
     return out
 
 
+def holm_metrics(rows: Iterable[dict]) -> dict[str, float]:
+    """The Holm-adjusted p (`p_holm`, over the run's whole table) per delta metric, where comparisons.csv has it."""
+    out = {}
+    for row in rows:
+        value = _float(row.get("p_holm"))
+        if value is not None:
+            out[f"{row['benchmark']}/{row['mode']}-{row['versus']}/N={int(float(row['num_continuations']))}"] = value
+    return out
+
+
 def eval_metrics(rows: Iterable[dict]) -> dict[str, float]:
     """Accuracy per `<bench>/<mode>/N=<n>`, then the learned-base and learned-fixed:<w> deltas per bench and N
     computed from those accuracies (for runs without comparisons.csv)."""
@@ -257,17 +268,19 @@ def load_run(path: Path, name: str) -> Run:
     results = read_results(path)
     comparisons = read_comparisons(path / COMPARISONS_CSV)
     deltas: dict[str, tuple[float, float] | None] = {}
+    p_holm: dict[str, float] = {}
     if comparisons is not None:  # paired deltas with CIs replace the ones computed from accuracies
         metrics.update(accuracy_metrics(results or []))
         for metric, (delta, lo, hi) in comparison_metrics(comparisons).items():
             metrics[metric] = delta
             deltas[metric] = (lo, hi)
+        p_holm = holm_metrics(comparisons)
     elif results:
         computed = eval_metrics(results)
         metrics.update(computed)
         deltas = {m: None for m in computed if m not in accuracy_metrics(results)}
     status = run_status(path, bool(results), reward is not None, config.get("evaluate"))
-    return Run(path, name, config, local, metrics, status, deltas, results)
+    return Run(path, name, config, local, metrics, status, deltas, results, p_holm)
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:

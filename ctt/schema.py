@@ -34,6 +34,11 @@ class EvalSettings(Settings):
     limit: int | None = None
     reward: str = "math_verify"
     exclude_training_problems: bool = True
+    split: str = "all"  # all | validation | test (ctt.splits)
+    val_fraction: float = 0.5
+    split_seed: int = 0
+    also_temperature: float | None = None  # evaluate a second time at this temperature (e.g. ${rl.temperature})
+    also_samples: int = 4  # ... with this many samples per problem (pass@1 over them), into <run dir>/sampled/
 
     def check(self) -> None:
         from ctt.modes import expand_modes
@@ -45,6 +50,11 @@ class EvalSettings(Settings):
         if self.limit is not None:
             require(self.limit >= 1, "eval.limit", "an integer >= 1 or null", self.limit)
         one_of("eval.reward", self.reward, REWARD_FUNCTIONS)
+        one_of("eval.split", self.split, ("all", "validation", "test"))
+        if self.also_temperature is not None:
+            require(self.also_temperature > 0, "eval.also_temperature", "a number > 0 or null", self.also_temperature)
+        require(self.also_samples >= 1, "eval.also_samples", "an integer >= 1", self.also_samples)
+        require(0 < self.val_fraction < 1, "eval.val_fraction", "a number in (0, 1)", self.val_fraction)
         expand_modes(self.modes, self.num_continuations, self.fixed_words)  # every spec parsed, every N >= 0
 
 
@@ -93,13 +103,19 @@ def _entries(node: Any) -> dict:
         return OmegaConf.to_container(node, resolve=False)
 
 
-def check_problem_set(spec: Any, key: str) -> dict:
-    """One `load_problems` keyword set (`data.train`, a `benchmarks` entry): a complete entry of known keys."""
+def check_problem_set(spec: Any, key: str, benchmark: bool = False) -> dict:
+    """One `load_problems` keyword set (`data.train`, a `benchmarks` entry): a complete entry of known keys. A
+    benchmark entry may also hold `validation`, a problem set of its own (ctt.splits)."""
     from ctt.data import SOURCES, load_problems
     from ctt.rewards import check_answer_format
 
     if not isinstance(spec, dict):
         raise ConfigError(f"{key} must be a mapping of load_problems settings, got {spec!r}")
+    if benchmark and "validation" in spec:
+        spec = dict(spec)
+        validation = spec.pop("validation")
+        if validation is not None:
+            check_problem_set(validation, f"{key}.validation")
     if "source" not in spec:
         given = ", ".join(spec) or "nothing"
         raise ConfigError(
@@ -202,6 +218,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("benchmarks is empty: nothing to evaluate (choose some, e.g. benchmarks=[gsm8k_local], or "
                           "train without evaluating: evaluate=false)")
     for name, spec in benchmarks.items():
-        check_problem_set(spec, f"benchmarks.{name}")
+        check_problem_set(spec, f"benchmarks.{name}", benchmark=True)
     _check_targets(cfg)
     _check_trainer(cfg)

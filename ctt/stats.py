@@ -28,6 +28,11 @@ Paired comparisons (two modes on the same problems, see `ctt.comparisons`):
   difference between the modes" each difference is as likely positive as negative, and the p-value is the share
   of the 2^n sign assignments whose |sum| is at least the observed one, computed exactly by convolution. With one
   sample per problem it is the exact McNemar test (`sign_test_p`), and it always points the way delta does.
+* `holm_adjust`: Holm's step-down adjustment of a FAMILY of p-values (every row of one comparisons table): it
+  controls the family-wise error rate, so "some row with p_holm < 0.05" is a claim at the 5% level.
+
+Over training seeds (`seed_problem_ci`, for `ctt-report --group-seeds`): the mean over seeds of a paired difference,
+with an interval that covers the sampling of seeds AND of problems (two-way random effects; see its docstring).
 """
 
 from __future__ import annotations
@@ -252,3 +257,91 @@ def paired_p_value(pass_a: Sequence[float], pass_b: Sequence[float], max_denomin
     observed = abs(int(sum(fractions) * scale))
     sums = np.abs(np.arange(-total, total + 1))
     return float(min(1.0, dist[sums >= observed].sum()))
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order, for the whole family `p_values` (NaNs are left out
+    of the family and stay NaN). With the m p-values sorted, p_(1) <= ... <= p_(m):
+    adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))."""
+    values = [float(p) for p in p_values]
+    order = sorted((i for i, p in enumerate(values) if not math.isnan(p)), key=lambda i: values[i])
+    m, running, out = len(order), 0.0, [math.nan] * len(values)
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * values[i]))
+        out[i] = running
+    return out
+
+
+# ---------------------------------------------------------------- over training seeds
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (Lentz's method)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    out = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d, c = 1.0 + num * d, 1.0 + num / c
+            d, c = 1.0 / (d if abs(d) > tiny else tiny), c if abs(c) > tiny else tiny
+            out *= d * c
+        if abs(d * c - 1.0) < 1e-14:
+            break
+    return out
+
+
+def t_two_sided_p(t: float, df: float) -> float:
+    """P(|T| >= |t|) for Student's t with `df` (> 0, may be fractional) degrees of freedom: I_x(df/2, 1/2)."""
+    x = df / (df + t * t)
+    a, b = df / 2.0, 0.5
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) if 0 < x < 1 else 0.0
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_quantile(level: float, df: float) -> float:
+    """q with P(|T| <= q) = level, by bisection on `t_two_sided_p`."""
+    _z(level)
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > 1.0 - level:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 1.0 - level else (lo, mid)
+    return (lo + hi) / 2.0
+
+
+def seed_problem_ci(diffs: Sequence[Sequence[float]], level: float = 0.95) -> tuple[float, float, float, float, float]:
+    """(mean, ci_low, ci_high, p_value, df) of the mean over seeds of a paired difference; `diffs[s][p]` is the
+    per-problem difference (pass_a - pass_b) of training seed s on problem p (every seed on the same problems).
+
+    Seeds and problems are crossed random effects, d_sp = mu + a_s + b_p + e_sp, so
+    Var(mean) = s_a^2/S + s_b^2/P + s_e^2/(SP). Its unbiased ANOVA estimate is var(seed means)/S +
+    var(problem means)/P - MSE/(SP) (each of the first two holds s_e^2/(SP) once), floored at the larger of the
+    first two; the interval is mean +- t * sqrt(that), with Satterthwaite's degrees of freedom, and p is the two-sided
+    t test of mean = 0. The t quantile matters: with 3 seeds and seed variance dominating, a percentile bootstrap
+    over seeds covers about 75% (its variance is (S-1)/S of the truth and its quantile is z, not t with 2 df).
+    A problems-only interval misses s_a^2/S altogether. nan for fewer than 2 seeds or 2 problems.
+    """
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 2:
+        raise ValueError(f"need a seeds x problems array of differences, got shape {d.shape}")
+    seeds, problems = d.shape
+    if seeds < 2 or problems < 2:
+        return (float(d.mean()) if d.size else math.nan), math.nan, math.nan, math.nan, math.nan
+    mean = float(d.mean())
+    rows, cols = d.mean(axis=1), d.mean(axis=0)
+    v_seed, v_prob = float(rows.var(ddof=1)) / seeds, float(cols.var(ddof=1)) / problems
+    resid = d - rows[:, None] - cols[None, :] + mean
+    v_err = float((resid**2).sum()) / ((seeds - 1) * (problems - 1)) / (seeds * problems)
+    var = max(v_seed + v_prob - v_err, v_seed, v_prob)
+    if var <= 0.0:  # every difference the same: nothing varies
+        return mean, mean, mean, (1.0 if mean == 0 else 0.0), math.inf
+    df = var**2 / (v_seed**2 / (seeds - 1) + v_prob**2 / (problems - 1) + v_err**2 / ((seeds - 1) * (problems - 1)))
+    half = t_quantile(level, df) * math.sqrt(var)
+    return mean, mean - half, mean + half, t_two_sided_p(mean / math.sqrt(var), df), df

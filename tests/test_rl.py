@@ -158,3 +158,37 @@ def test_uniform_group_share():
     from ctt.rl import uniform_group_share
 
     assert uniform_group_share(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2) == pytest.approx(2 / 3)
+
+
+def test_rollout_per_n_forces_each_prompt_at_its_own_n():
+    """forcing.num_continuations=[...]: problem i is forced up to ns[i] times, its k samples together, in order."""
+    from dataclasses import replace
+
+    from ctt.data import Problem
+    from ctt.engine import mix_seed
+    from ctt.modes import Mode
+    from ctt.policy import ForcingSettings, Policy
+
+    policy = Policy(tiny(boost=6.0), ForcingSettings(max_new_tokens=24, num_continuations=[1, 3]), "Answer.")
+    problems = [Problem(f"p{i}", q, "1") for i, q in enumerate(["one", "two", "three", "four"])]
+    ns, sampling, k = [1, 3, 3, 1], SamplingConfig(1.0, seed=5), 2
+    out = policy.rollout_per_n(problems, ns, sampling, samples_per_prompt=k)
+    assert len(out) == len(problems) * k
+    for i, r in enumerate(out):
+        assert r.prompt_ids == policy.prompt_ids(problems[i // k]) and r.num_forced <= ns[i // k]
+    assert max(r.num_forced for r in out) == 3
+    for n, idx in ((1, [0, 3]), (3, [1, 2])):  # each N generated once, seeded by (seed, N)
+        alone = policy.rollout([problems[i] for i in idx], policy.forcing(Mode("learned", None, n)),
+                               replace(sampling, seed=mix_seed(5, n)), k)
+        assert [r.completion_ids for r in alone] == [out[i * k + s].completion_ids for i in idx for s in range(k)]
+    same = policy.rollout_per_n(problems, [3] * 4, sampling, k)  # one N: exactly rollout at that N
+    ref = policy.rollout(problems, policy.forcing(Mode("learned", None, 3)), sampling, k)
+    assert [r.completion_ids for r in same] == [r.completion_ids for r in ref]
+
+
+def test_rloo_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    expected = torch.tensor([1 - 0.0, 0 - 0.5, 0 - 0.5, 1 - 1.0, 1 - 1.0, 1 - 1.0])
+    assert torch.allclose(compute_advantages(r, 3, "rloo"), expected)
+    with pytest.raises(ConfigError):
+        compute_advantages(r, 1, "rloo")

@@ -20,16 +20,16 @@ from typing import Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ctt.config import CONFIG_DIR, to_plain
-from ctt.data import DEFAULT_INSTRUCTION, Problem
+from ctt.config.hydra_glue import CONFIG_DIR, to_plain
+from ctt.data.sources import DEFAULT_INSTRUCTION, Problem
 from ctt.errors import ConfigError
 from ctt.generation import Rollout, SamplingConfig
-from ctt.models import load_model
-from ctt.modes import KINDS, Mode, parse_mode
-from ctt.policy import ForcingSettings, Policy
-from ctt.rewards import extract_answer
+from ctt.models.loading import load_model
+from ctt.policy.modes import KINDS, Mode, parse_mode
+from ctt.policy.policy import ForcingSettings, Policy
+from ctt.data.answers import extract_answer
 from ctt.settings import one_of
-from ctt.token import check_token_fits, install_token, load_token_file, token_count, token_texts
+from ctt.models.token import check_token_fits, install_token, load_token_file, token_count, token_texts
 
 log = logging.getLogger(__name__)
 

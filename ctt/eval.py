@@ -1,8 +1,8 @@
 """`ctt-eval`: accuracy of base / fixed-word / learned-token forcing for each N.
 
 Writes into the run dir (`${paths.output_dir}`): results.csv / results.md (pass@1 with its 95% CI per benchmark,
-mode and N), samples.jsonl (one record per sample; `ctt.results.results_from_samples` recomputes the table from
-it) and scaling.png (accuracy against mean thinking tokens, `ctt.plots.scaling_plot`).
+mode and N), samples.jsonl (one record per sample; `ctt.evaluation.results.results_from_samples` recomputes the table from
+it) and scaling.png (accuracy against mean thinking tokens, `ctt.evaluation.plots.scaling_plot`).
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import lightning as L
 from omegaconf import DictConfig
 
 from ctt.api import policy_from_config
-from ctt.comparisons import compare, comparisons_markdown
-from ctt.config import CONFIG_DIR, load_benchmarks, to_plain
-from ctt.data import Problem, load_problems
-from ctt.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
+from ctt.evaluation.comparisons import compare, comparisons_markdown
+from ctt.config.hydra_glue import CONFIG_DIR, load_benchmarks, to_plain
+from ctt.data.sources import Problem, load_problems
+from ctt.evaluation.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
 from ctt.generation import SamplingConfig
-from ctt.modes import baseline_labels, expand_modes
-from ctt.plots import deltas_plot, scaling_plot
-from ctt.policy import Policy
-from ctt.rewards import get_reward_fn
-from ctt.schema import validate_config
+from ctt.policy.modes import baseline_labels, expand_modes
+from ctt.evaluation.plots import deltas_plot, scaling_plot
+from ctt.policy.policy import Policy
+from ctt.data.answers import get_reward_fn
+from ctt.config.check import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
     try:
-        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         L.seed_everything(cfg.seed)
         policy, meta = load_policy(cfg)
         evaluate_policy(policy, cfg, Path(cfg.paths.output_dir), meta)

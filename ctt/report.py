@@ -11,7 +11,7 @@ whose value contains the run's own directory. The keys whose values differ betwe
 Metrics per run:
   train/reward                     last logged value in the CSV logger's metrics.csv (csv/metrics.csv)
   <bench>/<mode>/N=<n>             accuracy (pass@1) from results.csv
-  <bench>/<mode>-<versus>/N=<n>    paired delta from comparisons.csv (`ctt.comparisons`): <mode> at N minus
+  <bench>/<mode>-<versus>/N=<n>    paired delta from comparisons.csv (`ctt.evaluation.comparisons`): <mode> at N minus
                                    <versus> (a baseline at N=0, or a same-N reference); the markdown cell shows
                                    it with its 95% CI, "+0.1250 [+0.0312, +0.2188]", and report.csv adds
                                    "<metric> ci_low" / "<metric> ci_high" columns
@@ -37,9 +37,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ctt.results import markdown_table
-from ctt.plots import debate_plot
-from ctt.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
+from ctt.evaluation.results import markdown_table
+from ctt.evaluation.plots import debate_plot
+from ctt.evaluation.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
 
 
 # ---------------------------------------------------------------- tables

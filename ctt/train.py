@@ -15,11 +15,11 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ctt import resume
-from ctt.config import CONFIG_DIR, instantiate_list
-from ctt.module import ContinueThinkingModule
-from ctt.run_dir import check_writable_outputs
-from ctt.schema import validate_config
+from ctt.reliability import resume
+from ctt.config.hydra_glue import CONFIG_DIR, instantiate_list
+from ctt.training.module import ContinueThinkingModule
+from ctt.reliability.run_dir import check_writable_outputs
+from ctt.config.check import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     trained = time.monotonic()
     if cfg.get("evaluate"):
-        from ctt.distributed import gathered_for_generation
+        from ctt.training.distributed import gathered_for_generation
         from ctt.eval import evaluate_policy  # eval imports are heavy-ish; only needed here
 
         # ZeRO-3: every rank takes part in gathering the weights once, then rank 0 evaluates alone (a no-op gather
@@ -96,7 +96,7 @@ def main(cfg: DictConfig) -> float | None:
     from ctt.errors import exit_for_user_error
 
     try:
-        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         metrics = train(cfg)
     except Preempted as stop:  # SIGTERM: the checkpoint is written; the job can be requeued
         log.warning("%s; resume with the same overrides plus hydra.run.dir=%s ckpt_path=last (exit status %d)",

@@ -11,9 +11,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from ctt.config import CONFIG_DIR
-from ctt.models import load_model
-from ctt.token import install_token
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.models.loading import load_model
+from ctt.models.token import install_token
 
 
 def tiny(boost: float = 4.0, marker: str = "</think>", tie: bool = True, seed: int = 0, init: dict | None = None,

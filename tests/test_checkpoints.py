@@ -102,7 +102,7 @@ def test_a_checkpoint_path_that_is_no_checkpoint(tmp_path, capfd, which, needle)
 
 
 def test_a_token_file_passed_as_checkpoint(tmp_path, capfd):
-    from ctt.token import save_token_file
+    from ctt.models.token import save_token_file
 
     token = save_token_file(tmp_path / "t.safetensors", torch.zeros(64), {"base_model": "tiny_random"})
     code, _, err = run_main("ctt.train", *smoke(tmp_path, f"ckpt_path={token}"), capfd=capfd)

@@ -6,7 +6,7 @@ import transformers
 from omegaconf import OmegaConf
 from tokenizers import models, pre_tokenizers
 
-from ctt.data import (
+from ctt.data.sources import (
     DEFAULT_INSTRUCTION,
     Problem,
     ProblemDataModule,
@@ -16,7 +16,7 @@ from ctt.data import (
     load_problems,
 )
 from ctt.errors import ConfigError, DataError
-from ctt.rewards import verify
+from ctt.data.answers import verify
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -200,7 +200,7 @@ def test_datamodule_config_errors(tmp_path):
 
 
 def test_evaluation_problems_overlapping_training_are_dropped_and_counted(caplog):
-    from ctt.data import drop_training_overlap, normalise_question
+    from ctt.data.sources import drop_training_overlap, normalise_question
 
     train = [Problem("t0", "What is 2 + 3?", "5"), Problem("t1", "What is 4+4?", "8")]
     bench = [Problem("b0", "what is 2 +  3?", "5"), Problem("b1", "What is 1 + 1?", "2"), Problem("b2", "WHAT IS 4+4?", "8")]
@@ -217,8 +217,8 @@ def test_evaluation_problems_overlapping_training_are_dropped_and_counted(caplog
 def test_experiment_benchmarks_are_disjoint_from_their_training_problems_after_the_check(compose_cfg, experiment):
     """The SmolLM2 job's held-out sums used to include training problems verbatim (9 of 32); the organism's
     benchmark shares its small 2-term space with training: at least 300 held-out sums must remain."""
-    from ctt.config import load_benchmarks, to_plain
-    from ctt.data import normalise_question
+    from ctt.config.hydra_glue import load_benchmarks, to_plain
+    from ctt.data.sources import normalise_question
 
     cfg = compose_cfg("train", [f"experiment={experiment}"])
     train = load_problems(**to_plain(cfg.data.train))

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
-from ctt.rl import completion_logprobs, reinforce_loss
-from ctt.token import get_overlay
+from ctt.rl.reinforce import completion_logprobs, reinforce_loss
+from ctt.models.token import get_overlay
 from tests.conftest import tiny
 
 PROMPT = "ab"

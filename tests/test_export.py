@@ -20,12 +20,12 @@ import torch
 from omegaconf import open_dict
 
 from ctt.api import compose_config, policy_from_config
-from ctt.data import Problem, format_user_message
+from ctt.data.sources import Problem, format_user_message
 from ctt.export import ExportSettings, export, export_info
 from ctt.generation import SamplingConfig
-from ctt.models import load_model
-from ctt.modes import Mode
-from ctt.token import load_token_file, save_token_file
+from ctt.models.loading import load_model
+from ctt.policy.modes import Mode
+from ctt.models.token import load_token_file, save_token_file
 from tests.test_cli_errors import assert_user_error, run_main
 from tests.test_models import needs_wheel
 

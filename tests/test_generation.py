@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
-from ctt.models import load_model
-from ctt.token import install_token
+from ctt.models.loading import load_model
+from ctt.models.token import install_token
 from tests.conftest import tiny
 
 PROMPTS = ["hello there", "what is 2+2?", "x", "a much longer prompt about sums and products"]

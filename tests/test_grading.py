@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from ctt.data import Problem
+from ctt.data.sources import Problem
 from ctt.generation import Rollout
-from ctt.modes import Mode
-from ctt.policy import ForcingSettings, Policy
-from ctt.rewards import get_reward_fn
+from ctt.policy.modes import Mode
+from ctt.policy.policy import ForcingSettings, Policy
+from ctt.data.answers import get_reward_fn
 from tests.conftest import tiny
 
 FIXED_WORDS = ["Wait", "Hmm", "Alternatively", "Let", "Perhaps"]

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from ctt.errors import ConfigError, DataError
-from ctt.data import Problem
+from ctt.data.sources import Problem
 from ctt.generation import Rollout
-from ctt.rewards import (
+from ctt.data.answers import (
     REWARD_FUNCTIONS,
     Score,
     extract_answer,

@@ -9,8 +9,8 @@ import torch
 
 from ctt.errors import ConfigError
 from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
-from ctt.rl import Choice, ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_choices
-from ctt.token import get_overlay
+from ctt.rl.reinforce import Choice, ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_choices
+from ctt.models.token import get_overlay
 from tests.conftest import tiny
 
 
@@ -154,6 +154,6 @@ def test_zero_variance_groups_never_explode(baseline, scale):
 
 
 def test_uniform_group_share():
-    from ctt.rl import uniform_group_share
+    from ctt.rl.reinforce import uniform_group_share
 
     assert uniform_group_share(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2) == pytest.approx(2 / 3)

@@ -36,8 +36,8 @@ class EvalSettings(Settings):
     exclude_training_problems: bool = True
 
     def check(self) -> None:
-        from ctt.modes import expand_modes
-        from ctt.rewards import REWARD_FUNCTIONS
+        from ctt.policy.modes import expand_modes
+        from ctt.data.answers import REWARD_FUNCTIONS
 
         require(self.samples >= 1, "eval.samples", "an integer >= 1", self.samples)
         require(self.temperature >= 0, "eval.temperature", "a number >= 0 (0: greedy)", self.temperature)
@@ -52,7 +52,7 @@ class EvalSettings(Settings):
 class PromptSettings(Settings):
     section: ClassVar[str] = "prompt"
 
-    instruction: str | None = None  # null: ctt.data.DEFAULT_INSTRUCTION
+    instruction: str | None = None  # null: ctt.data.sources.DEFAULT_INSTRUCTION
     system_prompt: str | None = None
 
 
@@ -73,7 +73,7 @@ TOP_LEVEL: dict[str, Any] = {
     "resume_mismatch": Literal["refuse", "allow"],
 }
 
-DATA_MODULE = "ctt.data.ProblemDataModule"
+DATA_MODULE = "ctt.data.sources.ProblemDataModule"
 CHECKED_PACKAGES = ("ctt.", "callbacks.", "torch.optim.")  # classes whose constructors' annotations are checked
 HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_")
 
@@ -95,8 +95,8 @@ def _entries(node: Any) -> dict:
 
 def check_problem_set(spec: Any, key: str) -> dict:
     """One `load_problems` keyword set (`data.train`, a `benchmarks` entry): a complete entry of known keys."""
-    from ctt.data import SOURCES, load_problems
-    from ctt.rewards import check_answer_format
+    from ctt.data.sources import SOURCES, load_problems
+    from ctt.data.answers import check_answer_format
 
     if not isinstance(spec, dict):
         raise ConfigError(f"{key} must be a mapping of load_problems settings, got {spec!r}")
@@ -115,7 +115,7 @@ def check_problem_set(spec: Any, key: str) -> dict:
 def _check_data(data: Any) -> None:
     if not isinstance(data, dict) or data.get("_target_") != DATA_MODULE:
         return  # another data module: its own constructor checks its arguments
-    from ctt.data import ProblemDataModule
+    from ctt.data.sources import ProblemDataModule
 
     kwargs = {k: v for k, v in data.items() if k not in HYDRA_KEYS}
     check_kwargs(ProblemDataModule, kwargs, "data")
@@ -153,7 +153,7 @@ def _check_targets(cfg: DictConfig) -> None:
 
 def _check_model(model: Any) -> None:
     """The keyword arguments of `load_model` (`model.tiny` as TinyOptions), and the values it would refuse late."""
-    from ctt.models import SOURCES, load_model, resolve_dtype
+    from ctt.models.loading import SOURCES, load_model, resolve_dtype
 
     model = check_kwargs(load_model, model, "model")
     one_of("model.source", model["source"], SOURCES)
@@ -179,9 +179,9 @@ def _check_trainer(cfg: DictConfig) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Check every group of a composed train or eval config; ConfigError (one line) on the first problem."""
-    from ctt.policy import ForcingSettings
-    from ctt.rl import RLSettings
-    from ctt.token import TokenSettings
+    from ctt.policy.policy import ForcingSettings
+    from ctt.rl.reinforce import RLSettings
+    from ctt.models.token import TokenSettings
 
     for key, tp in TOP_LEVEL.items():
         if key in cfg:

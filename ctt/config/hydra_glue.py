@@ -9,9 +9,9 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ctt.data import Problem, drop_training_overlap, load_problems
+from ctt.data.sources import Problem, drop_training_overlap, load_problems
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
 
 # `${ctt_root:}` lets configs point at files next to the checkout (e.g. ../shared/data) whatever the cwd.

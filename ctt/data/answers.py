@@ -22,8 +22,8 @@ from math_verify.errors import TimeoutException
 from ctt.errors import DataError
 from ctt.settings import one_of
 
-if TYPE_CHECKING:  # type names only: ctt.data imports this module
-    from ctt.data import Problem
+if TYPE_CHECKING:  # type names only: ctt.data.sources imports this module
+    from ctt.data.sources import Problem
     from ctt.generation import Rollout
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_ANSWER_CHARS = 500
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
-# [ \t]*, never \s*: a line break is a segment boundary (ctt.policy.Policy.answer_text), not part of the phrase.
+# [ \t]*, never \s*: a line break is a segment boundary (ctt.policy.policy.Policy.answer_text), not part of the phrase.
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_IS_RE = re.compile(r"(?:final answer|answer)[ \t]*(?:is|:)[ \t]*:?[ \t]*([^\n]*)", re.IGNORECASE)
 # Minus only when not following a word/closing bracket, so "3-5" yields 3 and 5, not -5.

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ctt.errors import ConfigError, DataError
-from ctt.rewards import UnusableGold, check_answer_format, gold_answer, gold_parses
+from ctt.data.answers import UnusableGold, check_answer_format, gold_answer, gold_parses
 from ctt.settings import one_of
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class Problem(NamedTuple):
     # with `apply_to_collection`, which rejects frozen dataclasses and passes named tuples through.
     id: str
     question: str
-    answer: str  # normalised gold, ready for ctt.rewards.verify
+    answer: str  # normalised gold, ready for ctt.data.answers.verify
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
@@ -374,7 +374,7 @@ class ProblemDataModule(L.LightningDataModule):
             "num_problems": len(self.train_problems),
             "batch_size": self.batch_size,
             "seed": self.seed,
-            "train": self.train_cfg,  # compared with the current config before a resume (ctt.resume)
+            "train": self.train_cfg,  # compared with the current config before a resume (ctt.reliability.resume)
         }
 
     def load_state_dict(self, state: dict) -> None:

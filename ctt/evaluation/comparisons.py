@@ -14,8 +14,8 @@ compared with anything as `mode`; only their N=0 run is used.
 A comparison pairs the problems by `problem_id` present in both runs (n = number of paired problems; a problem
 missing from either run is left out, and a pair of runs with no problem in common gives no row). Per problem, the
 pass rate is the mean of its samples' `correct`. delta = mean over problems of (pass_mode - pass_versus), its
-interval and method come from `ctt.stats.paired_delta_ci` (paired bootstrap over problems, Newcombe's score
-interval when every problem's difference is the same), p_value from `ctt.stats.paired_p_value` (exact sign test;
+interval and method come from `ctt.evaluation.stats.paired_delta_ci` (paired bootstrap over problems, Newcombe's score
+interval when every problem's difference is the same), p_value from `ctt.evaluation.stats.paired_p_value` (exact sign test;
 the exact McNemar test with one sample per problem).
 
 Columns: COMPARISON_COLUMNS. `versus_num_continuations` says which run of `versus` was used: 0 for a baseline
@@ -31,7 +31,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ctt.stats import paired_delta_ci, paired_p_value
+from ctt.evaluation.stats import paired_delta_ci, paired_p_value
 
 # The issue's nine columns first; ci_method and versus_num_continuations are appended.
 COMPARISON_COLUMNS = [

@@ -8,7 +8,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ctt.modes import label_rank
+from ctt.policy.modes import label_rank
 
 
 def _num(value) -> float:
@@ -83,7 +83,7 @@ def scaling_plot(results: list[dict], path: str | Path | None = None) -> Figure:
 
 def deltas_plot(comparisons: list[dict], path: str | Path | None = None) -> Figure:
     """One subplot per benchmark: x = N (num_continuations), y = accuracy delta (mode minus versus) with its 95%
-    CI as error bars, from the rows of `ctt.comparisons.compare` (or comparisons.csv read back as strings).
+    CI as error bars, from the rows of `ctt.evaluation.comparisons.compare` (or comparisons.csv read back as strings).
 
     One line per (mode, versus) pair, labelled "<mode> vs <versus>", so `ax.get_lines()` holds exactly one Line2D
     per pair; the dashed zero line is an `axhline` labelled "_zero" (kept out of the legend) and the error bars are

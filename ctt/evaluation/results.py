@@ -1,4 +1,4 @@
-"""Evaluation of every mode (ctt.modes: base, fixed words, no string, filler, learned) for each number of forced
+"""Evaluation of every mode (ctt.policy.modes: base, fixed words, no string, filler, learned) for each number of forced
 continuations N: one record per sample, the results table computed from the records. The library; its command
 line is `ctt-eval` (ctt/eval.py)."""
 
@@ -10,18 +10,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from ctt.comparisons import comparisons_markdown, write_comparisons
-from ctt.stats import pass_at_1_ci
+from ctt.evaluation.comparisons import comparisons_markdown, write_comparisons
+from ctt.evaluation.stats import pass_at_1_ci
 
-if TYPE_CHECKING:  # annotations only: keeps `ctt.results` light (no torch) for `ctt-report` and notebooks
-    from ctt.data import Problem
+if TYPE_CHECKING:  # annotations only: keeps `ctt.evaluation.results` light (no torch) for `ctt-report` and notebooks
+    from ctt.data.sources import Problem
     from ctt.generation import SamplingConfig
-    from ctt.modes import Mode
-    from ctt.policy import Policy
-    from ctt.rewards import RewardFn
+    from ctt.policy.modes import Mode
+    from ctt.policy.policy import Policy
+    from ctt.data.answers import RewardFn
 
 # The first seven columns are the original table; the rest were appended (readers may rely on the order).
-# accuracy is pass@1; ci_low / ci_high its 95% interval (method in ci_method, see ctt.stats); samples is k.
+# accuracy is pass@1; ci_low / ci_high its 95% interval (method in ci_method, see ctt.evaluation.stats); samples is k.
 RESULT_COLUMNS = [
     "benchmark", "mode", "num_continuations", "accuracy", "n", "mean_thinking_tokens", "mean_total_tokens",
     "ci_low", "ci_high", "samples", "ci_method",
@@ -82,7 +82,7 @@ def summarize_samples(records: Iterable[dict]) -> list[dict]:
     accuracy = pass@1 = mean over problems of (correct samples / k); samples are grouped into problems by
     `problem_id`. The token means are over all samples. ci_low / ci_high: 95% interval of pass@1 -- the Wilson
     score interval when k == 1, else a seeded percentile bootstrap over problems (2000 resamples, seed 0), with a
-    Wilson fallback when every problem scores 0 or every problem 1 (see `ctt.stats`); ci_method names which.
+    Wilson fallback when every problem scores 0 or every problem 1 (see `ctt.evaluation.stats`); ci_method names which.
     """
     groups: dict[tuple[str, str, int], dict[str, list[dict]]] = {}
     for rec in records:

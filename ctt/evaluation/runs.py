@@ -13,8 +13,8 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import OmegaConf
 
-from ctt.comparisons import COMPARISONS_CSV, read_comparisons
-from ctt.modes import label_family
+from ctt.evaluation.comparisons import COMPARISONS_CSV, read_comparisons
+from ctt.policy.modes import label_family
 
 SKIP_PREFIXES = ("hydra", "paths")
 ABSENT = "(absent)"

@@ -15,7 +15,7 @@ Which interval `pass_at_1_ci` reports:
 
 `pass_at_1_ci` returns the method it used ("wilson" or "bootstrap"); results.csv keeps it in `ci_method`.
 
-Paired comparisons (two modes on the same problems, see `ctt.comparisons`):
+Paired comparisons (two modes on the same problems, see `ctt.evaluation.comparisons`):
 
 * `paired_delta_ci`: delta = mean over problems of (pass_a - pass_b). With one sample per problem (every pass
   rate 0 or 1) the interval is Newcombe's hybrid score interval for paired proportions (`newcombe_paired_ci`):

@@ -12,7 +12,7 @@ Four sources:
 * ``local``: a Hugging Face folder on disk (``model.path``), loaded offline; e.g. a folder written by
   ``ctt-export`` (``model=exported model.path=DIR``).
 * ``tiny_random``: a small randomly initialised ``Qwen2ForCausalLM`` with a byte-level
-  tokenizer built in code; fully offline and deterministic, for tests and smoke runs (built by ctt.tiny_model).
+  tokenizer built in code; fully offline and deterministic, for tests and smoke runs (built by ctt.models.tiny).
 
 The end-of-thinking marker (``end_of_thinking``) is resolved to token ids by
 :func:`resolve_end_of_thinking`.
@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctt.errors import ConfigError, ModelError
 from ctt.settings import one_of
-from ctt.tiny_model import TinyOptions, build_tiny_model, build_tiny_tokenizer
+from ctt.models.tiny import TinyOptions, build_tiny_model, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
 
 def _load_tiny_random(name: str, tiny, dtype: torch.dtype, end_of_thinking: str | None,
                       attn_implementation: str | None) -> LoadedModel:
-    """The ``tiny_random`` source (ctt.tiny_model)."""
+    """The ``tiny_random`` source (ctt.models.tiny)."""
     tokenizer = build_tiny_tokenizer()
     tokenizer.name_or_path = name
     eot_ids = resolve_end_of_thinking(tokenizer, end_of_thinking, name=name)

@@ -1,5 +1,5 @@
 """The ``tiny_random`` model source: a small randomly initialised ``Qwen2ForCausalLM`` with a byte-level
-tokenizer built in code, fully offline and deterministic, for tests and smoke runs (`ctt.models.load_model` with
+tokenizer built in code, fully offline and deterministic, for tests and smoke runs (`ctt.models.loading.load_model` with
 ``source=tiny_random``). `TinyOptions` is the ``model.tiny`` config group; ``end_of_thinking_boost`` calibrates
 the random model so that it emits the end-of-thinking marker often (`_boost_marker`).
 """

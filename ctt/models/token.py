@@ -179,7 +179,7 @@ def install_token(
 def get_overlay(model: PreTrainedModel) -> ContinueThinkingEmbedding:
     overlay = model.get_input_embeddings()
     if not isinstance(overlay, ContinueThinkingEmbedding):
-        raise ModelError("model has no continue-thinking token installed (call ctt.token.install_token first)")
+        raise ModelError("model has no continue-thinking token installed (call ctt.models.token.install_token first)")
     return overlay
 
 

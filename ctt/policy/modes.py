@@ -18,7 +18,7 @@ from ctt.errors import ConfigError
 from ctt.settings import one_of
 
 if TYPE_CHECKING:
-    from ctt.policy import Policy
+    from ctt.policy.policy import Policy
 
 
 @dataclass(frozen=True)

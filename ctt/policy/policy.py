@@ -1,6 +1,6 @@
 """The frozen model plus its continue-thinking token: problems in, budget-forced rollouts out.
 
-Shared by training (mode `learned`) and evaluation (every mode of ctt.modes). Renders rollouts as text and says
+Shared by training (mode `learned`) and evaluation (every mode of ctt.policy.modes). Renders rollouts as text and says
 which text is graded.
 """
 
@@ -11,13 +11,13 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ctt.data import Problem, build_prompt_ids
+from ctt.data.sources import Problem, build_prompt_ids
 from ctt.errors import ConfigError, DataError
 from ctt.generation import EngineConfig, ForcingConfig, Rollout, SamplingConfig, generate_forced, mix_seed
-from ctt.models import LoadedModel
-from ctt.modes import Mode
+from ctt.models.loading import LoadedModel
+from ctt.policy.modes import Mode
 from ctt.settings import Settings, require
-from ctt.token import get_overlay
+from ctt.models.token import get_overlay
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Policy:
         token_ids: tuple[int, ...] | None = None,
     ):
         """`token_ids`: the learned tokens' ids when they are real rows of the model (a folder written by
-        ctt-export); by default the ids of the installed overlay (ctt.token). k learned tokens are inserted
+        ctt-export); by default the ids of the installed overlay (ctt.models.token). k learned tokens are inserted
         together, in order, in place of the marker."""
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
         self.marker = tuple(loaded.end_of_thinking_ids)

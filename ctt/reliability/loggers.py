@@ -5,7 +5,7 @@ Lightning's CSVLogger deletes an existing `metrics.csv` when it starts, so resum
 the earlier rows up to the first step the resumed run logs (rows of steps that are trained again after the
 checkpoint are replaced), so the file stays one continuous history. Lightning also rewrites the whole file in place
 (truncate, then write) whenever a new metric name appears; a kill in between lost every earlier row. Here every
-whole-file rewrite is atomic (`ctt.checkpoint_io.atomic_write_bytes`); only appends of new rows write in place.
+whole-file rewrite is atomic (`ctt.reliability.checkpoint_io.atomic_write_bytes`); only appends of new rows write in place.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from ctt.checkpoint_io import atomic_write_bytes
+from ctt.reliability.checkpoint_io import atomic_write_bytes
 
 
 def _step(row: dict) -> float:

@@ -3,7 +3,7 @@
 * `ckpt_path=last` is the newest checkpoint of the run dir: of every `last*.ckpt` in the checkpoint dir (Lightning's
   ModelCheckpoint writes `last-v1.ckpt` next to an existing `last.ckpt` in a new run) and Lightning's SLURM
   `hpc_ckpt_<n>.ckpt`, the one with the highest saved step, then the latest written.
-* Every candidate is read with ctt.safe_load (nothing in it runs) before Lightning or DeepSpeed opens it.
+* Every candidate is read with ctt.reliability.safe_load (nothing in it runs) before Lightning or DeepSpeed opens it.
 * A checkpoint is refused when it does not fit (`check_fits`: another base model, token text or hidden size; also
   checked by the module's `on_load_checkpoint`), and when it was written with another config (`check_same_config`:
   the saved hyperparameters and data settings against the current ones), unless `resume_mismatch=allow`.
@@ -19,9 +19,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ctt.config import to_plain
+from ctt.config.hydra_glue import to_plain
 from ctt.errors import ConfigError
-from ctt.safe_load import read_checkpoint, saved_row_size
+from ctt.reliability.safe_load import read_checkpoint, saved_row_size
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ctt.config import launch_rank
+from ctt.config.hydra_glue import launch_rank
 from ctt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class RunDirLock(Callback):
 def keep_first_config(config: DictConfig, run_dir: Path) -> None:
     """A rerun in a run dir that has `.hydra/config.yaml` (a resume, or a run refused at start-up) writes its Hydra
     files to `.hydra/reruns/<time>/` instead: the run's config stays the one it was started with (a resume must use
-    the same config, ctt.resume checks that), and a rerun refused at start-up does not replace it."""
+    the same config, ctt.reliability.resume checks that), and a rerun refused at start-up does not replace it."""
     from omegaconf import open_dict, read_write
 
     subdir = config.hydra.get("output_subdir")
@@ -157,7 +157,7 @@ def check_writable(directory: Path, what: str) -> None:
 def check_writable_outputs(cfg: DictConfig) -> None:
     """The run dir and the folders a run writes into (checkpoints, csv metrics) are writable, checked before
     training instead of failing at the first save."""
-    from ctt.resume import checkpoint_dir
+    from ctt.reliability.resume import checkpoint_dir
 
     out = Path(cfg.paths.output_dir)
     check_writable(out, "the run dir")

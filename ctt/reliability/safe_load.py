@@ -33,7 +33,7 @@ DEEPSPEED_DATA_CLASSES = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.utils.tensor_fragment.fragment_address",
 )
-ROW_SUFFIX = ".row"  # the state-dict key of the trainable row ends so (ctt.token.ContinueThinkingEmbedding.row)
+ROW_SUFFIX = ".row"  # the state-dict key of the trainable row ends so (ctt.models.token.ContinueThinkingEmbedding.row)
 
 
 @lru_cache(maxsize=1)

@@ -333,7 +333,7 @@ class RLSettings(Settings):
     gradient_checkpointing: bool = False
 
     def check(self) -> None:
-        from ctt.rewards import REWARD_FUNCTIONS
+        from ctt.data.answers import REWARD_FUNCTIONS
 
         require(self.samples_per_prompt >= 1, "rl.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
         require(self.max_bad_steps >= 1, "rl.max_bad_steps", "an integer >= 1", self.max_bad_steps)

@@ -8,18 +8,18 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from ctt.config import to_plain
-from ctt.data import DEFAULT_INSTRUCTION, Problem
-from ctt.distributed import DEFAULT_MAX_MEMORY_FRACTION, full_grad, gather_zero3
+from ctt.config.hydra_glue import to_plain
+from ctt.data.sources import DEFAULT_INSTRUCTION, Problem
+from ctt.training.distributed import DEFAULT_MAX_MEMORY_FRACTION, full_grad, gather_zero3
 from ctt.errors import ConfigError, TrainingError
 from ctt.generation import Rollout, SamplingConfig, mix_seed
-from ctt.loggers import ResumableCSVLogger, pending_metrics_row
-from ctt.models import load_model
-from ctt.policy import ForcingSettings, Policy
-from ctt.rewards import Score, get_reward_fn
-from ctt.modes import Mode
-from ctt.rl import RLSettings, completion_logprobs, compute_advantages, reinforce_loss, uniform_group_share
-from ctt.token import CONTINUE_THINKING, install_token
+from ctt.reliability.loggers import ResumableCSVLogger, pending_metrics_row
+from ctt.models.loading import load_model
+from ctt.policy.policy import ForcingSettings, Policy
+from ctt.data.answers import Score, get_reward_fn
+from ctt.policy.modes import Mode
+from ctt.rl.reinforce import RLSettings, completion_logprobs, compute_advantages, reinforce_loss, uniform_group_share
+from ctt.models.token import CONTINUE_THINKING, install_token
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ class ContinueThinkingModule(L.LightningModule):
             checkpoint["ctt_metrics_row"] = pending_metrics_row(self.trainer, self.logged_names)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # ctt-train checked this already (ctt.resume); this covers `trainer.fit(ckpt_path=...)` from Python.
-        from ctt.resume import check_fits
+        # ctt-train checked this already (ctt.reliability.resume); this covers `trainer.fit(ckpt_path=...)` from Python.
+        from ctt.reliability.resume import check_fits
 
         check_fits(checkpoint, self.identity(), "being loaded", bool(self.hparams.token.get("allow_base_mismatch")))
         if self._trainer is not None:
@@ -185,7 +185,7 @@ class ContinueThinkingModule(L.LightningModule):
         forcing = self.policy.forcing(Mode("learned", None, self.policy.settings.num_continuations))
         sampling = self.sampling(batch_idx)
         # ZeRO-3: every weight gathered ONCE for the rollout, the scoring forward and its backward (released in
-        # on_after_backward), not per layer per token; a no-op under any other strategy. See ctt/distributed.py.
+        # on_after_backward), not per layer per token; a no-op under any other strategy. See ctt/training/distributed.py.
         self._step_gather = gather_zero3(self, self.zero3_gather_fraction)
         rollouts = self.policy.rollout(batch, forcing, sampling, samples_per_prompt=k)
         problems = [p for p in batch for _ in range(k)]

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from ctt.data.sources import build_prompt_ids  # noqa: E402
+from ctt.data.problems import build_prompt_ids  # noqa: E402
 from ctt.generation import EngineConfig, ForcingConfig, SamplingConfig, generate_forced  # noqa: E402
 from ctt.models.loading import load_model  # noqa: E402
 from tests.reference_oracle import generate_batch, inloop_forced, s1_forced  # noqa: E402

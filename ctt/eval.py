@@ -15,17 +15,19 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from ctt.api import policy_from_config
-from ctt.evaluation.comparisons import compare, comparisons_markdown
-from ctt.config.hydra_glue import CONFIG_DIR, load_benchmarks, to_plain
-from ctt.data.sources import Problem, load_problems
-from ctt.evaluation.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
-from ctt.generation import SamplingConfig
-from ctt.policy.modes import baseline_labels, expand_modes
-from ctt.evaluation.plots import deltas_plot, scaling_plot
-from ctt.policy.policy import Policy
-from ctt.data.answers import get_reward_fn
 from ctt.config.check import validate_config
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.data.problems import Problem
+from ctt.data.sources import load_benchmarks, load_problems
+from ctt.evaluation.comparisons import compare, comparisons_markdown
+from ctt.evaluation.plots import deltas_plot, scaling_plot
+from ctt.evaluation.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
+from ctt.evaluation.settings import EvalSettings
+from ctt.generation import SamplingConfig
+from ctt.policy.build import policy_from_config
+from ctt.policy.modes import baseline_labels
+from ctt.policy.policy import Policy
+from ctt.settings import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def training_problems(cfg: DictConfig, token_meta: dict | None = None) -> list[P
     """The problems the token was trained on, for the held-out check (None when `eval.exclude_training_problems` is
     off): the training data recorded in its token file, else this config's `data.train` (with a warning when a
     token file is loaded that does not record it)."""
-    if not cfg.eval.get("exclude_training_problems", True):
+    if not EvalSettings.from_config(cfg.eval).exclude_training_problems:
         return None
     if token_meta and token_meta.get("train_data"):
         return load_problems(**json.loads(token_meta["train_data"]))
@@ -47,15 +49,14 @@ def training_problems(cfg: DictConfig, token_meta: dict | None = None) -> list[P
 
 
 def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path, token_meta: dict | None = None) -> list[dict]:
-    ev = cfg.eval
-    modes = expand_modes(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
+    ev = EvalSettings.from_config(cfg.eval)
+    modes = ev.runs
     training = training_problems(cfg, token_meta)
-    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training)
+    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.limit, training=training)
     for problems in benchmarks.values():  # token text, context length: before the first generation
         policy.check_problems(problems)
     sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
-    reward_fn = get_reward_fn(ev.get("reward", "math_verify"))
-    results, records = evaluate(policy, benchmarks, modes, ev.samples, sampling, reward_fn)
+    results, records = evaluate(policy, benchmarks, modes, ev.samples, sampling, ev.reward_fn)
     comparisons = compare(records, *baseline_labels(modes))
     path = write_results(out_dir, results, records, notes, comparisons)
     scaling_plot(results, Path(out_dir) / "scaling.png")
@@ -72,7 +73,7 @@ def load_policy(cfg: DictConfig) -> tuple[Policy, dict | None]:
     """A fresh copy of the base model with the token installed and, if `token.path` is set, the learned row (and the
     token file's metadata); or a folder written by ctt-export (`model=exported model.path=DIR`) as it is."""
     policy, meta = policy_from_config(cfg)
-    if meta is None and "learned" in list(cfg.eval.modes):
+    if meta is None and "learned" in EvalSettings.from_config(cfg.eval).modes:
         log.warning("token.path is not set: mode 'learned' evaluates the untrained initialisation")
     return policy, meta
 

@@ -30,8 +30,9 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from ctt.api import EXPORT_INFO, policy_from_config
-from ctt.config.hydra_glue import CONFIG_DIR, to_plain
+from ctt.policy.build import EXPORT_INFO, policy_from_config
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.settings import to_plain
 from ctt.errors import ConfigError
 from ctt.generation import SamplingConfig
 from ctt.models.model_card import model_card
@@ -142,7 +143,7 @@ def set_output_rows(policy: Policy, ids: list[int]) -> dict:
 def _probe(policy: Policy, head) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states `[P, hidden]` and logits `[P, V]` (fp32) at every position of the probe sequences (the
     prompts and up to PROBE_TOKENS greedy tokens each)."""
-    from ctt.data.sources import Problem
+    from ctt.data.problems import Problem
 
     problems = [Problem(f"probe-{i}", q, "") for i, q in enumerate(PROBE_QUESTIONS)]
     forcing = policy.forcing(Mode("base"))

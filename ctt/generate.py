@@ -24,7 +24,8 @@ import lightning as L
 from omegaconf import DictConfig
 
 from ctt.api import Completion, ContinueThinking
-from ctt.config.hydra_glue import CONFIG_DIR, to_plain
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.settings import to_plain
 from ctt.data.sources import _jsonl_rows  # file:line error messages for JSONL input, shared with the data loaders
 from ctt.errors import ConfigError, DataError
 from ctt.config.check import validate_config

@@ -34,7 +34,7 @@ from ctt.config.hydra_glue import CONFIG_DIR  # noqa: E402
 from ctt.training.distributed import full_grad, full_row, gathered_for_generation, zero3_params  # noqa: E402
 from ctt.generation import SamplingConfig, generate_forced  # noqa: E402
 from ctt.training.module import ContinueThinkingModule  # noqa: E402
-from ctt.data.answers import Score  # noqa: E402
+from ctt.rewards.grading import Score  # noqa: E402
 from ctt.policy.modes import Mode  # noqa: E402
 from ctt.rl.reinforce import scored_choices  # noqa: E402
 from ctt.reliability.safe_load import read_checkpoint  # noqa: E402

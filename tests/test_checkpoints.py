@@ -175,7 +175,7 @@ def test_resume_mismatch_allow_resumes_with_a_warning(run_dir, capfd):
 
 def test_checkpoints_carry_the_base_model_and_token(compose_cfg, run_dir):
     """The module saves what it trains (`ctt` in the checkpoint) and checks it when Lightning loads one directly."""
-    from ctt.train import build_module
+    from ctt.training.module import build_module
 
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["ctt"] == {"base_model": "tiny_random", "pretrained": None, "token": "<|continue-thinking|>",

@@ -22,7 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ctt.training import distributed
-from ctt.config.hydra_glue import CONFIG_DIR, launch_rank
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.reliability.run_dir import launch_rank
 from ctt.errors import ConfigError
 from ctt.models.token import TOKEN_FILE, load_token_file
 from tests.conftest import compose_config

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from ctt import ContinueThinking
-from ctt.api import compose_config, policy_from_config
+from ctt.api import compose_config
+from ctt.policy.build import policy_from_config
 from ctt.export import ExportSettings, export, export_info
 from ctt.models.loading import LoadedModel
 from ctt.policy.policy import ForcingSettings, Policy

@@ -247,7 +247,7 @@ def test_a_prompt_longer_than_the_context_is_one_line(tmp_path, capfd):
 
 
 def test_evaluation_problems_are_checked_before_generating(tiny_loaded):
-    from ctt.data.sources import Problem
+    from ctt.data.problems import Problem
     from ctt.policy.policy import ForcingSettings, Policy
 
     policy = Policy(tiny_loaded, ForcingSettings(max_new_tokens=96), "Answer.")
@@ -280,7 +280,7 @@ def test_null_and_list_golds_are_skipped_and_counted(tmp_path, caplog):
 
 
 def _extract_seconds(text: str) -> float:
-    from ctt.data.answers import score_completion
+    from ctt.rewards.grading import score_completion
 
     start = time.perf_counter()
     score_completion(text, "2")
@@ -314,7 +314,7 @@ def test_a_non_finite_row_stops_the_run_before_it_is_saved(tmp_path, capfd):
 
 def test_an_exploding_row_norm_is_warned_about_once_per_tenfold(compose_cfg, tmp_path, caplog):
 
-    from ctt.train import build_module
+    from ctt.training.module import build_module
 
     cfg = compose_cfg("train", ["experiment=smoke", f"paths.output_dir={tmp_path}"])
     module = build_module(cfg)

@@ -58,7 +58,7 @@ def test_state_kept_between_steps_holds_no_graph(compose_cfg, tmp_path):
     """What the module keeps after a step (`last_samples`, for the rollout logger) holds no autograd graph."""
     from hydra.utils import instantiate
 
-    from ctt.train import build_module
+    from ctt.training.module import build_module
 
     cfg = compose_cfg("train", ["experiment=smoke", f"paths.output_dir={tmp_path}"])
     threads = torch.get_num_threads()

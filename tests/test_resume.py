@@ -23,7 +23,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ctt.reliability.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
-from ctt.data.sources import ProblemDataModule, ResumableSampler, PromptDataset, Problem
+from ctt.data.datamodule import ProblemDataModule, ResumableSampler, PromptDataset
+from ctt.data.problems import Problem
 from ctt.errors import ConfigError
 from ctt.reliability.loggers import ResumableCSVLogger
 from ctt.models.token import TOKEN_FILE, load_token_file

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from ctt.errors import DataError, TrainingError
-from ctt.data.answers import Score, score_completion
+from ctt.rewards.grading import Score, score_completion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +27,7 @@ def smoke_cfg(compose_cfg, tmp_path):
 def _fit(cfg, callbacks=(), max_steps: int | None = None):
     import lightning as L
 
-    from ctt.train import build_module
+    from ctt.training.module import build_module
 
     L.seed_everything(cfg.seed)
     module = build_module(cfg)
@@ -155,7 +155,7 @@ def test_rollouts_that_hit_the_length_limit_score_zero_and_are_counted(smoke_cfg
 
 def test_a_prompt_holding_the_learned_token_is_refused(tiny_loaded):
     """Tokens before the first continuation are never scored: the row must not appear there."""
-    from ctt.data.sources import Problem
+    from ctt.data.problems import Problem
     from ctt.policy.policy import ForcingSettings, Policy
 
     policy = Policy(tiny_loaded, ForcingSettings(), "Answer.")
@@ -165,7 +165,7 @@ def test_a_prompt_holding_the_learned_token_is_refused(tiny_loaded):
 
 def test_prompts_are_cached_by_question_not_by_id(tiny_loaded):
     """Two benchmarks may both have a problem "0": each must be asked its own question."""
-    from ctt.data.sources import Problem
+    from ctt.data.problems import Problem
     from ctt.policy.policy import ForcingSettings, Policy
 
     policy = Policy(tiny_loaded, ForcingSettings(), "Answer.")
@@ -186,7 +186,7 @@ def test_micro_batches_of_one_step_sample_with_their_own_seeds(smoke_cfg, monkey
     monkeypatch.setattr(Policy, "rollout", recording)
     import lightning as L
 
-    from ctt.train import build_module
+    from ctt.training.module import build_module
 
     cfg = smoke_cfg()
     L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,

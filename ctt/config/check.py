@@ -3,68 +3,19 @@
 Every group is typed (ctt.settings): `rl` (RLSettings), `forcing` with `forcing.engine` (ForcingSettings,
 EngineConfig), `model` (the keyword arguments of `load_model`, `model.tiny` as TinyOptions), `token` with `token.init`
 (TokenSettings), `prompt`, `eval` (EvalSettings, modes parsed and expanded), `distributed`, the data module's keyword
-arguments with its `train`/`val` problem sets, and every `benchmarks` entry (the keyword arguments of
+arguments with its `train` problem set, and every `benchmarks` entry (the keyword arguments of
 `load_problems`); the top-level `seed`, `ckpt_path`, `evaluate`, `resume_mismatch` and `trainer.max_steps` too. An
 unknown key or a wrong type anywhere is one ConfigError line naming it, at start-up instead of mid-run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
 from ctt.errors import ConfigError
-from ctt.settings import Settings, check_kwargs, check_value, one_of, require
-
-
-@dataclass(frozen=True)
-class EvalSettings(Settings):
-    """The `eval` config group (conf/eval/default.yaml documents each key)."""
-
-    section: ClassVar[str] = "eval"
-
-    modes: list[str] = field(default_factory=lambda: ["base", "fixed", "learned"])
-    num_continuations: list[int] = field(default_factory=lambda: [0, 1, 2])
-    fixed_words: list[str] = field(default_factory=lambda: ["Wait"])
-    samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    limit: int | None = None
-    reward: str = "math_verify"
-    exclude_training_problems: bool = True
-
-    def check(self) -> None:
-        from ctt.policy.modes import expand_modes
-        from ctt.data.answers import REWARD_FUNCTIONS
-
-        require(self.samples >= 1, "eval.samples", "an integer >= 1", self.samples)
-        require(self.temperature >= 0, "eval.temperature", "a number >= 0 (0: greedy)", self.temperature)
-        require(0 < self.top_p <= 1, "eval.top_p", "a number in (0, 1]", self.top_p)
-        if self.limit is not None:
-            require(self.limit >= 1, "eval.limit", "an integer >= 1 or null", self.limit)
-        one_of("eval.reward", self.reward, REWARD_FUNCTIONS)
-        expand_modes(self.modes, self.num_continuations, self.fixed_words)  # every spec parsed, every N >= 0
-
-
-@dataclass(frozen=True)
-class PromptSettings(Settings):
-    section: ClassVar[str] = "prompt"
-
-    instruction: str | None = None  # null: ctt.data.sources.DEFAULT_INSTRUCTION
-    system_prompt: str | None = None
-
-
-@dataclass(frozen=True)
-class DistributedSettings(Settings):
-    section: ClassVar[str] = "distributed"
-
-    zero3_gather_max_memory_fraction: float = 0.5
-
-    def check(self) -> None:
-        fraction = self.zero3_gather_max_memory_fraction
-        require(0 < fraction <= 1, "distributed.zero3_gather_max_memory_fraction", "a number in (0, 1]", fraction)
+from ctt.settings import check_kwargs, check_value, one_of, require, to_plain
 
 
 # Top-level keys of conf/train.yaml and conf/eval.yaml (the groups are checked by their own settings).
@@ -73,13 +24,9 @@ TOP_LEVEL: dict[str, Any] = {
     "resume_mismatch": Literal["refuse", "allow"],
 }
 
-DATA_MODULE = "ctt.data.sources.ProblemDataModule"
+DATA_MODULE = "ctt.data.datamodule.ProblemDataModule"
 CHECKED_PACKAGES = ("ctt.", "callbacks.", "torch.optim.")  # classes whose constructors' annotations are checked
 HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_")
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def _entries(node: Any) -> dict:
@@ -88,7 +35,7 @@ def _entries(node: Any) -> dict:
     if not isinstance(node, DictConfig):
         return {}
     try:
-        return _plain(node)
+        return to_plain(node)
     except Exception:
         return OmegaConf.to_container(node, resolve=False)
 
@@ -115,12 +62,12 @@ def check_problem_set(spec: Any, key: str) -> dict:
 def _check_data(data: Any) -> None:
     if not isinstance(data, dict) or data.get("_target_") != DATA_MODULE:
         return  # another data module: its own constructor checks its arguments
-    from ctt.data.sources import ProblemDataModule
+    from ctt.data.datamodule import ProblemDataModule
 
     kwargs = {k: v for k, v in data.items() if k not in HYDRA_KEYS}
     check_kwargs(ProblemDataModule, kwargs, "data")
     require(kwargs.get("num_workers", 0) >= 0, "data.num_workers", "an integer >= 0", kwargs.get("num_workers"))
-    for part in ("train", "val"):
+    for part in ("train",):
         if kwargs.get(part) is not None:
             check_problem_set(kwargs[part], f"data.{part}")
 
@@ -148,7 +95,7 @@ def _check_targets(cfg: DictConfig) -> None:
     # Partial targets completed in the module: the row's optimizer, then the scheduler of that optimizer.
     for group, completed in (("optimizer", ("params",)), ("scheduler", ("optimizer",))):
         if isinstance(cfg.get(group), DictConfig):
-            _check_target(_plain(cfg[group]), group, skip=completed)
+            _check_target(to_plain(cfg[group]), group, skip=completed)
 
 
 def _check_model(model: Any) -> None:
@@ -179,9 +126,12 @@ def _check_trainer(cfg: DictConfig) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Check every group of a composed train or eval config; ConfigError (one line) on the first problem."""
+    from ctt.data.problems import PromptSettings
+    from ctt.evaluation.settings import EvalSettings
+    from ctt.models.token import TokenSettings
     from ctt.policy.policy import ForcingSettings
     from ctt.rl.reinforce import RLSettings
-    from ctt.models.token import TokenSettings
+    from ctt.training.distributed import DistributedSettings
 
     for key, tp in TOP_LEVEL.items():
         if key in cfg:
@@ -190,12 +140,12 @@ def validate_config(cfg: DictConfig) -> None:
               "prompt": PromptSettings, "distributed": DistributedSettings}
     for key, settings in groups.items():
         if key in cfg:
-            settings.from_config(_plain(cfg[key]))
+            settings.from_config(to_plain(cfg[key]))
     if "model" in cfg:
-        _check_model(_plain(cfg.model))
+        _check_model(to_plain(cfg.model))
     if "data" in cfg:
-        _check_data(_plain(cfg.data))
-    benchmarks = _plain(cfg.get("benchmarks")) or {}
+        _check_data(to_plain(cfg.data))
+    benchmarks = to_plain(cfg.get("benchmarks")) or {}
     if not isinstance(benchmarks, dict):
         raise ConfigError(f"benchmarks must be a mapping of named problem sets, got {benchmarks!r}")
     if not benchmarks and cfg.get("evaluate", True):  # ctt-eval, or ctt-train evaluating after training

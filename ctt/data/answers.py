@@ -1,5 +1,6 @@
-"""Answer extraction and verification: turns a completion into a scalar reward.
+"""Answers: the final answer read from a text, gold answers normalised, and math_verify's equality of two answers.
 
+Used where problems are loaded (a gold that cannot be parsed is skipped) and where rollouts are graded (ctt.rewards).
 math_verify does the symbolic comparison. Its timeouts are `signal.alarm` based, so they only work in
 the main thread; elsewhere a call with a timeout is refused (scored "error") rather than risking a hang.
 """
@@ -10,9 +11,6 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from functools import lru_cache
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
@@ -21,10 +19,6 @@ from math_verify.errors import TimeoutException
 
 from ctt.errors import DataError
 from ctt.settings import one_of
-
-if TYPE_CHECKING:  # type names only: ctt.data.sources imports this module
-    from ctt.data.sources import Problem
-    from ctt.generation import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +204,10 @@ def gold_parses(gold: str, timeout_s: float | None = 5.0) -> bool:
 _warned_thread = False
 
 
-def _verify_or_raise(predicted: str, gold: str, timeout_s: float | None) -> bool:
-    """Like `verify` but lets errors through so `score_completion` can report them."""
+def verify_or_raise(predicted: str, gold: str, timeout_s: float | None) -> bool:
+    """True if `predicted` is mathematically equal to `gold` ("3/4" == "0.75" == "\\frac{3}{4}"); errors go through,
+    so the grader (ctt.rewards.grading.score_completion) can report them. `timeout_s` is rounded up to whole seconds
+    and applies to each parse/comparison step; with a timeout, a call outside the main thread raises."""
     global _warned_thread
     if len(predicted) > MAX_ANSWER_CHARS:
         return False
@@ -226,67 +222,3 @@ def _verify_or_raise(predicted: str, gold: str, timeout_s: float | None) -> bool
     if not gold_parsed or not pred_parsed:
         return False
     return bool(_mv_verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
-
-
-def verify(predicted: str, gold: str, timeout_s: float | None = 5.0) -> bool:
-    """True if `predicted` is mathematically equal to `gold` ("3/4" == "0.75" == "\\frac{3}{4}").
-
-    `timeout_s` is rounded up to whole seconds and applies to each parse/comparison step. With a
-    timeout, calls outside the main thread return False; `timeout_s=None` disables the timeout
-    (thread-safe, but a pathological input can then run for a long time).
-    """
-    try:
-        return _verify_or_raise(predicted, gold, timeout_s)
-    except (Exception, TimeoutException):
-        return False
-
-
-@dataclass(frozen=True)
-class Score:
-    reward: float
-    correct: bool
-    extracted: str | None
-    status: str  # "correct" | "incorrect" | "missing" | "error"
-
-
-def score_completion(text: str, gold: str, *, timeout_s: float | None = 5.0) -> Score:
-    """Reward 1.0 if the completion's final answer verifies against the normalised gold, else 0.0. Never raises."""
-    try:
-        extracted = extract_answer(text)
-    except Exception:  # extraction is plain regex work; this is belt and braces
-        return Score(0.0, False, None, "error")
-    if extracted is None:
-        return Score(0.0, False, None, "missing")
-    try:
-        correct = _verify_or_raise(extracted, gold, timeout_s)
-    except (Exception, TimeoutException):
-        return Score(0.0, False, extracted, "error")
-    return Score(float(correct), correct, extracted, "correct" if correct else "incorrect")
-
-
-def summarize(scores: Iterable[Score]) -> dict[str, float]:
-    """Aggregate scores for logging: accuracy, mean reward and how many answers were missing / errored."""
-    scores = list(scores)
-    n = len(scores)
-    count = lambda status: float(sum(s.status == status for s in scores))  # noqa: E731
-    return {
-        "n": float(n),
-        "accuracy": count("correct") / n if n else 0.0,
-        "mean_reward": sum(s.reward for s in scores) / n if n else 0.0,
-        "missing": count("missing"),
-        "error": count("error"),
-    }
-
-
-def correctness(rollout: "Rollout", problem: "Problem") -> Score:
-    """1.0 when the rollout's graded text (`Rollout.answer_text`: what follows the end of thinking) is correct."""
-    return score_completion(rollout.answer_text, problem.answer)
-
-
-# A reward sees the whole rollout (lengths, forced continuations, the graded text) and the problem.
-RewardFn = Callable[["Rollout", "Problem"], Score]
-REWARD_FUNCTIONS: dict[str, RewardFn] = {"math_verify": correctness}
-
-
-def get_reward_fn(name: str) -> RewardFn:
-    return REWARD_FUNCTIONS[one_of("reward", name, REWARD_FUNCTIONS)]

@@ -1,35 +1,24 @@
-"""Math problems from JSONL files, the HF hub, reasoning_gym or the model organism's task, plus prompt building and a
-DataModule."""
+"""Where problems come from: a registry of data sources (JSONL files, the HF hub, reasoning_gym, the model
+organism's task), gold answers checked on load, and the held-out check against training problems."""
 
 from __future__ import annotations
 
 import json
 import logging
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ctt.errors import ConfigError, DataError
 from ctt.data.answers import UnusableGold, check_answer_format, gold_answer, gold_parses
+from ctt.data.problems import Problem
+from ctt.errors import ConfigError, DataError
 from ctt.settings import one_of
 
 log = logging.getLogger(__name__)
-
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-SOURCES = ("jsonl", "hub", "reasoning_gym", "organism")
-
-
-class Problem(NamedTuple):
-    # A NamedTuple, not a frozen dataclass: Lightning's precision plugins (DeepSpeed, *-true) rebuild every batch
-    # with `apply_to_collection`, which rejects frozen dataclasses and passes named tuples through.
-    id: str
-    question: str
-    answer: str  # normalised gold, ready for ctt.data.answers.verify
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
@@ -126,6 +115,63 @@ def _organism_problems(task_kwargs: dict | None, size: int, seed: int) -> list[P
     ]
 
 
+@dataclass(frozen=True)
+class ProblemSet:
+    """One problem set's settings (the keyword arguments of `load_problems`); each source reads the keys it needs."""
+
+    source: str
+    path: str | None = None
+    hub_name: str | None = None
+    hub_config: str | None = None
+    split: str = "test"
+    question_key: str = "question"
+    answer_key: str = "answer"
+    answer_format: str = "plain"
+    id_key: str | None = None
+    seed: int = 0
+    task: str | None = None
+    task_kwargs: dict | None = None
+    size: int = 100
+
+    @property
+    def keys(self) -> dict:
+        return dict(question_key=self.question_key, answer_key=self.answer_key, answer_format=self.answer_format,
+                    id_key=self.id_key)
+
+
+def _from_jsonl(s: ProblemSet) -> tuple[list[Problem], str]:
+    if not s.path:
+        raise ConfigError("data.path is required for source=jsonl")
+    p = Path(s.path)
+    return _to_problems(_jsonl_rows(str(s.path)), f"{p.parent.name}/{p.stem}", **s.keys), str(s.path)
+
+
+def _from_hub(s: ProblemSet) -> tuple[list[Problem], str]:
+    rows = _hub_rows(s.hub_name, s.hub_config, s.split)
+    return _to_problems(rows, f"{s.hub_name}/{s.split}", **s.keys), f"{s.hub_name} ({s.split})"
+
+
+def _generated_size(s: ProblemSet) -> int:
+    if s.size < 1:
+        raise ConfigError(f"data.size must be positive for source={s.source}, got {s.size}")
+    return s.size
+
+
+def _from_reasoning_gym(s: ProblemSet) -> tuple[list[Problem], str]:
+    return _reasoning_gym_problems(s.task, s.task_kwargs, _generated_size(s), s.seed), f"reasoning_gym:{s.task}"
+
+
+def _from_organism(s: ProblemSet) -> tuple[list[Problem], str]:
+    return _organism_problems(s.task_kwargs, _generated_size(s), s.seed), "organism"
+
+
+# A data source: a problem set's settings -> (its problems, where they came from, for messages). Adding a source is
+# one function and one entry here, plus its conf/data and conf/benchmarks YAML.
+SOURCES: dict[str, Callable[[ProblemSet], tuple[list[Problem], str]]] = {
+    "jsonl": _from_jsonl, "hub": _from_hub, "reasoning_gym": _from_reasoning_gym, "organism": _from_organism,
+}
+
+
 def load_problems(
     source: str,
     *,
@@ -149,24 +195,9 @@ def load_problems(
     check_answer_format(answer_format)
     if limit is not None and limit < 1:
         raise ConfigError(f"data.limit must be a positive integer or null, got {limit}")
-    keys = dict(question_key=question_key, answer_key=answer_key, answer_format=answer_format, id_key=id_key)
-    if source == "jsonl":
-        if not path:
-            raise ConfigError("data.path is required for source=jsonl")
-        p = Path(path)
-        problems = _to_problems(_jsonl_rows(str(path)), f"{p.parent.name}/{p.stem}", **keys)
-        origin = str(path)
-    elif source == "hub":
-        problems = _to_problems(_hub_rows(hub_name, hub_config, split), f"{hub_name}/{split}", **keys)
-        origin = f"{hub_name} ({split})"
-    else:
-        if size < 1:
-            raise ConfigError(f"data.size must be positive for source={source}, got {size}")
-        if source == "organism":
-            problems, origin = _organism_problems(task_kwargs, size, seed), "organism"
-        else:
-            problems = _reasoning_gym_problems(task, task_kwargs, size, seed)
-            origin = f"reasoning_gym:{task}"
+    spec = ProblemSet(source, path, hub_name, hub_config, split, question_key, answer_key, answer_format, id_key,
+                      seed, task, task_kwargs, size)
+    problems, origin = SOURCES[source](spec)
     if not problems:
         raise DataError(f"dataset is empty: {origin}")
     problems = _drop_unverifiable(problems, origin)
@@ -211,189 +242,23 @@ def drop_training_overlap(problems: list[Problem], training: list[Problem], name
     return kept, dropped
 
 
-def format_user_message(question: str, instruction: str) -> str:
-    # str.replace, not str.format: the default instruction contains "\boxed{}" which format() chokes on.
-    if "{question}" in instruction:
-        return instruction.replace("{question}", question)
-    return f"{question}\n\n{instruction}"
-
-
-def build_prompt_ids(tokenizer: Any, question: str, instruction: str, system_prompt: str | None = None) -> list[int]:
-    """Token ids of the prompt, through the chat template when the tokenizer has one."""
-    user = format_user_message(question, instruction)
-    if getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": user}
-        ]
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = out["input_ids"] if isinstance(out, Mapping) or hasattr(out, "keys") else out
-    else:
-        text = (f"{system_prompt}\n\n" if system_prompt else "") + f"{user}\n"
-        ids = tokenizer.encode(text)
-    if hasattr(ids, "tolist"):
-        ids = ids.tolist()
-    if ids and isinstance(ids[0], list):  # batched form of a single conversation
-        ids = ids[0]
-    return [int(i) for i in ids]
-
-
-class PromptDataset(Dataset):
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-
-    def __len__(self) -> int:
-        return len(self.problems)
-
-    def __getitem__(self, index: int) -> Problem:
-        return self.problems[index]
-
-
-def _as_kwargs(cfg: Mapping | DictConfig | None, name: str) -> dict | None:
-    if cfg is None:
-        return None
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    if not isinstance(cfg, Mapping):
-        raise ConfigError(f"data.{name} must be a mapping of load_problems arguments, got {type(cfg).__name__}")
-    return dict(cfg)
-
-
-class ResumableSampler(DistributedSampler):
-    """`DistributedSampler` (an epoch's order is a function of `seed + epoch` alone) that can start an epoch part-way.
-
-    A plain `DataLoader(shuffle=True)` draws each epoch's order from the global RNG and, after a resume, restarts the
-    epoch from its first batch while Lightning's restored counters say it is mid-way: the resumed run would see
-    other problems than an uninterrupted one. `ProblemDataModule` saves its position in the checkpoint and
-    `resume_at` replays it. Subclassing DistributedSampler also stops Lightning from swapping in its own sampler
-    under DDP (this one already shards by rank).
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.skip = 0  # samples (of this rank) to leave out at the start of the next epoch, once
-
-    def resume_at(self, epoch: int, skip_samples: int) -> None:
-        self.set_epoch(epoch)
-        self.skip = skip_samples
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
-
-
-class _ResumableLoader(DataLoader):
-    """A DataLoader Lightning counts as resumable (it has `state_dict`/`load_state_dict`), which it is: the position
-    is saved by `ProblemDataModule.state_dict` and replayed through `ResumableSampler`, so there is nothing to add."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
-
-
-class ProblemDataModule(L.LightningDataModule):
-    """Batches are plain `list[Problem]`; tokenisation happens at rollout time in the model.
-
-    The training order is seeded (`seed`, and the epoch) and the position within it is saved in checkpoints
-    (`state_dict`), so a resumed run trains on exactly the batches the uninterrupted run would have.
-    """
-
-    def __init__(
-        self, train: dict, val: dict | None = None, batch_size: int = 4, num_workers: int = 0, seed: int = 0
-    ) -> None:
-        super().__init__()
-        _positive_int(batch_size, "data.batch_size")
-        self.train_cfg = _as_kwargs(train, "train")
-        self.val_cfg = _as_kwargs(val, "val")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.train_problems: list[Problem] | None = None
-        self.val_problems: list[Problem] | None = None
-        self._resume: dict | None = None  # the position loaded from a checkpoint, applied by train_dataloader
-
-    def _load(self, cfg: dict, name: str) -> list[Problem]:
-        try:
-            return load_problems(**cfg)
-        except TypeError as e:  # unknown / missing keyword in the config
-            raise ConfigError(f"data.{name}: {e}") from None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_problems is None:
-            self.train_problems = self._load(self.train_cfg, "train")
-            if self.batch_size > len(self.train_problems):
-                raise ConfigError(
-                    f"data.batch_size={self.batch_size} exceeds the {len(self.train_problems)} training problems"
+def load_benchmarks(
+    benchmarks: DictConfig, limit: int | None = None, training: list[Problem] | None = None
+) -> tuple[dict[str, list[Problem]], list[str]]:
+    """`benchmarks` maps a name to `load_problems` keyword arguments. Problems that are also `training` problems are
+    dropped first, then the first `limit` are kept. Returns the problems and one note per benchmark that lost some."""
+    out, notes = {}, []
+    for name, spec in benchmarks.items():
+        kwargs = OmegaConf.to_container(spec, resolve=True)
+        own_limit = kwargs.pop("limit", None)  # applied after the check, like `limit`
+        problems = load_problems(**kwargs)
+        if training is not None:
+            problems, dropped = drop_training_overlap(problems, training, name)
+            if dropped:
+                notes.append(
+                    f"{name}: {dropped} problems that are also training problems were dropped before evaluation"
                 )
-        if self.val_cfg is not None and self.val_problems is None:
-            self.val_problems = self._load(self.val_cfg, "val")
-
-    def _loader(self, problems: list[Problem], shuffle: bool) -> DataLoader:
-        # collate_fn=list keeps Problems intact; Lightning swaps in a DistributedSampler under DDP.
-        return DataLoader(
-            PromptDataset(problems), batch_size=self.batch_size, shuffle=shuffle,
-            num_workers=self.num_workers, collate_fn=list,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_problems is None:
-            self.setup("fit")
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        dataset = PromptDataset(self.train_problems)
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        if self._resume is not None:
-            epoch, batches = self._resume["epoch"], self._resume["batches_in_epoch"]
-            if batches >= self._resume["batches_per_epoch"]:  # saved at the end of an epoch: the next one starts
-                epoch, batches = epoch + 1, 0
-            sampler.resume_at(epoch, batches * self.batch_size)
-            self._resume = None
-        return _ResumableLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=list
-        )
-
-    # --- the position in the training data, saved in Lightning checkpoints ----------------------------------
-
-    def state_dict(self) -> dict:
-        trainer = self.trainer
-        if trainer is None or self.train_problems is None:
-            return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {
-            "epoch": int(trainer.current_epoch),
-            "batches_in_epoch": int(progress.processed),  # trained on; the next batch is this index
-            "batches_per_epoch": int(trainer.num_training_batches),
-            "num_problems": len(self.train_problems),
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "train": self.train_cfg,  # compared with the current config before a resume (ctt.reliability.resume)
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        if self.train_problems is None:
-            self.setup("fit")
-        now = {"num_problems": len(self.train_problems), "batch_size": self.batch_size, "seed": self.seed}
-        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
-        if changed:
-            log.warning(
-                "resuming with other training data than the checkpoint (%s): the data order will differ from an "
-                "uninterrupted run", ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
-            )
-        self._resume = dict(state)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_cfg is None:
-            return []
-        if self.val_problems is None:
-            self.setup("validate")
-        return self._loader(self.val_problems, shuffle=False)
+        for cap in (own_limit, limit):
+            problems = problems[:cap] if cap is not None else problems
+        out[name] = problems
+    return out, notes

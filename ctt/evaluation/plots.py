@@ -8,7 +8,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ctt.policy.modes import label_rank
+from ctt.policy.modes import base_label, label_rank
 
 
 def _num(value) -> float:
@@ -54,12 +54,12 @@ def scaling_plot(results: list[dict], path: str | Path | None = None) -> Figure:
         axes[0].set_title("no results")
     for ax, bench in zip(axes, benchmarks):
         rows = [r for r in results if r["benchmark"] == bench]
-        base = next((r for r in rows if r["mode"] == "base"), None)
+        base = next((r for r in rows if r["mode"] == base_label()), None)
         modes = sorted(dict.fromkeys(r["mode"] for r in rows), key=label_rank)
         for i, mode in enumerate(modes):
             points = sorted((r for r in rows if r["mode"] == mode), key=lambda r: int(_num(r["num_continuations"])))
             own = points
-            if mode != "base" and base is not None and all(int(_num(r["num_continuations"])) != 0 for r in points):
+            if mode != base_label() and base is not None and all(int(_num(r["num_continuations"])) != 0 for r in points):
                 points = [base] + points
             xs = [_num(r["mean_thinking_tokens"]) for r in points]
             ys = [_num(r["accuracy"]) for r in points]
@@ -148,8 +148,8 @@ def debate_plot(runs: list[tuple[int, list[dict]]], path: str | Path | None = No
         base = None
         for k, rows in runs:
             rows = [r for r in rows if r["benchmark"] == bench]
-            base = base or next((r for r in rows if r["mode"] == "base"), None)
-            for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != "base"):
+            base = base or next((r for r in rows if r["mode"] == base_label()), None)
+            for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != base_label()):
                 label = f"learned k={k}" if mode == "learned" else mode
                 if label not in lines:
                     lines[label] = [r for r in rows if r["mode"] == mode]

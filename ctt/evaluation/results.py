@@ -14,11 +14,11 @@ from ctt.evaluation.comparisons import comparisons_markdown, write_comparisons
 from ctt.evaluation.stats import pass_at_1_ci
 
 if TYPE_CHECKING:  # annotations only: keeps `ctt.evaluation.results` light (no torch) for `ctt-report` and notebooks
-    from ctt.data.sources import Problem
+    from ctt.data.problems import Problem
     from ctt.generation import SamplingConfig
     from ctt.policy.modes import Mode
     from ctt.policy.policy import Policy
-    from ctt.data.answers import RewardFn
+    from ctt.rewards.registry import RewardFn
 
 # The first seven columns are the original table; the rest were appended (readers may rely on the order).
 # accuracy is pass@1; ci_low / ci_high its 95% interval (method in ci_method, see ctt.evaluation.stats); samples is k.

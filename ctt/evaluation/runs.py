@@ -14,7 +14,8 @@ from typing import Any, Iterable, Sequence
 from omegaconf import OmegaConf
 
 from ctt.evaluation.comparisons import COMPARISONS_CSV, read_comparisons
-from ctt.policy.modes import label_family
+from ctt.policy.modes import base_label, label_family
+from ctt.settings import flatten
 
 SKIP_PREFIXES = ("hydra", "paths")
 ABSENT = "(absent)"
@@ -75,16 +76,6 @@ def discover_runs(dirs: Sequence[str | Path]) -> list[tuple[Path, str]]:
 
 
 # ---------------------------------------------------------------- config
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys; lists (and empty dicts) stay single values."""
-    if isinstance(node, dict) and (node or not prefix):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: node}
 
 
 def _skipped(key: str) -> bool:
@@ -207,7 +198,7 @@ def eval_metrics(rows: Iterable[dict]) -> dict[str, float]:
     acc = _accuracies(rows)
     out = {f"{b}/{m}/N={n}": v for (b, m, n), v in acc.items()}
     for bench in dict.fromkeys(b for b, _, _ in acc):
-        base = acc.get((bench, "base", 0))
+        base = acc.get((bench, base_label(), 0))
         learned = sorted(n for b, m, n in acc if b == bench and m == "learned")
         for n in learned:
             value = acc[(bench, "learned", n)]

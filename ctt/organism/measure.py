@@ -20,11 +20,11 @@ from collections import defaultdict
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ctt.data.sources import build_prompt_ids
+from ctt.data.problems import build_prompt_ids
 from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
 from ctt.organism.task import WAIT, count_steps, draw_problems, question_text, split_completion
 from ctt.organism.tokenizer import THINK_END
-from ctt.data.answers import score_completion
+from ctt.rewards.grading import score_completion
 
 INSTRUCTION = "{question}"  # the user turn is the bare question (conf/prompt/organism.yaml)
 HELD_OUT = {"seed": 1234, "size": 350, "min_terms": 2, "max_terms": 8}  # = conf/benchmarks/organism.yaml

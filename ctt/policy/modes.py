@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from ctt.errors import ConfigError
 from ctt.settings import one_of
 
-if TYPE_CHECKING:
-    from ctt.policy.policy import Policy
+Encode = Callable[[str], tuple[int, ...]]  # a text as the model's token ids
 
 
 @dataclass(frozen=True)
 class ModeKind:
-    continuation: Callable[["Policy", str | None], tuple[int, ...]]  # what replaces the marker
+    # what replaces the marker, from (encode, the learned tokens' ids, the argument)
+    continuation: Callable[[Encode, tuple[int, ...], str | None], tuple[int, ...]]
     label: Callable[[str | None], str]  # the mode's name in results.csv, reports and plots
-    family: str  # plots draw one colour family per kind
     takes_arg: bool = False
     forced: bool = True  # False: the base model, never forced (runs once, as N=0)
     reference: bool = True  # other modes are compared with it at the same N (comparisons.csv)
@@ -57,16 +56,13 @@ def _shown(text: str) -> str:
 
 
 KINDS: dict[str, ModeKind] = {
-    "base": ModeKind(lambda p, a: (), lambda a: "base", "base", forced=False, reference=False),
-    "no_string": ModeKind(lambda p, a: (), lambda a: "no_string", "no_string"),
-    "fixed": ModeKind(
-        lambda p, a: p.encode_text(a), lambda a: f"fixed:{_shown(a)}", "fixed", takes_arg=True, parse_arg=_nonempty_word
-    ),
+    "base": ModeKind(lambda enc, ids, a: (), lambda a: "base", forced=False, reference=False),
+    "no_string": ModeKind(lambda enc, ids, a: (), lambda a: "no_string"),
+    "fixed": ModeKind(lambda enc, ids, a: enc(a), lambda a: f"fixed:{_shown(a)}", takes_arg=True, parse_arg=_nonempty_word),
     "filler": ModeKind(
-        lambda p, a: p.encode_text(_filler_text(a)), lambda a: f"filler:{_shown(a)}", "filler", takes_arg=True,
-        parse_arg=_parse_filler,
+        lambda enc, ids, a: enc(_filler_text(a)), lambda a: f"filler:{_shown(a)}", takes_arg=True, parse_arg=_parse_filler
     ),
-    "learned": ModeKind(lambda p, a: p.learned_ids, lambda a: "learned", "learned", reference=False),
+    "learned": ModeKind(lambda enc, ids, a: ids, lambda a: "learned", reference=False),
 }  # in this order in tables and plots: the base model, the baselines, the learned token
 
 
@@ -84,8 +80,8 @@ class Mode:
     def label(self) -> str:
         return self.spec.label(self.arg)
 
-    def continuation(self, policy: "Policy") -> tuple[int, ...]:
-        return self.spec.continuation(policy, self.arg)
+    def continuation(self, encode: Encode, learned_ids: tuple[int, ...]) -> tuple[int, ...]:
+        return self.spec.continuation(encode, learned_ids, self.arg)
 
 
 def parse_mode(spec: str, key: str = "eval.modes") -> tuple[str, str | None]:
@@ -129,8 +125,12 @@ def expand_modes(specs: list[str], num_continuations: list[int], fixed_words: li
 
 def label_family(label: str) -> str:
     """The kind a results label belongs to (`fixed:Wait` -> `fixed`), for plots and reports reading results.csv."""
-    kind = label.partition(":")[0]
-    return KINDS[kind].family if kind in KINDS else kind
+    return label.partition(":")[0]
+
+
+def base_label() -> str:
+    """The label of the N-independent baseline (the kind that is never forced): what deltas are taken against."""
+    return next(spec.label(None) for spec in KINDS.values() if not spec.forced)
 
 
 def label_rank(label: str) -> tuple[int, str]:

@@ -11,7 +11,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ctt.data.sources import Problem, build_prompt_ids
+from ctt.data.problems import Problem, build_prompt_ids
 from ctt.errors import ConfigError, DataError
 from ctt.generation import EngineConfig, ForcingConfig, Rollout, SamplingConfig, generate_forced, mix_seed
 from ctt.models.loading import LoadedModel
@@ -59,7 +59,6 @@ class Policy:
         self.settings = forcing
         self.instruction, self.system_prompt = instruction, system_prompt
         self.token_ids = tuple(get_overlay(self.model).token_ids if token_ids is None else token_ids)
-        self.token_id = self.token_ids[0]
         eos = self.tokenizer.eos_token_id
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos])
         pad = self.tokenizer.pad_token_id
@@ -87,14 +86,6 @@ class Policy:
     @property
     def row(self) -> torch.nn.Parameter:
         return get_overlay(self.model).row
-
-    @property
-    def learned_ids(self) -> tuple[int, ...]:
-        return self.token_ids
-
-    @property
-    def marker_is_eos(self) -> bool:
-        return len(self.marker) == 1 and self.marker[0] in self.eos_ids
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         if problem.question not in self._prompt_cache:
@@ -137,7 +128,7 @@ class Policy:
             eos_token_ids=self.eos_ids,
             # The base model is never forced: N is a property of forcing modes only.
             num_continuations=mode.num_continuations if mode.spec.forced else 0,
-            continuation_ids=mode.continuation(self),
+            continuation_ids=mode.continuation(self.encode_text, self.token_ids),
             thinking_budget=s.thinking_budget,
             budget_force_ids=self.encode_text(s.budget_force_text) if s.budget_force_text else None,
             max_answer_tokens=s.max_answer_tokens,
@@ -171,7 +162,7 @@ class Policy:
         width = len(forcing.continuation_ids)
         for r in out:
             r.text = self.render(r, width)
-            r.answer_text = self.answer_text(r, width)
+            r.answer_text = self.answer_text(r, forcing)
         return out
 
     def _segments(self, rollout: Rollout, width: int) -> list[tuple[list[int], bool]]:
@@ -190,12 +181,13 @@ class Policy:
             for seg, inserted in self._segments(rollout, width)
         )
 
-    def answer_text(self, rollout: Rollout, width: int) -> str:
+    def answer_text(self, rollout: Rollout, forcing: ForcingConfig) -> str:
         """What a reader grades. With a real end-of-thinking marker (`</think>`): the text after the kept one (empty
         when thinking never ended). When the marker is end-of-sequence, the whole completion, with a line break at
         every inserted continuation, so an answer followed by a continuation ("... is 9." + "Wait") is not read as
         "9.Wait"; special tokens (the learned token) are dropped. "No string" inserts nothing: no boundary there."""
-        if not self.marker_is_eos:
+        width = len(forcing.continuation_ids)
+        if not forcing.marker_is_eos:
             if rollout.answer_start is None:
                 return ""
             return self.tokenizer.decode(rollout.completion_ids[rollout.answer_start :], skip_special_tokens=True)

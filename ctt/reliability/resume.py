@@ -14,14 +14,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctt.config.hydra_glue import to_plain
 from ctt.errors import ConfigError
+from ctt.models.token import TokenSettings
 from ctt.reliability.safe_load import read_checkpoint, saved_row_size
+from ctt.settings import flatten, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,18 @@ def _check_format(cfg: DictConfig, path: Path, checkpoint: dict) -> None:
 # --- does the checkpoint belong to this run? ---------------------------------------------------------------------
 
 
+def run_identity(model: Mapping[str, Any], token: Mapping[str, Any], row: torch.Tensor | None = None) -> dict[str, Any]:
+    """What a run trains, saved in its checkpoints and checked before a resume: base model, pretrained id, token text
+    and count; given the row (once the model is loaded), its hidden size and the count it holds."""
+    settings = TokenSettings.from_config(token)
+    ident = {"base_model": model["name"], "pretrained": model.get("pretrained"), "token": settings.text,
+             "count": settings.count}
+    if row is not None:
+        shape = getattr(row, "ds_shape", row.shape)  # ZeRO-3 keeps the full shape there
+        ident |= {"hidden_size": int(shape[-1]), "count": 1 if len(shape) == 1 else int(shape[0])}
+    return ident
+
+
 def saved_identity(checkpoint: dict) -> dict[str, Any]:
     """Base model, pretrained id, token text and hidden size a checkpoint was trained with (older checkpoints: from
     their hyperparameters)."""
@@ -137,12 +152,6 @@ def check_fits(checkpoint: dict, current: dict[str, Any], where: str, allow_base
                           f"token.count={current.get('count', 1)}")
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: node}
-
-
 def check_same_config(cfg: DictConfig, checkpoint: dict, where: str) -> None:
     """The checkpoint's saved config (hyperparameters, data settings) against the current one; a difference is a
     ConfigError listing the keys, unless `resume_mismatch=allow` (then a warning)."""
@@ -152,7 +161,8 @@ def check_same_config(cfg: DictConfig, checkpoint: dict, where: str) -> None:
     if data_state and "data" in cfg:
         hp = {**hp, "data": {k: data_state[k] for k in ("batch_size", "seed", "train") if k in data_state}}
         now["data"] = {k: to_plain(cfg.data.get(k)) for k in hp["data"]}
-    before, after = _flatten(hp), _flatten(now)
+    # an empty mapping is no key at all here: a group that sets nothing matches one that is absent
+    before, after = ({k: v for k, v in flatten(c).items() if v != {}} for c in (hp, now))
     changed = [k for k in sorted(before.keys() | after.keys())
                if before.get(k) != after.get(k) and not any(k == i or k.startswith(i + ".") for i in IGNORED)]
     if not changed:

@@ -27,13 +27,22 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ctt.config.hydra_glue import launch_rank
 from ctt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".ctt.lock"
 _held: dict[Path, int] = {}  # run dir -> descriptor holding its lock, in this process
+
+
+def launch_rank() -> int:
+    """This process's global rank when an outside launcher started one process per device (SLURM's srun, e.g.
+    through hydra/launcher=slurm, or torchrun), else 0. Read from the environment as the job starts."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def is_secondary_rank() -> bool:

@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from ctt.errors import ConfigError
 from ctt.batching import banned_in_vocab, mask_banned, pad_batch
 from ctt.generation import Rollout, nucleus_mask
+from ctt.rewards.registry import reward_from_config
 from ctt.settings import Settings, one_of, require
 
 
@@ -327,14 +328,12 @@ class RLSettings(Settings):
     aggregation: str = "token_mean"
     temperature: float = 1.0
     top_p: float = 1.0
-    reward: str = "math_verify"
+    reward: str | dict = "math_verify"  # a reward name, or {name: ..., <its parameters>} (ctt.rewards.registry)
     max_bad_steps: int = 5
     prefix_reuse: bool = True
     gradient_checkpointing: bool = False
 
     def check(self) -> None:
-        from ctt.data.answers import REWARD_FUNCTIONS
-
         require(self.samples_per_prompt >= 1, "rl.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
         require(self.max_bad_steps >= 1, "rl.max_bad_steps", "an integer >= 1", self.max_bad_steps)
         # Training samples: at T=0 (greedy) no choice has a gradient, and scoring at T=1e-5 would scale it by 1e5.
@@ -343,7 +342,7 @@ class RLSettings(Settings):
         one_of("rl.baseline", self.baseline, BASELINES)
         one_of("rl.scale", self.scale, SCALES)
         one_of("rl.aggregation", self.aggregation, AGGREGATIONS)
-        one_of("rl.reward", self.reward, REWARD_FUNCTIONS)
+        reward_from_config(self.reward, "rl.reward")
         if self.samples_per_prompt == 1 and (self.baseline == "group_mean" or self.scale == "group"):
             raise ConfigError(
                 "rl.samples_per_prompt=1 with a per-group baseline or scale makes every advantage 0 (nothing is "

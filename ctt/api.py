@@ -23,7 +23,7 @@ from ctt.config.hydra_glue import CONFIG_DIR
 from ctt.data.answers import extract_answer
 from ctt.data.problems import Problem
 from ctt.errors import ConfigError
-from ctt.generation import Rollout, SamplingConfig
+from ctt.engine import Rollout, SamplingConfig
 from ctt.policy.build import policy_from_config
 from ctt.policy.modes import KINDS, Mode, parse_mode
 from ctt.policy.policy import Policy
@@ -119,7 +119,7 @@ class ContinueThinking:
     def stream(self, prompt: str, write: Callable[[str], object], mode: str = "learned", num_continuations: int = 2,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0) -> Completion:
         """Answer one prompt, writing its text (continuations marked) as it is generated."""
-        from ctt.streaming import RolloutStreamer
+        from ctt.engine.streaming import RolloutStreamer
 
         m = self.mode(mode, num_continuations)
         forcing = self.policy.forcing(m)

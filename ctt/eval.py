@@ -23,7 +23,7 @@ from ctt.evaluation.comparisons import compare, comparisons_markdown
 from ctt.evaluation.plots import deltas_plot, scaling_plot
 from ctt.evaluation.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
 from ctt.evaluation.settings import EvalSettings
-from ctt.generation import SamplingConfig
+from ctt.engine import SamplingConfig
 from ctt.policy.build import policy_from_config
 from ctt.policy.modes import baseline_labels
 from ctt.policy.policy import Policy

@@ -35,7 +35,7 @@ from ctt.policy.build import EXPORT_INFO, policy_from_config
 from ctt.config.hydra_glue import CONFIG_DIR
 from ctt.settings import to_plain
 from ctt.errors import ConfigError
-from ctt.generation import SamplingConfig
+from ctt.engine import SamplingConfig
 from ctt.models.model_card import model_card
 from ctt.policy.modes import Mode
 from ctt.policy.policy import Policy

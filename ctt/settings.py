@@ -1,7 +1,7 @@
 """Typed config groups: one checker for every group, driven by type annotations.
 
 Each config group is a frozen dataclass deriving from `Settings` (verl's pattern: `RLSettings`, `ForcingSettings`,
-`EngineConfig`, `TinyOptions`, `TokenSettings`, `EvalSettings`, ...). `Settings.from_config` rejects unknown keys,
+`EngineSettings`, `TinyOptions`, `TokenSettings`, `EvalSettings`, ...). `Settings.from_config` rejects unknown keys,
 naming the valid ones; `Settings.__post_init__` checks every value against its field's annotation (int, float,
 bool, str, None, unions, Literal, list/tuple/dict of those, nested Settings built from mappings) and then runs the
 class's own range checks (`check`). A group whose keys are the keyword arguments of a function (`load_model`,

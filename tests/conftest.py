@@ -18,16 +18,16 @@ from ctt.models.token import install_token
 
 
 def tiny(boost: float = 4.0, marker: str = "</think>", tie: bool = True, seed: int = 0, init: dict | None = None,
-         init_range: float = 0.02, spare_rows: int = 0, count: int = 1):
+         init_range: float = 0.02, spare_rows: int = 0, count: int = 1, **shape):
     """A LoadedModel (tiny random Qwen2) with the continue-thinking token (`count` of them) installed. spare_rows:
     embedding rows beyond the tokenizer (as Qwen2 checkpoints have), so that the new token's id has a row of the
-    table."""
+    table. shape: any other `model.tiny` option (num_heads=2 gives vLLM's CPU attention a head size it has)."""
     loaded = load_model(
         name="tiny_random",
         source="tiny_random",
         end_of_thinking=marker,
         tiny={"end_of_thinking_boost": boost, "tie_word_embeddings": tie, "seed": seed, "initializer_range": init_range,
-              "spare_rows": spare_rows},
+              "spare_rows": spare_rows, **shape},
     )
     install_token(loaded.model, loaded.tokenizer, init or {"name": "word", "word": "Wait"}, count=count)
     return loaded

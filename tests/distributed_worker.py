@@ -32,7 +32,8 @@ from hydra.utils import instantiate  # noqa: E402
 from callbacks.token_export import TokenExport  # noqa: E402
 from ctt.config.hydra_glue import CONFIG_DIR  # noqa: E402
 from ctt.training.distributed import full_grad, full_row, gathered_for_generation, zero3_params  # noqa: E402
-from ctt.generation import SamplingConfig, generate_forced  # noqa: E402
+from ctt.engine import SamplingConfig
+from ctt.engine.hf import generate_forced  # noqa: E402
 from ctt.training.module import ContinueThinkingModule  # noqa: E402
 from ctt.rewards.grading import Score  # noqa: E402
 from ctt.policy.modes import Mode  # noqa: E402

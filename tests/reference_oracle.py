@@ -1,7 +1,7 @@
 """A test oracle, not used by training or evaluation: budget forcing built on `model.generate`, as users of plain
 transformers would write it (greedy only).
 
-Two references for `ctt.generation.generate_forced`, used by tests/test_speed_equivalence.py (token-for-token
+Two references for `ctt.engine.hf.generate_forced`, used by tests/test_speed_equivalence.py (token-for-token
 equality) and bench/bench_rollout.py (speed):
 
 * `s1_forced`: the s1 recipe. `generate` until the end-of-thinking marker (or eos), strip the marker, append the
@@ -26,8 +26,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ctt.batching import banned_in_vocab, mask_banned, pad_batch
-from ctt.generation import ForcingConfig, Rollout
+from ctt.engine.batching import banned_in_vocab, mask_banned, pad_batch
+from ctt.engine import ForcingConfig, Rollout
 
 _THINK, _ANSWER, _DONE = "thinking", "answer", "done"
 

@@ -2,7 +2,7 @@
 
 Sampling is restricted (every other id banned) to a few tokens: one or two that make the end-of-thinking marker, an
 ordinary token and end-of-sequence; rollouts are a handful of tokens long. `_enumerate` walks every sequence of
-sampled choices with the forcing rules written out independently of ctt.generation (a marker is replaced while
+sampled choices with the forcing rules written out independently of ctt.engine (a marker is replaced while
 forced < N and the continuation plus one token still fit; the context then holds the continuation instead of the
 marker), and gives each leaf its rollout record and its differentiable log-probability, computed by plain full
 forwards. Then:
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
+from ctt.engine import ForcingConfig, Rollout, SamplingConfig
+from ctt.engine.hf import generate_forced
 from ctt.rl.reinforce import completion_logprobs, reinforce_loss
 from ctt.models.token import get_overlay
 from tests.conftest import tiny
@@ -50,7 +51,7 @@ def _distribution(model, ctx, allowed, suppress, temperature, top_p, cache) -> t
         if suppress is not None:
             logits = logits.masked_fill(torch.tensor(allowed) == suppress, float("-inf"))
         logits = logits / temperature
-        if top_p < 1.0:  # written out here, independently of ctt.generation.nucleus_mask
+        if top_p < 1.0:  # written out here, independently of ctt.engine.sampling.nucleus_mask
             probs = logits.detach().softmax(-1)
             order = probs.argsort(descending=True).tolist()
             kept, mass = [], 0.0
@@ -71,7 +72,7 @@ def _force(s: _State, ids: list[int]) -> None:
 
 
 def _apply(s: _State, tok: int, f: ForcingConfig) -> None:
-    """One sampled token through the forcing rules (the state machine of ctt.generation's docstring)."""
+    """One sampled token through the forcing rules (the state machine of ctt.engine's docstring)."""
     ro, marker, k = s.ro, list(f.end_of_thinking_ids), len(f.end_of_thinking_ids)
     marker_is_eos = marker == [f.eos_token_ids[0]]
     ro.completion_ids.append(tok), ro.sampled.append(True), s.ctx.append(tok)

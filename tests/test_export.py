@@ -23,7 +23,7 @@ from ctt.api import compose_config
 from ctt.policy.build import policy_from_config
 from ctt.data.problems import Problem, format_user_message
 from ctt.export import ExportSettings, export, export_info
-from ctt.generation import SamplingConfig
+from ctt.engine import SamplingConfig
 from ctt.models.loading import load_model
 from ctt.policy.modes import Mode
 from ctt.models.token import load_token_file, save_token_file

@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
+from ctt.engine import ForcingConfig, SamplingConfig
+from ctt.engine.hf import generate_forced
 from ctt.models.loading import load_model
 from ctt.models.token import install_token
 from tests.conftest import tiny
@@ -110,9 +111,12 @@ def test_inserts_min_of_n_and_emissions_in_a_ragged_batch():
             passed = r.completion_ids[: r.thinking_tokens].count(marker[0])
             assert passed <= 1
             emissions = r.num_forced + passed
-            assert r.num_forced == min(n, emissions)
+            # A marker that ended thinking with fewer than N forced came too late: the continuation and one more
+            # token would not have fitted into max_new_tokens once it was removed.
+            no_room = passed and r.thinking_tokens - 1 + len((new_id,)) + 1 > cfg.max_new_tokens
+            assert r.num_forced == min(n, emissions) or no_room
             assert r.completion_ids.count(new_id) == r.num_forced
-            if passed:
+            if passed and not no_room:
                 assert r.num_forced == n
         assert len({len(r.completion_ids) for r in rollouts}) > 1, "all rows finished together"
         assert any(r.num_forced == n for r in rollouts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from ctt.data.problems import Problem
-from ctt.generation import ForcingConfig, Rollout
+from ctt.engine import ForcingConfig, Rollout
 from ctt.policy.modes import Mode
 from ctt.policy.policy import ForcingSettings, Policy
 from ctt.rewards.registry import reward_from_config

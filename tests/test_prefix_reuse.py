@@ -8,7 +8,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
+from ctt.engine import ForcingConfig, SamplingConfig
+from ctt.engine.hf import generate_forced
 from ctt.rl.reinforce import completion_logprobs
 from ctt.models.token import get_overlay
 from tests.conftest import tiny

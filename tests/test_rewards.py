@@ -7,7 +7,7 @@ import pytest
 
 from ctt.errors import ConfigError, DataError
 from ctt.data.problems import Problem
-from ctt.generation import Rollout
+from ctt.engine import Rollout
 from ctt.data.answers import extract_answer, gold_answer, verify_or_raise
 from ctt.rewards.registry import REWARDS, MathVerify, reward_from_config
 from ctt.rewards.grading import Score, score_completion

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ctt.errors import ConfigError
-from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
+from ctt.engine import ForcingConfig, Rollout, SamplingConfig
+from ctt.engine.hf import generate_forced
 from ctt.rl.reinforce import Choice, ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_choices
 from ctt.models.token import get_overlay
 from tests.conftest import tiny
@@ -86,7 +87,7 @@ def test_logprobs_match_a_plain_forward():
     new_id = get_overlay(model).token_id
     cfg = ForcingConfig(end_of_thinking_ids=tuple(loaded.end_of_thinking_ids), eos_token_ids=(tok.eos_token_id,),
                         num_continuations=2, continuation_ids=(new_id,), max_new_tokens=20, banned_ids=(new_id,))
-    rollouts = generate_forced(model, [tok.encode("abc"), tok.encode("de")], cfg, SamplingConfig(1.0, seed=1))
+    rollouts = generate_forced(model, [tok.encode(p) for p in ("abc", "de", "fgh", "ij")], cfg, SamplingConfig(1.0, seed=1))
     scored = completion_logprobs(model, rollouts, temperature=0.7, banned_ids=(new_id,))
     assert any(len(r.replaced_markers) > 1 for r in rollouts), "a second replaced marker must be scored too"
     for i, r in enumerate(rollouts):

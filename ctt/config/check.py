@@ -1,7 +1,7 @@
 """The whole composed config checked at start-up, before any model or data is loaded.
 
 Every group is typed (ctt.settings): `rl` (RLSettings), `forcing` with `forcing.engine` (ForcingSettings,
-EngineConfig), `model` (the keyword arguments of `load_model`, `model.tiny` as TinyOptions), `token` with `token.init`
+EngineSettings), `model` (the keyword arguments of `load_model`, `model.tiny` as TinyOptions), `token` with `token.init`
 (TokenSettings), `prompt`, `eval` (EvalSettings, modes parsed and expanded), `distributed`, the data module's keyword
 arguments with its `train` problem set, and every `benchmarks` entry (the keyword arguments of
 `load_problems`); the top-level `seed`, `ckpt_path`, `evaluate`, `resume_mismatch` and `trainer.max_steps` too. An

@@ -15,7 +15,7 @@ from ctt.evaluation.stats import pass_at_1_ci
 
 if TYPE_CHECKING:  # annotations only: keeps `ctt.evaluation.results` light (no torch) for `ctt-report` and notebooks
     from ctt.data.problems import Problem
-    from ctt.generation import SamplingConfig
+    from ctt.engine import SamplingConfig
     from ctt.policy.modes import Mode
     from ctt.policy.policy import Policy
     from ctt.rewards.registry import RewardFn

@@ -94,7 +94,7 @@ no string N=2 |
 
 Oracle: `</think>` (and eos) banned while fewer than terms-1 step lines are written — the accuracy forcing could
 reach if it made the model finish. Early stop: thinking ended with fewer step lines than terms-1 (check lines not
-counted). "Wait": budget forcing (`ctt.generation.generate_forced`) with the continuation
+counted). "Wait": budget forcing (`ctt.engine.hf.generate_forced`) with the continuation
 `tokenizer.encode("{WAIT}")` replacing `</think>` N times; the traces' check lines start with `{WAIT}, ` so the
 model continues `, a+b=c` itself. "No string": `</think>` suppressed N times, nothing appended (ctt's `no_string`
 mode). These are fixed baselines measured to describe the organism; it was not designed against any of them.

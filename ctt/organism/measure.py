@@ -2,7 +2,7 @@
 
 Modes (all greedy, prompts built by `ctt.data.sources.build_prompt_ids` with the bare question, as with prompt=organism):
 
-* ``base`` — the model as it is (`ctt.generation.generate_forced`, N=0);
+* ``base`` — the model as it is (`ctt.engine.hf.generate_forced`, N=0);
 * ``oracle`` — ``</think>`` (and eos) banned while fewer than terms-1 step lines are written: the accuracy budget
   forcing could reach if it made the model finish its work (the headroom);
 * ``wait1`` / ``wait2`` — budget forcing with the fixed word "Wait" replacing ``</think>`` N=1 / N=2 times;
@@ -21,7 +21,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ctt.data.problems import build_prompt_ids
-from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
+from ctt.engine import ForcingConfig, SamplingConfig
+from ctt.engine.hf import generate_forced
 from ctt.organism.task import WAIT, count_steps, draw_problems, question_text, split_completion
 from ctt.organism.tokenizer import THINK_END
 from ctt.rewards.grading import score_completion

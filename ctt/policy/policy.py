@@ -13,11 +13,12 @@ import torch
 
 from ctt.data.problems import Problem, build_prompt_ids
 from ctt.errors import ConfigError, DataError
-from ctt.generation import EngineConfig, ForcingConfig, Rollout, SamplingConfig, generate_forced, mix_seed
+from ctt.engine import EngineSettings, ForcingConfig, Rollout, RolloutEngine, SamplingConfig, build_engine
+from ctt.engine.records import row_seeds
 from ctt.models.loading import LoadedModel
+from ctt.models.token import get_overlay
 from ctt.policy.modes import Mode
 from ctt.settings import Settings, require
-from ctt.models.token import get_overlay
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ForcingSettings(Settings):
     max_answer_tokens: int = 64
     max_new_tokens: int = 256
     batch_size: int = 16  # rollouts generated together (micro-batch)
-    engine: EngineConfig | None = None  # how rollouts run: cache, compile, drop_finished, share_prefix
+    engine: EngineSettings | None = None  # which engine samples the rollouts, and how (engine=hf|vllm)
 
     def check(self) -> None:
         for name in ("max_answer_tokens", "max_new_tokens", "batch_size"):
@@ -42,14 +43,14 @@ class ForcingSettings(Settings):
             require(self.thinking_budget >= 1, "forcing.thinking_budget", ">= 1 or null", self.thinking_budget)
 
     @property
-    def engine_config(self) -> EngineConfig:
-        return self.engine or EngineConfig()
+    def engine_config(self) -> EngineSettings:
+        return self.engine or EngineSettings()
 
 
 class Policy:
     def __init__(
         self, loaded: LoadedModel, forcing: ForcingSettings, instruction: str, system_prompt: str | None = None,
-        token_ids: tuple[int, ...] | None = None,
+        token_ids: tuple[int, ...] | None = None, seed: int = 0, cache_dir: str | None = None,
     ):
         """`token_ids`: the learned tokens' ids when they are real rows of the model (a folder written by
         ctt-export); by default the ids of the installed overlay (ctt.models.token). k learned tokens are inserted
@@ -59,6 +60,9 @@ class Policy:
         self.settings = forcing
         self.instruction, self.system_prompt = instruction, system_prompt
         self.token_ids = tuple(get_overlay(self.model).token_ids if token_ids is None else token_ids)
+        self._learned_rows = (lambda: get_overlay(self.model).row) if token_ids is None else None
+        self._engine: RolloutEngine | None = None
+        self._engine_parts = {"seed": seed, "cache_dir": cache_dir}
         eos = self.tokenizer.eos_token_id
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos])
         pad = self.tokenizer.pad_token_id
@@ -86,6 +90,17 @@ class Policy:
     @property
     def row(self) -> torch.nn.Parameter:
         return get_overlay(self.model).row
+
+    @property
+    def engine(self) -> RolloutEngine:
+        """The rollout engine of `forcing.engine` (built at first use: a vLLM instance takes seconds to start)."""
+        if self._engine is None:
+            self._engine = build_engine(
+                self.settings.engine_config, model=self.model, pad_token_id=self.pad_id,
+                batch_size=self.settings.batch_size, token_ids=self.token_ids, rows=self._learned_rows,
+                **self._engine_parts,
+            )
+        return self._engine
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         if problem.question not in self._prompt_cache:
@@ -148,17 +163,11 @@ class Policy:
         on_token: Callable[[int, Rollout], None] | None = None,
     ) -> list[Rollout]:
         """`samples_per_prompt` rollouts per problem, grouped: [p0 s0, p0 s1, ..., p1 s0, ...]; text filled in.
-        `on_token(i, rollout)`: see `generate_forced` (i counts from 0 in every batch of `forcing.batch_size`)."""
+        `on_token(i, rollout)`: called each time rollout i took a token (ctt.engine.base)."""
         prompts = [self.prompt_ids(p) for p in problems for _ in range(samples_per_prompt)]
-        out: list[Rollout] = []
-        size = self.settings.batch_size
-        for start in range(0, len(prompts), size):
-            seed = None if sampling.seed is None else mix_seed(sampling.seed, start)
-            chunk_sampling = SamplingConfig(sampling.temperature, sampling.top_p, seed)
-            out += generate_forced(
-                self.model, prompts[start : start + size], forcing, chunk_sampling, self.pad_id,
-                engine=self.settings.engine_config, on_token=on_token,
-            )
+        # Row i's draws come from (seed, i) alone: the engine, its batch size and finished rows change nothing.
+        out = self.engine.generate(prompts, forcing, sampling, seeds=row_seeds(sampling.seed, len(prompts)),
+                                   on_token=on_token)
         width = len(forcing.continuation_ids)
         for r in out:
             r.text = self.render(r, width)

@@ -17,7 +17,7 @@ from ctt.settings import Settings, one_of
 
 if TYPE_CHECKING:
     from ctt.data.problems import Problem
-    from ctt.generation import Rollout
+    from ctt.engine.records import Rollout
 
 # A reward sees the whole rollout (lengths, forced continuations, the graded text) and the problem.
 RewardFn = Callable[["Rollout", "Problem"], Score]

@@ -23,8 +23,9 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ctt.errors import ConfigError
-from ctt.batching import banned_in_vocab, mask_banned, pad_batch
-from ctt.generation import Rollout, nucleus_mask
+from ctt.engine.batching import banned_in_vocab, mask_banned, pad_batch
+from ctt.engine import Rollout
+from ctt.engine.sampling import nucleus_mask
 from ctt.rewards.registry import reward_from_config
 from ctt.settings import Settings, one_of, require
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from ctt.data.problems import Problem
 from ctt.errors import ConfigError, TrainingError
-from ctt.generation import Rollout, SamplingConfig, mix_seed
+from ctt.engine import Rollout, SamplingConfig, mix_seed
 from ctt.policy.build import build_policy
 from ctt.policy.modes import Mode
 from ctt.reliability.loggers import ResumableCSVLogger, pending_metrics_row

@@ -1,4 +1,4 @@
-"""The KV-cache machinery of `ctt.generation.generate_forced` (speed only, see `EngineConfig`): preallocated
+"""The KV-cache machinery of `ctt.engine.hf.generate_forced` (speed only, see `EngineSettings`): preallocated
 per-layer buffers written in place (`BufferCache`), the choice of cache kind, the compiled decode step, and the
 prefill that feeds a prefix common to all prompts once."""
 
@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ctt.batching import pad_batch
+from ctt.engine.batching import pad_batch
 
 
 class _BufferLayer(DynamicLayer):
@@ -72,7 +72,7 @@ class BufferCache(DynamicCache):
 
 
 def new_cache(model: PreTrainedModel, kind: str, capacity: int) -> Cache:
-    """An empty cache of `kind` (see `EngineConfig.cache`) for `capacity` positions."""
+    """An empty cache of `kind` (see `EngineSettings.cache`) for `capacity` positions."""
     if kind == "buffer":
         return BufferCache(model.config.get_text_config(decoder=True).num_hidden_layers, capacity)
     if kind == "static":

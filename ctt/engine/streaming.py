@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
-from ctt.generation import ForcingConfig, Rollout
+from ctt.engine import ForcingConfig, Rollout
 
 
 class _Words(TextStreamer):

@@ -1,4 +1,4 @@
-"""Token-batch helpers shared by generation (ctt.generation), the loss pass (ctt.rl) and the reference oracle
+"""Token-batch helpers shared by generation (ctt.engine), the loss pass (ctt.rl) and the reference oracle
 (ctt.reference_oracle): padding a batch of id lists, and banning ids (never sampled, never scored as possible)."""
 
 from __future__ import annotations

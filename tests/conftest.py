@@ -3,6 +3,7 @@ torch thread."""
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import lightning  # noqa: F401  imported before any test captures stderr: its loggers keep the stream they start with
@@ -65,3 +66,15 @@ def one_thread():
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+def need_vllm() -> None:
+    """Skip the calling test without vLLM on a developer's machine; in CI (CI=true), where install.sh installed it,
+    its absence is a failure: the vLLM tests must run there."""
+    from ctt.engine.settings import vllm_available
+
+    if vllm_available():
+        return
+    if os.environ.get("CI"):
+        pytest.fail("vLLM is not installed: install.sh installs it, and CI must run the vLLM tests")
+    pytest.skip("vLLM is not installed (bash install.sh installs it)")

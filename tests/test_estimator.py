@@ -140,9 +140,11 @@ def _record(r: Rollout) -> tuple:
             r.answer_start, r.thinking_tokens, r.answer_tokens, r.stop_reason)
 
 
-def _setup(marker_len: int, n: int, empty: bool = False, eos_marker: bool = False, **limits):
+def _setup(marker_len: int, n: int, empty: bool = False, eos_marker: bool = False, shape: dict | None = None,
+           **limits):
+    """shape: `model.tiny` options (tests/test_vllm_sampling.py gives vLLM a head size it has kernels for)."""
     loaded = tiny(boost=0.0, init_range=0.3, seed=1, init={"name": "random", "seed": 3},
-                  marker="eos" if eos_marker else "</think>")
+                  marker="eos" if eos_marker else "</think>", **(shape or {}))
     model, tok = loaded.model, loaded.tokenizer
     new_id = get_overlay(model).token_id
     marker = tuple(loaded.end_of_thinking_ids) if marker_len == 1 else tuple(tok.encode("xy"))

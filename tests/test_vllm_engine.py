@@ -20,7 +20,7 @@ import torch
 
 from ctt.data.problems import build_prompt_ids
 from ctt.engine import EngineSettings, ForcingConfig, SamplingConfig, build_engine
-from ctt.engine.vllm_model import vllm_available
+from ctt.engine.settings import vllm_available
 from ctt.models.loading import load_model
 from ctt.organism.task import draw_problems, question_text
 from ctt.models.token import get_overlay, install_token
@@ -32,7 +32,7 @@ VLLM_SHAPE = {"num_heads": 2, "num_kv_heads": 1}  # head size 32: vLLM's CPU att
 if not vllm_available():
     if os.environ.get("CI"):
         raise RuntimeError("vLLM is not installed: install.sh installs it, and CI must run the vLLM tests")
-    pytest.skip("vLLM is not installed (bash install.sh installs it)", allow_module_level=True)
+    pytest.skip("vLLM is not installed (bash install.sh installs it)", allow_module_level=True)  # see need_vllm
 
 
 class Pair:
@@ -172,3 +172,19 @@ def test_rows_pushed_after_a_change_equal_the_trainers_bitwise(tiny_pair):
     assert tiny_pair.vllm.last_sync_seconds is not None
     assert torch.equal(tiny_pair.vllm.table_rows(), overlay.row.detach().reshape(2, -1))
     assert tiny_pair.vllm.sync_rows() is None  # unchanged: nothing pushed
+
+
+def test_a_sampled_vllm_row_depends_on_its_own_seed_alone(tiny_pair):
+    """The same seeds give the same sampled rollouts whether a row runs with all the others or alone."""
+    from ctt.engine import row_seeds
+
+    forcing = tiny_pair.forcing("learned_k1", 2, False)
+    sampling = SamplingConfig(temperature=1.0, top_p=0.9, seed=4)
+    seeds = row_seeds(4, len(tiny_pair.prompts))
+    together = [r.record() for r in tiny_pair.vllm.generate(tiny_pair.prompts, forcing, sampling, seeds=seeds)]
+    alone = [tiny_pair.vllm.generate([p], forcing, sampling, seeds=[s])[0].record()
+             for p, s in zip(tiny_pair.prompts, seeds)]
+    assert alone == together
+    other = [r.record() for r in tiny_pair.vllm.generate(tiny_pair.prompts, forcing, sampling,
+                                                          seeds=row_seeds(5, len(tiny_pair.prompts)))]
+    assert other != together, "the seed must matter"

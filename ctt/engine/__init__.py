@@ -15,10 +15,6 @@ _MODULES = {"hf": "ctt.engine.hf", "vllm": "ctt.engine.vllm"}  # each module reg
 def build_engine(settings: EngineSettings, **parts) -> RolloutEngine:
     """The engine of `settings.kind`, given what any engine may need (model, pad_token_id, batch_size, token_ids,
     rows, seed, cache_dir); each takes the parts it uses."""
-    if settings.kind == "vllm":
-        from ctt.engine.vllm_model import require_vllm
-
-        require_vllm()
     importlib.import_module(_MODULES[settings.kind])
     return ENGINES[settings.kind](settings, **parts)
 

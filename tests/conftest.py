@@ -6,15 +6,16 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+import lightning  # noqa: F401  imported before any test captures stderr: its loggers keep the stream they start with
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from ctt.config import CONFIG_DIR
-from ctt.models import load_model
-from ctt.token import install_token
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.models.loading import load_model
+from ctt.models.token import install_token
 
 
 def tiny(boost: float = 4.0, marker: str = "</think>", tie: bool = True, seed: int = 0, init: dict | None = None,

@@ -30,16 +30,16 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from callbacks.token_export import TokenExport  # noqa: E402
-from ctt.config import CONFIG_DIR  # noqa: E402
-from ctt.distributed import full_grad, full_row, gathered_for_generation, zero3_params  # noqa: E402
+from ctt.config.hydra_glue import CONFIG_DIR  # noqa: E402
+from ctt.training.distributed import full_grad, full_row, gathered_for_generation, zero3_params  # noqa: E402
 from ctt.engine import SamplingConfig
 from ctt.engine.hf import generate_forced  # noqa: E402
-from ctt.module import ContinueThinkingModule  # noqa: E402
-from ctt.rewards import Score  # noqa: E402
-from ctt.modes import Mode  # noqa: E402
-from ctt.rl import scored_choices  # noqa: E402
-from ctt.safe_load import read_checkpoint  # noqa: E402
-from ctt.token import load_token_file  # noqa: E402
+from ctt.training.module import ContinueThinkingModule  # noqa: E402
+from ctt.rewards.grading import Score  # noqa: E402
+from ctt.policy.modes import Mode  # noqa: E402
+from ctt.rl.reinforce import scored_choices  # noqa: E402
+from ctt.reliability.safe_load import read_checkpoint  # noqa: E402
+from ctt.models.token import load_token_file  # noqa: E402
 
 PER_RANK_BATCH = 2
 WORLD = 2  # the global batch is WORLD * PER_RANK_BATCH problems, whatever the strategy

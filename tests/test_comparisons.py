@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from ctt.comparisons import (
+from ctt.evaluation.comparisons import (
     COMPARISON_COLUMNS,
     compare,
     comparisons_markdown,
@@ -17,10 +17,10 @@ from ctt.comparisons import (
     read_comparisons,
     write_comparisons,
 )
-from ctt.results import SampleRecord
-from ctt.plots import deltas_plot
+from ctt.evaluation.results import SampleRecord
+from ctt.evaluation.plots import deltas_plot
 from ctt.report import main
-from ctt.stats import holm_adjust, paired_delta_ci, paired_p_value
+from ctt.evaluation.stats import holm_adjust, paired_delta_ci, paired_p_value
 from tests.test_report import base_config, make_run, read_csv
 
 REFS = ("fixed:Wait", "fixed:Hmm")

@@ -21,10 +21,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ctt import distributed
-from ctt.config import CONFIG_DIR, launch_rank
+from ctt.training import distributed
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.reliability.run_dir import launch_rank
 from ctt.errors import ConfigError
-from ctt.token import TOKEN_FILE, load_token_file
+from ctt.models.token import TOKEN_FILE, load_token_file
 from tests.conftest import compose_config, need_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,7 @@ def test_zero3_model_too_large_to_gather(monkeypatch, caplog):
     module = _fake_zero3_module()
     monkeypatch.setattr(distributed, "free_device_memory", lambda device: 1000)  # bytes: nothing fits
     monkeypatch.setattr(distributed, "_warned", [])
-    with caplog.at_level(logging.WARNING, logger="ctt.distributed"):  # one process: per-layer fetching, warned once
+    with caplog.at_level(logging.WARNING, logger="ctt.training.distributed"):  # one process: per-layer fetching, warned once
         assert distributed.gather_zero3(module, 0.5) is None
         assert distributed.gather_zero3(module, 0.5) is None
     assert sum("falling back to ZeRO-3's layer-by-layer" in r.message for r in caplog.records) == 1
@@ -220,7 +221,7 @@ def two_processes(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
 def _assert_resumes(ranks: list[dict]) -> None:
     for r in ranks:  # the checkpoint (frozen weights left out) restores the row, and training goes on
         assert torch.equal(r["restored_row"], r["steps"][-1]["row"]) and len(r["resumed_steps"]) == 1
-        assert r["safe_read_step"] == STEPS  # every file of it loads with weights_only=True (ctt.safe_load)
+        assert r["safe_read_step"] == STEPS  # every file of it loads with weights_only=True (ctt.reliability.safe_load)
 
 
 @pytest.mark.slow

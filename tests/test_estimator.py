@@ -26,9 +26,9 @@ import torch
 
 from ctt.engine import ForcingConfig, Rollout, SamplingConfig
 from ctt.engine.hf import generate_forced
-from ctt.policy import draw_continuations
-from ctt.rl import completion_logprobs, compute_advantages, reinforce_loss
-from ctt.token import get_overlay
+from ctt.policy.policy import draw_continuations
+from ctt.rl.reinforce import completion_logprobs, compute_advantages, reinforce_loss
+from ctt.models.token import get_overlay
 from tests.conftest import tiny
 
 PROMPT = "ab"

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from ctt.engine import ForcingConfig, SamplingConfig
-
 from ctt.engine.hf import generate_forced
-from ctt.models import load_model
-from ctt.token import install_token
+from ctt.models.loading import load_model
+from ctt.models.token import install_token
 from tests.conftest import tiny
 
 PROMPTS = ["hello there", "what is 2+2?", "x", "a much longer prompt about sums and products"]

@@ -10,8 +10,8 @@ import torch
 from ctt.errors import ConfigError
 from ctt.engine import ForcingConfig, Rollout, SamplingConfig
 from ctt.engine.hf import generate_forced
-from ctt.rl import Choice, ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_choices
-from ctt.token import get_overlay
+from ctt.rl.reinforce import Choice, ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_choices
+from ctt.models.token import get_overlay
 from tests.conftest import tiny
 
 
@@ -155,7 +155,7 @@ def test_zero_variance_groups_never_explode(baseline, scale):
 
 
 def test_uniform_group_share():
-    from ctt.rl import uniform_group_share
+    from ctt.rl.reinforce import uniform_group_share
 
     assert uniform_group_share(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2) == pytest.approx(2 / 3)
 
@@ -164,10 +164,10 @@ def test_rollout_per_n_forces_each_prompt_at_its_own_n():
     """forcing.num_continuations=[...]: problem i is forced up to ns[i] times, its k samples together, in order."""
     from dataclasses import replace
 
-    from ctt.data import Problem
+    from ctt.data.problems import Problem
     from ctt.engine import mix_seed
-    from ctt.modes import Mode
-    from ctt.policy import ForcingSettings, Policy
+    from ctt.policy.modes import Mode
+    from ctt.policy.policy import ForcingSettings, Policy
 
     policy = Policy(tiny(boost=6.0), ForcingSettings(max_new_tokens=24, num_continuations=[1, 3]), "Answer.")
     problems = [Problem(f"p{i}", q, "1") for i, q in enumerate(["one", "two", "three", "four"])]

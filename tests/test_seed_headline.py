@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from ctt.comparisons import compare, write_comparisons
+from ctt.evaluation.comparisons import compare, write_comparisons
 from ctt.report import main
-from ctt.seed_headline import SEED_COLUMNS, seed_rows
-from ctt.stats import bootstrap_ci, holm_adjust, seed_problem_ci, t_quantile, t_two_sided_p
+from ctt.evaluation.seed_headline import SEED_COLUMNS, seed_rows
+from ctt.evaluation.stats import bootstrap_ci, holm_adjust, seed_problem_ci, t_quantile, t_two_sided_p
 from tests.test_report import base_config, make_run, read_csv
 
 TRUE_MEAN = 0.1

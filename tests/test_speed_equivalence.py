@@ -24,7 +24,7 @@ import pytest
 from ctt.errors import ConfigError
 from ctt.engine import EngineSettings, ForcingConfig, SamplingConfig
 from ctt.engine.hf import generate_forced
-from ctt.reference_oracle import generate_batch, inloop_forced, s1_forced
+from tests.reference_oracle import generate_batch, inloop_forced, s1_forced
 from transformers import LogitsProcessor, LogitsProcessorList
 from tests.conftest import tiny
 
@@ -205,14 +205,14 @@ class _SuppressFirstN(LogitsProcessor):
 
 
 def test_no_string_and_filler_modes_insert_exactly_what_they_say():
-    """Through the evaluation-mode registry (ctt.modes -> Policy.forcing): `filler:. x3` appends exactly the ids of
+    """Through the evaluation-mode registry (ctt.policy.modes -> Policy.forcing): `filler:. x3` appends exactly the ids of
     ". . . " (the s1 loop with that text gives the same tokens) and `no_string` appends nothing, the marker merely
     banned at its first N greedy choices (plain `generate` with such a LogitsProcessor gives the same tokens)."""
     import torch
 
-    from ctt.models import LoadedModel
-    from ctt.modes import Mode
-    from ctt.policy import ForcingSettings, Policy
+    from ctt.models.loading import LoadedModel
+    from ctt.policy.modes import Mode
+    from ctt.policy.policy import ForcingSettings, Policy
 
     loaded, prompts, marker = _setup()
     model, tok = loaded.model, loaded.tokenizer

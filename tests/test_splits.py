@@ -1,15 +1,17 @@
-"""Validation / test splits (ctt.splits): disjoint from each other and from training, stable, config-driven."""
+"""Validation / test splits (ctt.data.splits): disjoint from each other and from training, stable, config-driven."""
 
 from __future__ import annotations
 
 import pytest
 from omegaconf import OmegaConf
 
-from ctt.config import load_benchmarks
-from ctt.data import Problem, normalise_question
+from ctt.data.sources import load_benchmarks
+from ctt.data.problems import Problem
+from ctt.data.splits import normalise_question
 from ctt.errors import ConfigError, DataError
-from ctt.schema import EvalSettings, check_problem_set
-from ctt.splits import check_disjoint, in_validation, select_part, split_parts
+from ctt.config.check import check_problem_set
+from ctt.evaluation.settings import EvalSettings
+from ctt.data.splits import check_disjoint, in_validation, select_part, split_parts
 
 
 def _problems(n, start=0):

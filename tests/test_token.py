@@ -8,9 +8,9 @@ import torch
 from ctt.errors import ModelError, TokenFileError
 from ctt.engine import ForcingConfig, SamplingConfig
 from ctt.engine.hf import generate_forced
-from ctt.rl import completion_logprobs, compute_advantages, reinforce_loss
-from ctt.token import CONTINUE_THINKING, get_overlay, install_token, load_token_file, save_token_file
-from ctt.models import load_model
+from ctt.rl.reinforce import completion_logprobs, compute_advantages, reinforce_loss
+from ctt.models.token import CONTINUE_THINKING, get_overlay, install_token, load_token_file, save_token_file
+from ctt.models.loading import load_model
 from tests.conftest import tiny
 
 

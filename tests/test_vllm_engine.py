@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctt.data import build_prompt_ids
+from ctt.data.problems import build_prompt_ids
 from ctt.engine import EngineSettings, ForcingConfig, SamplingConfig, build_engine
 from ctt.engine.settings import vllm_available
-from ctt.models import load_model
+from ctt.models.loading import load_model
 from ctt.organism.task import draw_problems, question_text
-from ctt.token import get_overlay, install_token
+from ctt.models.token import get_overlay, install_token
 from tests.conftest import tiny
 
 ROOT = Path(__file__).resolve().parents[1]

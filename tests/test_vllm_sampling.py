@@ -17,8 +17,8 @@ import torch
 from scipy.stats import chisquare
 
 from ctt.engine import EngineSettings, SamplingConfig, build_engine, row_seeds
-from ctt.rl import completion_logprobs, reinforce_loss
-from ctt.token import get_overlay
+from ctt.rl.reinforce import completion_logprobs, reinforce_loss
+from ctt.models.token import get_overlay
 from tests import test_vllm_engine  # noqa: F401  (skips this module too when vLLM is missing, fails in CI)
 from tests.test_estimator import _enumerate, _record, _reward, _setup
 

@@ -32,7 +32,7 @@ _EMBED = "model.embed_tokens.weight"
 
 
 def _table_rows(model: PreTrainedModel) -> int:
-    from ctt.token import ContinueThinkingEmbedding
+    from ctt.models.token import ContinueThinkingEmbedding
 
     emb = model.get_input_embeddings()
     base = emb.base if isinstance(emb, ContinueThinkingEmbedding) else emb

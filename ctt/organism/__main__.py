@@ -62,7 +62,7 @@ def model_facts(model, tokenizer, out: Path) -> dict:
 
 
 def load_seconds(out: Path) -> float:
-    from ctt.models import load_model
+    from ctt.models.loading import load_model
 
     start = time.perf_counter()
     load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
@@ -80,7 +80,7 @@ def remeasure(out: Path) -> None:
     """Re-measure the figures of the model in `out` (e.g. after a change to measure.py) and rewrite its card."""
     import json
 
-    from ctt.models import load_model
+    from ctt.models.loading import load_model
     from ctt.organism.measure import measure
 
     if not (out / "card.json").is_file():

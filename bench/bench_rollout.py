@@ -44,12 +44,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from ctt.data import build_prompt_ids  # noqa: E402
-from ctt.generation import EngineConfig, ForcingConfig, SamplingConfig, generate_forced  # noqa: E402
-from ctt.models import load_model  # noqa: E402
-from ctt.reference_oracle import generate_batch, inloop_forced, s1_forced  # noqa: E402
-from ctt.rl import completion_logprobs, reinforce_loss  # noqa: E402
-from ctt.token import get_overlay, install_token  # noqa: E402
+from ctt.data.problems import build_prompt_ids  # noqa: E402
+from ctt.engine import EngineSettings, ForcingConfig, SamplingConfig
+from ctt.engine.hf import generate_forced  # noqa: E402
+from ctt.models.loading import load_model  # noqa: E402
+from tests.reference_oracle import generate_batch, inloop_forced, s1_forced  # noqa: E402
+from ctt.rl.reinforce import completion_logprobs, reinforce_loss  # noqa: E402
+from ctt.models.token import get_overlay, install_token  # noqa: E402
 
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 SHORT_INSTRUCTION = "Answer with only the final number."
@@ -111,7 +112,7 @@ def questions(args) -> tuple[list[str], str]:
     if args.data == "smollm2":
         from hydra import compose, initialize_config_dir
 
-        from ctt.data import load_problems
+        from ctt.data.sources import load_problems
 
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose("train", overrides=["experiment=smollm2"])
@@ -165,17 +166,17 @@ def bench_rollouts(args, loaded, prompts, word):
     pad = tok.pad_token_id if tok.pad_token_id is not None else word.eos_token_ids[0]
     greedy = SamplingConfig(temperature=0)
 
-    def ctt(engine=EngineConfig()):
+    def ctt(engine=EngineSettings()):
         return lambda: generate_forced(model, prompts, word, greedy, pad, engine=engine)
 
     variants = {"(a) ctt generate_forced": ctt()}
     if not args.no_ablations:
-        variants["(a) ctt, cache=dynamic (HF DynamicCache)"] = ctt(EngineConfig(cache="dynamic"))
-        variants["(a) ctt, finished rows kept"] = ctt(EngineConfig(drop_finished=False))
-        variants["(a) ctt, no prefix sharing"] = ctt(EngineConfig(share_prefix=False))
-        variants["(a) ctt, cache=static (HF StaticCache)"] = ctt(EngineConfig(cache="static"))
+        variants["(a) ctt, cache=dynamic (HF DynamicCache)"] = ctt(EngineSettings(cache="dynamic"))
+        variants["(a) ctt, finished rows kept"] = ctt(EngineSettings(drop_finished=False))
+        variants["(a) ctt, no prefix sharing"] = ctt(EngineSettings(share_prefix=False))
+        variants["(a) ctt, cache=static (HF StaticCache)"] = ctt(EngineSettings(cache="static"))
     if args.compile:
-        variants["(a) ctt, cache=static + torch.compile"] = ctt(EngineConfig(cache="static", compile=True))
+        variants["(a) ctt, cache=static + torch.compile"] = ctt(EngineSettings(cache="static", compile=True))
     variants["(b) s1 loop on generate, batched"] = lambda: s1_forced(model, prompts, word, pad, batched=True)
     if args.per_sequence:
         variants["(b) s1 loop on generate, per sequence"] = lambda: s1_forced(model, prompts, word, pad, batched=False)
@@ -196,8 +197,8 @@ def bench_rollouts(args, loaded, prompts, word):
         # (f) An RL batch: batch/K prompts, each sampled K times (seeded, so both variants draw the same tokens).
         rl_prompts = [p for p in prompts[: args.batch // RL_SAMPLES] for _ in range(RL_SAMPLES)]
         sampled = SamplingConfig(temperature=RL_TEMPERATURE, seed=0)
-        for name, engine in [("ctt generate_forced", EngineConfig()),
-                             ("ctt, no prefix sharing", EngineConfig(share_prefix=False))]:
+        for name, engine in [("ctt generate_forced", EngineSettings()),
+                             ("ctt, no prefix sharing", EngineSettings(share_prefix=False))]:
             variants[f"(f) RL batch: {name}"] = (
                 lambda e=engine: generate_forced(model, rl_prompts, word, sampled, pad, engine=e))
 
@@ -238,7 +239,7 @@ def _vocab(model):
 
 
 def _as_rollout(prompt, completion):
-    from ctt.generation import Rollout
+    from ctt.engine import Rollout
 
     return Rollout(prompt_ids=list(prompt), completion_ids=completion)
 

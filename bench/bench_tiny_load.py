@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ctt.models import load_model  # noqa: E402
+from ctt.models.loading import load_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,8 +66,9 @@ def soak(steps: int = 300, every: int = 50, warmup: int = 50, overrides: list[st
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
-    from ctt.config import CONFIG_DIR, instantiate_list
-    from ctt.train import _plugins, build_module
+    from ctt.config.hydra_glue import CONFIG_DIR, instantiate_list
+    from ctt.train import _plugins
+    from ctt.training.module import build_module
 
     output_dir = output_dir or tempfile.mkdtemp(prefix="ctt-soak-")
     base = [

@@ -1,7 +1,7 @@
 """Log a few training rollouts as text, inserted continuations marked, to the run's loggers and a JSONL file.
 
 The file is appended to; when a run starts (a resume included) it first drops the lines of steps after the step it
-starts from, which the run is about to log again, as ctt.loggers does for metrics.csv.
+starts from, which the run is about to log again, as ctt.reliability.loggers does for metrics.csv.
 """
 
 from __future__ import annotations

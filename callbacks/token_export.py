@@ -7,8 +7,8 @@ from pathlib import Path
 
 import lightning as L
 
-from ctt.distributed import full_row
-from ctt.token import CONTINUE_THINKING, TOKEN_FILE, save_token_file
+from ctt.training.distributed import full_row
+from ctt.models.token import CONTINUE_THINKING, TOKEN_FILE, save_token_file
 
 
 class TokenExport(L.Callback):

@@ -12,7 +12,6 @@ Face folder. `overrides` are Hydra overrides of the `generate` entry config (`fo
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,20 +19,17 @@ from typing import Callable, Iterable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ctt.config import CONFIG_DIR, to_plain
-from ctt.data import DEFAULT_INSTRUCTION, Problem
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.data.answers import extract_answer
+from ctt.data.problems import Problem
 from ctt.errors import ConfigError
-from ctt.generation import Rollout, SamplingConfig
-from ctt.models import load_model
-from ctt.modes import KINDS, Mode, parse_mode
-from ctt.policy import ForcingSettings, Policy
-from ctt.rewards import extract_answer
+from ctt.engine import Rollout, SamplingConfig
+from ctt.policy.build import policy_from_config
+from ctt.policy.modes import KINDS, Mode, parse_mode
+from ctt.policy.policy import Policy
 from ctt.settings import one_of
-from ctt.token import check_token_fits, install_token, load_token_file, token_count, token_texts
 
 log = logging.getLogger(__name__)
-
-EXPORT_INFO = "ctt_export.json"  # written by ctt.export
 
 
 @dataclass
@@ -54,57 +50,6 @@ class Completion:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _export_info(model_cfg: dict) -> dict:
-    """The ctt_export.json of a local folder written by ctt-export ({} for any other model)."""
-    info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
-    return json.loads(info.read_text()) if model_cfg.get("source") == "local" and info.is_file() else {}
-
-
-def _model_config(model_cfg: dict, exported: dict) -> dict:
-    """A folder written by ctt-export records its end-of-thinking marker: `end_of_thinking: null` reads it there."""
-    if model_cfg.get("end_of_thinking") is None:
-        if "end_of_thinking" not in exported:
-            raise ConfigError("model.end_of_thinking is not set (and model.path has no ctt_export.json to read)")
-        model_cfg = {**model_cfg, "end_of_thinking": exported["end_of_thinking"]}
-    return model_cfg
-
-
-def policy_from_config(cfg: DictConfig) -> tuple[Policy, dict | None]:
-    """The model with its token, from the model/token/forcing/prompt config groups, and the token's metadata:
-    a base model gets ctt's overlay (the row from `token.path`, else the untrained initialisation; metadata None
-    without a file); a model whose tokenizer already holds the token (a ctt-export folder) is used as it is."""
-    exported = _export_info(to_plain(cfg.model))
-    model_cfg = _model_config(to_plain(cfg.model), exported)
-    loaded = load_model(**model_cfg)
-    text, token_ids, meta = cfg.token.text, None, None
-    # an exported folder says how many tokens it holds
-    texts = exported.get("tokens") or token_texts(text, cfg.token.get("count", 1))
-    if texts[0] in loaded.tokenizer.get_vocab():
-        if cfg.token.get("path"):
-            raise ConfigError(f"model {cfg.model.name} already holds the token {text!r} (an exported folder?); "
-                              "drop token.path")
-        token_ids = tuple(loaded.tokenizer.convert_tokens_to_ids(texts))
-        # the token file's metadata (training data for ctt-eval's held-out check, step, init), as with a token file
-        meta = {**(exported.get("token_metadata") or {}), "exported_from": str(Path(model_cfg.get("path") or "."))}
-    else:
-        embedding = None
-        if cfg.token.get("path"):  # a file of k rows installs k tokens, whatever token.count says
-            base = None if cfg.token.get("allow_base_mismatch") else cfg.model.name
-            embedding, meta = load_token_file(cfg.token.path, None, base)
-        count = len(texts) if embedding is None else token_count(embedding)
-        overlay = install_token(loaded.model, loaded.tokenizer, to_plain(cfg.token.init), text, count)
-        if embedding is not None:
-            check_token_fits(embedding, cfg.token.path, overlay.row.shape[-1])
-            overlay.row.data.copy_(embedding)
-            log.info("loaded token %s (step %s) from %s", meta.get("token"), meta.get("step"), cfg.token.path)
-    forcing = ForcingSettings(**to_plain(cfg.forcing))
-    prompt = to_plain(cfg.prompt)
-    instruction = prompt.get("instruction")
-    policy = Policy(loaded, forcing, instruction or DEFAULT_INSTRUCTION,
-                    prompt.get("system_prompt"), token_ids=token_ids)
-    return policy, meta
 
 
 def compose_config(model: str | dict | None = None, overrides: Iterable[str] = ()) -> DictConfig:
@@ -174,7 +119,7 @@ class ContinueThinking:
     def stream(self, prompt: str, write: Callable[[str], object], mode: str = "learned", num_continuations: int = 2,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0) -> Completion:
         """Answer one prompt, writing its text (continuations marked) as it is generated."""
-        from ctt.streaming import RolloutStreamer
+        from ctt.engine.streaming import RolloutStreamer
 
         m = self.mode(mode, num_continuations)
         forcing = self.policy.forcing(m)

@@ -1,8 +1,8 @@
 """`ctt-eval`: accuracy of base / fixed-word / learned-token forcing for each N.
 
 Writes into the run dir (`${paths.output_dir}`): results.csv / results.md (pass@1 with its 95% CI per benchmark,
-mode and N), samples.jsonl (one record per sample; `ctt.results.results_from_samples` recomputes the table from
-it) and scaling.png (accuracy against mean thinking tokens, `ctt.plots.scaling_plot`).
+mode and N), samples.jsonl (one record per sample; `ctt.evaluation.results.results_from_samples` recomputes the table from
+it) and scaling.png (accuracy against mean thinking tokens, `ctt.evaluation.plots.scaling_plot`).
 """
 
 from __future__ import annotations
@@ -15,17 +15,19 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
-from ctt.api import policy_from_config
-from ctt.comparisons import compare, comparisons_markdown
-from ctt.config import CONFIG_DIR, load_benchmarks, to_plain
-from ctt.data import Problem, load_problems
-from ctt.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
-from ctt.generation import SamplingConfig
-from ctt.modes import baseline_labels, expand_modes
-from ctt.plots import deltas_plot, scaling_plot
-from ctt.policy import Policy
-from ctt.rewards import get_reward_fn
-from ctt.schema import validate_config
+from ctt.config.check import validate_config
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.data.problems import Problem
+from ctt.data.sources import load_benchmarks, load_problems
+from ctt.evaluation.comparisons import compare, comparisons_markdown
+from ctt.evaluation.plots import deltas_plot, scaling_plot
+from ctt.evaluation.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
+from ctt.evaluation.settings import EvalSettings
+from ctt.engine import SamplingConfig
+from ctt.policy.build import policy_from_config
+from ctt.policy.modes import baseline_labels
+from ctt.policy.policy import Policy
+from ctt.settings import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ def training_problems(cfg: DictConfig, token_meta: dict | None = None) -> list[P
     """The problems the token was trained on, for the held-out check (None when `eval.exclude_training_problems` is
     off): the training data recorded in its token file, else this config's `data.train` (with a warning when a
     token file is loaded that does not record it)."""
-    if not cfg.eval.get("exclude_training_problems", True):
+    if not EvalSettings.from_config(cfg.eval).exclude_training_problems:
         return None
     if token_meta and token_meta.get("train_data"):
         return load_problems(**json.loads(token_meta["train_data"]))
@@ -47,19 +49,33 @@ def training_problems(cfg: DictConfig, token_meta: dict | None = None) -> list[P
 
 
 def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path, token_meta: dict | None = None) -> list[dict]:
-    ev = cfg.eval
-    modes = expand_modes(list(ev.modes), list(ev.num_continuations), list(ev.fixed_words))
+    ev = EvalSettings.from_config(cfg.eval)
+    modes = ev.runs
     training = training_problems(cfg, token_meta)
-    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.get("limit"), training=training)
+    benchmarks, notes = load_benchmarks(cfg.benchmarks, limit=ev.limit, training=training, part=ev.split,
+                                        val_fraction=ev.val_fraction, split_seed=ev.split_seed)
     for problems in benchmarks.values():  # token text, context length: before the first generation
         policy.check_problems(problems)
     sampling = SamplingConfig(ev.temperature, ev.top_p, seed=cfg.seed)
-    reward_fn = get_reward_fn(ev.get("reward", "math_verify"))
-    results, records = evaluate(policy, benchmarks, modes, ev.samples, sampling, reward_fn)
+    results = _evaluate_into(Path(out_dir), policy, benchmarks, modes, ev.samples, sampling, ev.reward_fn, notes)
+    if ev.also_temperature is not None:  # e.g. the training temperature: pass@1 over eval.also_samples
+        again = SamplingConfig(ev.also_temperature, ev.top_p, seed=cfg.seed)
+        note = f"sampled at temperature {ev.also_temperature}, top_p {ev.top_p}, {ev.also_samples} samples per problem"
+        _evaluate_into(Path(out_dir) / SAMPLED_DIR, policy, benchmarks, modes, ev.also_samples, again, ev.reward_fn,
+                       [*notes, note])
+    return results
+
+
+SAMPLED_DIR = "sampled"  # the second evaluation of eval.also_temperature, inside the run dir
+
+
+def _evaluate_into(out_dir: Path, policy, benchmarks, modes, samples, sampling, reward_fn, notes) -> list[dict]:
+    results, records = evaluate(policy, benchmarks, modes, samples, sampling, reward_fn)
     comparisons = compare(records, *baseline_labels(modes))
     path = write_results(out_dir, results, records, notes, comparisons)
-    scaling_plot(results, Path(out_dir) / "scaling.png")
-    deltas_plot(comparisons, Path(out_dir) / "deltas.png")
+    scaling_plot(results, out_dir / "scaling.png")
+    deltas_plot(comparisons, out_dir / "deltas.png")
+    print(f"\n[{out_dir}] temperature {sampling.temperature}, {samples} sample(s) per problem")
     print(markdown_table(results, RESULT_COLUMNS))
     if notes:
         print("\n" + "\n".join(notes))
@@ -72,7 +88,7 @@ def load_policy(cfg: DictConfig) -> tuple[Policy, dict | None]:
     """A fresh copy of the base model with the token installed and, if `token.path` is set, the learned row (and the
     token file's metadata); or a folder written by ctt-export (`model=exported model.path=DIR`) as it is."""
     policy, meta = policy_from_config(cfg)
-    if meta is None and "learned" in list(cfg.eval.modes):
+    if meta is None and "learned" in EvalSettings.from_config(cfg.eval).modes:
         log.warning("token.path is not set: mode 'learned' evaluates the untrained initialisation")
     return policy, meta
 
@@ -82,7 +98,7 @@ def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
     try:
-        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         L.seed_everything(cfg.seed)
         policy, meta = load_policy(cfg)
         evaluate_policy(policy, cfg, Path(cfg.paths.output_dir), meta)

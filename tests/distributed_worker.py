@@ -30,15 +30,16 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from callbacks.token_export import TokenExport  # noqa: E402
-from ctt.config import CONFIG_DIR  # noqa: E402
-from ctt.distributed import full_grad, full_row, gathered_for_generation, zero3_params  # noqa: E402
-from ctt.generation import SamplingConfig, generate_forced  # noqa: E402
-from ctt.module import ContinueThinkingModule  # noqa: E402
-from ctt.rewards import Score  # noqa: E402
-from ctt.modes import Mode  # noqa: E402
-from ctt.rl import scored_choices  # noqa: E402
-from ctt.safe_load import read_checkpoint  # noqa: E402
-from ctt.token import load_token_file  # noqa: E402
+from ctt.config.hydra_glue import CONFIG_DIR  # noqa: E402
+from ctt.training.distributed import full_grad, full_row, gathered_for_generation, zero3_params  # noqa: E402
+from ctt.engine import SamplingConfig
+from ctt.engine.hf import generate_forced  # noqa: E402
+from ctt.training.module import ContinueThinkingModule  # noqa: E402
+from ctt.rewards.grading import Score  # noqa: E402
+from ctt.policy.modes import Mode  # noqa: E402
+from ctt.rl.reinforce import scored_choices  # noqa: E402
+from ctt.reliability.safe_load import read_checkpoint  # noqa: E402
+from ctt.models.token import load_token_file  # noqa: E402
 
 PER_RANK_BATCH = 2
 WORLD = 2  # the global batch is WORLD * PER_RANK_BATCH problems, whatever the strategy
@@ -54,11 +55,12 @@ class RankFreeModule(ContinueThinkingModule):
 
     `nan_step`: at that step, rank 1's rewards (and so its loss) are NaN, the other ranks' finite."""
 
-    def __init__(self, *args, nan_step: int = -1, **kwargs):
+    def __init__(self, *args, nan_step: int = -1, rank_free: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.nan_step = nan_step
         self.reward_fn = self._reward
-        self.policy.rollout = self._rollout
+        if rank_free:  # else the configured engine samples (--engine vllm: one vLLM instance per rank)
+            self.policy.rollout = self._rollout
         self.rollout_fully_gathered: list[bool] = []  # ZeRO-3: every weight gathered when a rollout starts
 
     def _reward(self, rollout, problem) -> Score:
@@ -107,7 +109,17 @@ class Recorder(L.Callback):
             "row": full_row(module.token_row).cpu().clone(),
             "scored_tokens": sum(len(scored_choices(r)) for _, r, _ in module.last_samples),
             "skipped_steps": module.skipped_steps,
+            **self._vllm_rows(module),
         })
+
+    @staticmethod
+    def _vllm_rows(module) -> dict:
+        """--engine vllm: the row pushed into this rank's vLLM table after the step, read back from vLLM."""
+        engine = module.policy.engine
+        if engine.kind != "vllm":
+            return {}
+        engine.sync_rows()
+        return {"vllm_row": engine.table_rows().reshape(module.token_row.shape).clone()}
 
     def save(self, trainer, name: str, extra: dict) -> None:
         torch.save({"steps": self.steps, "restored_row": self.restored_row, **extra},
@@ -118,6 +130,7 @@ def build(args, strategy: str, cfg, max_steps: int, recorder: Recorder, callback
     module = RankFreeModule(
         model=cfg.model, token=cfg.token, forcing=cfg.forcing, rl=cfg.rl, prompt=cfg.prompt,
         optimizer=instantiate(cfg.optimizer), seed=cfg.seed, distributed=cfg.distributed, nan_step=args.nan_step,
+        rank_free=args.engine == "hf",
     )
     kwargs = dict(accelerator="cpu", devices=args.devices, precision=args.precision, max_steps=max_steps,
                   logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -143,6 +156,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="save a checkpoint, reload it in a fresh trainer")
     parser.add_argument("--aggregation", default="sequence_sum", help="rl.aggregation")
     parser.add_argument("--nan-step", type=int, default=-1, help="rank 1's loss is NaN at this step")
+    parser.add_argument("--engine", default="hf", help="hf: rank-free rollouts; vllm: the vLLM engine samples")
     args, _ = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     # Several strategies in one launch save the start-up of the processes; the process group is set up once and
@@ -158,6 +172,8 @@ def run(args, strategy: str) -> None:
         f"data.train.size={PER_RANK_BATCH * WORLD}", "rl.samples_per_prompt=2", "rl.baseline=group_mean",
         f"rl.aggregation={args.aggregation}", "optimizer=sgd", "optimizer.lr=0.5",
         f"distributed.zero3_gather_max_memory_fraction={args.zero3_fraction}",
+        *([f"engine={args.engine}", "+model.tiny.num_heads=2", "+model.tiny.num_kv_heads=1"] if args.engine != "hf"
+          else []),
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

@@ -102,7 +102,7 @@ def test_a_checkpoint_path_that_is_no_checkpoint(tmp_path, capfd, which, needle)
 
 
 def test_a_token_file_passed_as_checkpoint(tmp_path, capfd):
-    from ctt.token import save_token_file
+    from ctt.models.token import save_token_file
 
     token = save_token_file(tmp_path / "t.safetensors", torch.zeros(64), {"base_model": "tiny_random"})
     code, _, err = run_main("ctt.train", *smoke(tmp_path, f"ckpt_path={token}"), capfd=capfd)
@@ -175,7 +175,7 @@ def test_resume_mismatch_allow_resumes_with_a_warning(run_dir, capfd):
 
 def test_checkpoints_carry_the_base_model_and_token(compose_cfg, run_dir):
     """The module saves what it trains (`ctt` in the checkpoint) and checks it when Lightning loads one directly."""
-    from ctt.train import build_module
+    from ctt.training.module import build_module
 
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["ctt"] == {"base_model": "tiny_random", "pretrained": None, "token": "<|continue-thinking|>",

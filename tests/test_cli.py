@@ -14,9 +14,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ctt.config import CONFIG_DIR, instantiate_list
-from ctt.results import RESULT_COLUMNS
-from ctt.token import TOKEN_FILE, load_token_file
+from ctt.config.hydra_glue import CONFIG_DIR, instantiate_list
+from ctt.evaluation.results import RESULT_COLUMNS
+from ctt.models.token import TOKEN_FILE, load_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ["model", "data", "token/init", "optimizer", "scheduler", "trainer", "logger", "callbacks", "plugins",

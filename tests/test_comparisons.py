@@ -9,7 +9,7 @@ import statistics
 
 import pytest
 
-from ctt.comparisons import (
+from ctt.evaluation.comparisons import (
     COMPARISON_COLUMNS,
     compare,
     comparisons_markdown,
@@ -17,10 +17,10 @@ from ctt.comparisons import (
     read_comparisons,
     write_comparisons,
 )
-from ctt.results import SampleRecord
-from ctt.plots import deltas_plot
+from ctt.evaluation.results import SampleRecord
+from ctt.evaluation.plots import deltas_plot
 from ctt.report import main
-from ctt.stats import paired_delta_ci, paired_p_value
+from ctt.evaluation.stats import holm_adjust, paired_delta_ci, paired_p_value
 from tests.test_report import base_config, make_run, read_csv
 
 REFS = ("fixed:Wait", "fixed:Hmm")
@@ -150,7 +150,7 @@ def test_markdown_section(rows):
     md = comparisons_markdown(rows)
     assert md.startswith("## Paired comparisons")
     table = [line for line in md.splitlines() if line.startswith("| ")]
-    assert table[0] == "| benchmark | mode | N | versus | delta (pp, 95% CI) | p | n |"
+    assert table[0] == "| benchmark | mode | N | versus | delta (pp, 95% CI) | p | p_holm | n |"
     assert len(table) == 1 + len(rows)
 
     def cell(x):
@@ -158,15 +158,48 @@ def test_markdown_section(rows):
 
     learned2 = rows[6]
     assert table[1 + 6] == (
-        f"| toy | learned | 2 | base (N=0) | +33.3 [{cell(learned2['ci_low'])}, {cell(learned2['ci_high'])}] | 1.000 | 3 |"
+        f"| toy | learned | 2 | base (N=0) | +33.3 [{cell(learned2['ci_low'])}, {cell(learned2['ci_high'])}] | 1.000 | 1.000 | 3 |"
     )
     hmm = table[1 + 2]
-    assert hmm.startswith("| toy | fixed:Hmm | 1 | base (N=0) | +0.0 [") and hmm.endswith("| 1.000 | 4 |")
+    assert hmm.startswith("| toy | fixed:Hmm | 1 | base (N=0) | +0.0 [") and hmm.endswith("| 1.000 | 1.000 | 4 |")
     assert "| fixed:Hmm | 1 | fixed:Wait |" not in md  # references are not compared with each other
     assert "| toy | fixed:Wait | 2 | base (N=0) | +0.0 [" in md  # a zero delta is "+0.0", never "-0.0"
     # rows read back from comparisons.csv (strings) give the same section up to the 4-decimal rounding
     assert comparisons_markdown([{k: str(v) for k, v in r.items()} for r in rows]) == md
     assert comparisons_markdown([]) == ""
+
+
+# 20 problems, one sample each: base solves none, Wait 6, Hmm 7, learned (N=1) all 20. Exact McNemar p-values:
+# Wait-base 2/2^6, Hmm-base 2/2^7, learned-base 2/2^20, learned-Wait 2/2^14, learned-Hmm 2/2^13.
+HOLM = {("base", 0): 0, ("fixed:Wait", 1): 6, ("fixed:Hmm", 1): 7, ("learned", 1): 20}
+
+
+def test_holm_over_the_whole_table_by_hand(tmp_path):
+    records = _records({"h": {key: {f"p{i}": [int(i < k)] for i in range(20)} for key, k in HOLM.items()}})
+    rows = compare(records, baseline_modes=("base",), same_n_references=REFS)
+    raw = {(r["mode"], r["versus"]): r["p_value"] for r in rows}
+    assert raw == pytest.approx({("fixed:Wait", "base"): 2 / 2**6, ("fixed:Hmm", "base"): 2 / 2**7,
+                                 ("learned", "base"): 2 / 2**20, ("learned", "fixed:Wait"): 2 / 2**14,
+                                 ("learned", "fixed:Hmm"): 2 / 2**13}, rel=1e-12)
+    # Holm by hand, m = 5: sorted p x (5, 4, 3, 2, 1), then the running maximum
+    expected = {("learned", "base"): 5 * 2 / 2**20, ("learned", "fixed:Wait"): 4 * 2 / 2**14,
+                ("learned", "fixed:Hmm"): 3 * 2 / 2**13, ("fixed:Hmm", "base"): 2 * 2 / 2**7,
+                ("fixed:Wait", "base"): max(2 * 2 / 2**7, 1 * 2 / 2**6)}
+    assert {(r["mode"], r["versus"]): r["p_holm"] for r in rows} == pytest.approx(expected, rel=1e-12)
+    # one family: adjusting each row on its own (m = 1) would leave p_holm == p_value everywhere
+    assert sum(r["p_holm"] > r["p_value"] for r in rows) == 4
+    written = read_comparisons(write_comparisons(tmp_path, rows))
+    assert [float(r["p_holm"]) for r in written] == [round(r["p_holm"], 4) for r in rows]
+    md = comparisons_markdown(rows)
+    assert "| h | fixed:Hmm | 1 | base (N=0) |" in md and "| 0.016 | 0.031 | 20 |" in md
+    assert "Holm-adjusted over the 5 comparisons" in md
+
+
+def test_holm_adjust_hand_example():
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjust([0.5, 0.4]) == [0.8, 0.8] and holm_adjust([]) == []
+    out = holm_adjust([0.02, float("nan"), 0.3])  # NaN is not a member of the family
+    assert out[0] == pytest.approx(0.04) and out[2] == pytest.approx(0.3) and out[1] != out[1]
 
 
 def test_format_p():

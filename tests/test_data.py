@@ -6,17 +6,11 @@ import transformers
 from omegaconf import OmegaConf
 from tokenizers import models, pre_tokenizers
 
-from ctt.data import (
-    DEFAULT_INSTRUCTION,
-    Problem,
-    ProblemDataModule,
-    PromptDataset,
-    build_prompt_ids,
-    format_user_message,
-    load_problems,
-)
+from ctt.data.problems import DEFAULT_INSTRUCTION, Problem, build_prompt_ids, format_user_message
+from ctt.data.datamodule import ProblemDataModule, PromptDataset
+from ctt.data.sources import load_problems
 from ctt.errors import ConfigError, DataError
-from ctt.rewards import verify
+from ctt.data.answers import verify_or_raise
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -42,7 +36,7 @@ def test_load_shared_benchmarks(name):
     assert len(problems) >= 30
     first = problems[0]
     assert isinstance(first, Problem) and first.question.strip() and first.answer
-    assert verify(first.answer, first.answer)
+    assert verify_or_raise(first.answer, first.answer, 5.0)
     assert len({p.id for p in problems}) == len(problems)
 
 
@@ -121,7 +115,7 @@ def test_reasoning_gym_deterministic():
     b = load_problems("reasoning_gym", task="basic_arithmetic", size=8, seed=3)
     c = load_problems("reasoning_gym", task="basic_arithmetic", size=8, seed=4)
     assert len(a) == 8 and a == b and a != c
-    assert all(verify(p.answer, p.answer) for p in a)
+    assert all(verify_or_raise(p.answer, p.answer, 5.0) for p in a)
     with pytest.raises(ConfigError, match="basic_arithmetic"):
         load_problems("reasoning_gym", task="no_such_task", size=8)
     with pytest.raises(ConfigError, match="bogus"):
@@ -178,13 +172,12 @@ def _jsonl(tmp_path: Path, n: int, name: str = "toy.jsonl") -> str:
 
 def test_datamodule_yields_problem_lists(tmp_path):
     train = OmegaConf.create({"source": "jsonl", "path": _jsonl(tmp_path, 12)})
-    dm = ProblemDataModule(train=train, val={"source": "jsonl", "path": _jsonl(tmp_path, 3, "val.jsonl")}, batch_size=4)
+    dm = ProblemDataModule(train=train, batch_size=4)
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == 3
     assert all(isinstance(b, list) and len(b) == 4 and all(isinstance(p, Problem) for p in b) for b in batches)
     assert sorted(p.answer for b in batches for p in b) == sorted(str(i) for i in range(12))
-    assert [len(b) for b in dm.val_dataloader()] == [3]
     assert len(PromptDataset(dm.train_problems)) == 12
 
 
@@ -192,7 +185,6 @@ def test_datamodule_config_errors(tmp_path):
     dm = ProblemDataModule(train={"source": "jsonl", "path": _jsonl(tmp_path, 3)}, batch_size=4)
     with pytest.raises(ConfigError, match="batch_size=4 exceeds the 3"):
         dm.setup("fit")
-    assert ProblemDataModule(train={"source": "jsonl", "path": _jsonl(tmp_path, 3)}, batch_size=2).val_dataloader() == []
     with pytest.raises(ConfigError, match="batch_size"):
         ProblemDataModule(train={}, batch_size=0)
     with pytest.raises(ConfigError, match="data.train: .*pathh"):
@@ -200,7 +192,7 @@ def test_datamodule_config_errors(tmp_path):
 
 
 def test_evaluation_problems_overlapping_training_are_dropped_and_counted(caplog):
-    from ctt.data import drop_training_overlap, normalise_question
+    from ctt.data.splits import drop_training_overlap, normalise_question
 
     train = [Problem("t0", "What is 2 + 3?", "5"), Problem("t1", "What is 4+4?", "8")]
     bench = [Problem("b0", "what is 2 +  3?", "5"), Problem("b1", "What is 1 + 1?", "2"), Problem("b2", "WHAT IS 4+4?", "8")]
@@ -217,8 +209,9 @@ def test_evaluation_problems_overlapping_training_are_dropped_and_counted(caplog
 def test_experiment_benchmarks_are_disjoint_from_their_training_problems_after_the_check(compose_cfg, experiment):
     """The SmolLM2 job's held-out sums used to include training problems verbatim (9 of 32); the organism's
     benchmark shares its small 2-term space with training: at least 300 held-out sums must remain."""
-    from ctt.config import load_benchmarks, to_plain
-    from ctt.data import normalise_question
+    from ctt.data.sources import load_benchmarks
+    from ctt.settings import to_plain
+    from ctt.data.splits import normalise_question
 
     cfg = compose_cfg("train", [f"experiment={experiment}"])
     train = load_problems(**to_plain(cfg.data.train))

@@ -21,11 +21,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ctt import distributed
-from ctt.config import CONFIG_DIR, launch_rank
+from ctt.training import distributed
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.reliability.run_dir import launch_rank
 from ctt.errors import ConfigError
-from ctt.token import TOKEN_FILE, load_token_file
-from tests.conftest import compose_config
+from ctt.models.token import TOKEN_FILE, load_token_file
+from tests.conftest import compose_config, need_vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-6  # rows and gradients, any strategy vs one process
@@ -156,7 +157,7 @@ def test_zero3_model_too_large_to_gather(monkeypatch, caplog):
     module = _fake_zero3_module()
     monkeypatch.setattr(distributed, "free_device_memory", lambda device: 1000)  # bytes: nothing fits
     monkeypatch.setattr(distributed, "_warned", [])
-    with caplog.at_level(logging.WARNING, logger="ctt.distributed"):  # one process: per-layer fetching, warned once
+    with caplog.at_level(logging.WARNING, logger="ctt.training.distributed"):  # one process: per-layer fetching, warned once
         assert distributed.gather_zero3(module, 0.5) is None
         assert distributed.gather_zero3(module, 0.5) is None
     assert sum("falling back to ZeRO-3's layer-by-layer" in r.message for r in caplog.records) == 1
@@ -220,7 +221,7 @@ def two_processes(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
 def _assert_resumes(ranks: list[dict]) -> None:
     for r in ranks:  # the checkpoint (frozen weights left out) restores the row, and training goes on
         assert torch.equal(r["restored_row"], r["steps"][-1]["row"]) and len(r["resumed_steps"]) == 1
-        assert r["safe_read_step"] == STEPS  # every file of it loads with weights_only=True (ctt.safe_load)
+        assert r["safe_read_step"] == STEPS  # every file of it loads with weights_only=True (ctt.reliability.safe_load)
 
 
 @pytest.mark.slow
@@ -283,6 +284,22 @@ def test_ddp_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     assert not torch.equal(rows[0][2], rows[0][1])  # step 2 trained again
     for r in ranks:
         assert [s["skipped_steps"] for s in r["steps"]] == [0, 1, 1]
+
+
+@pytest.mark.slow
+def test_ddp_with_the_vllm_engine_keeps_every_rank_and_its_vllm_table_on_one_row(tmp_path):
+    """2 gloo processes, each with its own vLLM instance sampling its rollouts: after every optimizer step the two
+    ranks' rows are equal, and each rank's vLLM table holds that row bit for bit (pushed, then read back)."""
+    need_vllm()
+    _run_worker(tmp_path, "ddp", 2, "--engine", "vllm", "--steps", "3")
+    ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [len(r["steps"]) for r in ranks] == [3, 3]
+    for i in range(3):
+        a, b = ranks[0]["steps"][i], ranks[1]["steps"][i]
+        assert torch.equal(a["row"], b["row"])
+        assert torch.equal(a["vllm_row"], a["row"]) and torch.equal(b["vllm_row"], b["row"])
+        assert a["ids"] != b["ids"]  # each rank rolled out its own prompts
+    assert not torch.equal(ranks[0]["steps"][-1]["row"], ranks[0]["restored_row"])  # training moved the row
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 Sampling is restricted (every other id banned) to a few tokens: one or two that make the end-of-thinking marker, an
 ordinary token and end-of-sequence; rollouts are a handful of tokens long. `_enumerate` walks every sequence of
-sampled choices with the forcing rules written out independently of ctt.generation (a marker is replaced while
+sampled choices with the forcing rules written out independently of ctt.engine (a marker is replaced while
 forced < N and the continuation plus one token still fit; the context then holds the continuation instead of the
 marker), and gives each leaf its rollout record and its differentiable log-probability, computed by plain full
 forwards. Then:
@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
-from ctt.rl import completion_logprobs, reinforce_loss
-from ctt.token import get_overlay
+from ctt.engine import ForcingConfig, Rollout, SamplingConfig
+from ctt.engine.hf import generate_forced
+from ctt.policy.policy import draw_continuations
+from ctt.rl.reinforce import completion_logprobs, compute_advantages, reinforce_loss
+from ctt.models.token import get_overlay
 from tests.conftest import tiny
 
 PROMPT = "ab"
@@ -50,7 +52,7 @@ def _distribution(model, ctx, allowed, suppress, temperature, top_p, cache) -> t
         if suppress is not None:
             logits = logits.masked_fill(torch.tensor(allowed) == suppress, float("-inf"))
         logits = logits / temperature
-        if top_p < 1.0:  # written out here, independently of ctt.generation.nucleus_mask
+        if top_p < 1.0:  # written out here, independently of ctt.engine.sampling.nucleus_mask
             probs = logits.detach().softmax(-1)
             order = probs.argsort(descending=True).tolist()
             kept, mass = [], 0.0
@@ -71,7 +73,7 @@ def _force(s: _State, ids: list[int]) -> None:
 
 
 def _apply(s: _State, tok: int, f: ForcingConfig) -> None:
-    """One sampled token through the forcing rules (the state machine of ctt.generation's docstring)."""
+    """One sampled token through the forcing rules (the state machine of ctt.engine's docstring)."""
     ro, marker, k = s.ro, list(f.end_of_thinking_ids), len(f.end_of_thinking_ids)
     marker_is_eos = marker == [f.eos_token_ids[0]]
     ro.completion_ids.append(tok), ro.sampled.append(True), s.ctx.append(tok)
@@ -139,9 +141,11 @@ def _record(r: Rollout) -> tuple:
             r.answer_start, r.thinking_tokens, r.answer_tokens, r.stop_reason)
 
 
-def _setup(marker_len: int, n: int, empty: bool = False, eos_marker: bool = False, **limits):
+def _setup(marker_len: int, n: int, empty: bool = False, eos_marker: bool = False, shape: dict | None = None,
+           **limits):
+    """shape: `model.tiny` options (tests/test_vllm_sampling.py gives vLLM a head size it has kernels for)."""
     loaded = tiny(boost=0.0, init_range=0.3, seed=1, init={"name": "random", "seed": 3},
-                  marker="eos" if eos_marker else "</think>")
+                  marker="eos" if eos_marker else "</think>", **(shape or {}))
     model, tok = loaded.model, loaded.tokenizer
     new_id = get_overlay(model).token_id
     marker = tuple(loaded.end_of_thinking_ids) if marker_len == 1 else tuple(tok.encode("xy"))
@@ -250,3 +254,86 @@ def test_top_p_and_temperature_are_scored_under_the_sampling_distribution(temper
     exact, estimated, _ = _exact_and_estimated(1, 2, 0.5, temperature, top_p)
     assert exact.norm() > 1e-3
     torch.testing.assert_close(estimated, exact, rtol=2e-3, atol=2e-3 * exact.norm().item())
+
+
+# --- N drawn per prompt from a set (forcing.num_continuations=[...]) ------------------------------------------
+
+
+def _mixture(marker_len, ns, baseline, drop_later_markers=False):
+    """Every leaf of every N in `ns`, weighted P(N) P_N(leaf) with P(N) uniform (as ctt.policy.draw_continuations
+    draws it); the reward depends on N through the forced count. (exact, estimated) gradients of the mixture."""
+    model, tok, f, allowed = _setup(marker_len, max(ns))
+    row, a_id = get_overlay(model).row, tok.encode("a")[0]
+    leaves, weights, rewards = [], [], []
+    for n in ns:
+        for s in _enumerate(model, tok.encode(PROMPT), dataclasses.replace(f, num_continuations=n), allowed):
+            leaves.append(s)
+            weights.append(s.logp.exp() / len(ns))
+            rewards.append(_reward(s.ro, 2, a_id))
+    probs, rewards = torch.stack(weights), torch.tensor(rewards)
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+    (exact,) = torch.autograd.grad((probs * rewards).sum(), row)
+    if drop_later_markers:
+        for s in leaves:
+            s.ro.replaced_markers = s.ro.replaced_markers[:1]
+    scored = completion_logprobs(model, [s.ro for s in leaves], 1.0, f.banned_ids, tok.pad_token_id)
+    advantages = len(leaves) * probs.detach() * (rewards - baseline)
+    (estimated,) = torch.autograd.grad(-reinforce_loss(scored, advantages, "sequence_sum"), row)
+    return exact, estimated
+
+
+MIXTURES = [(1, (1, 2)), (2, (1, 2)), (1, (0, 1, 2))]
+
+
+@pytest.mark.parametrize("baseline", [0.0, 0.8])
+@pytest.mark.parametrize("marker_len,ns", MIXTURES, ids=["1tok-N12", "2tok-N12", "1tok-N012"])
+def test_random_n_expected_gradient_equals_the_gradient_of_the_mixture_reward(marker_len, ns, baseline, one_thread):
+    exact, estimated = _mixture(marker_len, ns, baseline)
+    assert exact.norm() > 1e-3
+    torch.testing.assert_close(estimated, exact, rtol=2e-3, atol=2e-3 * exact.norm().item())
+
+
+def test_random_n_without_the_later_replaced_markers_is_biased(one_thread):
+    exact, estimated = _mixture(1, (1, 2), 0.8, drop_later_markers=True)
+    assert (estimated - exact).norm() > 0.1 * exact.norm()
+
+
+def test_n_is_drawn_uniformly_and_replayed_from_the_seed():
+    draws = draw_continuations((1, 2, 4), 30000, seed=11)
+    for n in (1, 2, 4):  # each N within 4.5 standard errors of 1/3
+        assert abs(draws.count(n) / len(draws) - 1 / 3) <= 4.5 * (2 / 9 / len(draws)) ** 0.5
+    assert draw_continuations((1, 2, 4), 50, seed=11) == draws[:50]  # a resume (same seed) draws the same
+    assert draw_continuations((1, 2, 4), 50, seed=12) != draws[:50]
+    assert draw_continuations((3,), 4, seed=11) == [3, 3, 3, 3]
+
+
+# --- group baselines: K samples of one prompt, every K-tuple of leaves enumerated ----------------------------
+
+
+def _group_estimate(baseline: str, k: int):
+    """E over K i.i.d. leaves of ctt's gradient for the first sample of the group, advantage from compute_advantages
+    with the group's K rewards (by symmetry every sample of the group has the same expectation)."""
+    model, tok, f, allowed = _setup(1, 2)
+    row = get_overlay(model).row
+    leaves = _enumerate(model, tok.encode(PROMPT), f, allowed)
+    rewards = torch.tensor([_reward(s.ro, 2, tok.encode("a")[0]) for s in leaves])
+    probs = torch.stack([s.logp for s in leaves]).exp()
+    (exact,) = torch.autograd.grad((probs * rewards).sum(), row)
+    p, m = probs.detach().double(), len(leaves)
+    tuples = torch.cartesian_prod(*[torch.arange(m)] * k).view(-1, k)  # every group of k leaves, leaf i first
+    adv = compute_advantages(rewards[tuples].reshape(-1), k, baseline).view(-1, k)[:, 0].double()
+    weight = p[tuples].prod(1) * adv  # P(group) * advantage of its first sample
+    per_leaf = torch.zeros(m, dtype=torch.double).index_add_(0, tuples[:, 0], weight)
+    scored = completion_logprobs(model, [s.ro for s in leaves], 1.0, f.banned_ids, tok.pad_token_id)
+    (estimated,) = torch.autograd.grad(-reinforce_loss(scored, m * per_leaf.float(), "sequence_sum"), row)
+    return exact, estimated
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_rloo_is_unbiased_and_the_group_mean_is_scaled_by_k_minus_1_over_k(k, one_thread):
+    exact, rloo = _group_estimate("rloo", k)
+    assert exact.norm() > 1e-3
+    torch.testing.assert_close(rloo, exact, rtol=2e-3, atol=2e-3 * exact.norm().item())
+    _, group_mean = _group_estimate("group_mean", k)
+    torch.testing.assert_close(group_mean, (k - 1) / k * exact, rtol=2e-3, atol=2e-3 * exact.norm().item())
+    assert (group_mean - exact).norm() > 0.2 * exact.norm()

@@ -19,13 +19,14 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from ctt.api import compose_config, policy_from_config
-from ctt.data import Problem, format_user_message
+from ctt.api import compose_config
+from ctt.policy.build import policy_from_config
+from ctt.data.problems import Problem, format_user_message
 from ctt.export import ExportSettings, export, export_info
-from ctt.generation import SamplingConfig
-from ctt.models import load_model
-from ctt.modes import Mode
-from ctt.token import load_token_file, save_token_file
+from ctt.engine import SamplingConfig
+from ctt.models.loading import load_model
+from ctt.policy.modes import Mode
+from ctt.models.token import load_token_file, save_token_file
 from tests.test_cli_errors import assert_user_error, run_main
 from tests.test_models import needs_wheel
 
@@ -169,7 +170,7 @@ def test_k_learned_tokens_export_and_plain_transformers_reproduce_ctt_rollouts(t
     assert load_token_file(token)[0].shape == (2, 64) and load_token_file(token)[1]["count"] == "2"
     cfg = tiny_config(True, 8, token)
     policy, token_meta = policy_from_config(cfg)
-    assert policy.learned_ids == (261, 262) and policy.row.shape == (2, 64)
+    assert policy.token_ids == (261, 262) and policy.row.shape == (2, 64)
     export(policy, ExportSettings(str(tmp_path / "hf"), "hf"), export_info(cfg, policy, token_meta))
     info = json.loads((tmp_path / "hf" / "ctt_export.json").read_text())
     assert info["token_ids"] == [261, 262] and info["tokens"] == ["<|continue-thinking-1|>", "<|continue-thinking-2|>"]

@@ -10,10 +10,11 @@ import sys
 import pytest
 
 from ctt import ContinueThinking
-from ctt.api import compose_config, policy_from_config
+from ctt.api import compose_config
+from ctt.policy.build import policy_from_config
 from ctt.export import ExportSettings, export, export_info
-from ctt.models import LoadedModel
-from ctt.policy import ForcingSettings, Policy
+from ctt.models.loading import LoadedModel
+from ctt.policy.policy import ForcingSettings, Policy
 from tests.conftest import tiny
 from tests.test_cli_errors import assert_user_error, run_main
 from tests.test_export import tiny_config, write_token_file

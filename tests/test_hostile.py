@@ -41,7 +41,7 @@ def test_a_second_process_in_a_run_dir_is_refused_and_a_killed_owner_leaves_no_l
     pid, while a rank the launcher started (Lightning's DDP re-launch sets LOCAL_RANK) shares it. Killing the owner
     (SIGKILL) leaves no lock behind."""
     import ctt.train
-    from ctt.run_dir import lock_run_dir, unlock_run_dir
+    from ctt.reliability.run_dir import lock_run_dir, unlock_run_dir
 
     run = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "ctt.train", *smoke(tmp_path, "trainer.max_steps=100000")],
@@ -89,35 +89,35 @@ def test_an_unusable_run_dir_is_one_line(tmp_path, capfd, make, needles):
 def test_an_unwritable_output_dir_is_refused_before_training(tmp_path, capfd, monkeypatch, name):
     """A read-only checkpoints/ used to fail at the first save, after training. (As root permissions are not
     enforced: the probe's failure is simulated here; the real chmod case is below.)"""
-    import ctt.run_dir
+    import ctt.reliability.run_dir
 
     target = tmp_path / "run" / name
     target.mkdir(parents=True, exist_ok=True)
-    real = ctt.run_dir._probe
+    real = ctt.reliability.run_dir._probe
 
     def probe(directory: Path) -> None:
         if Path(directory) == target:
             raise PermissionError(13, "Permission denied")
         real(directory)
 
-    monkeypatch.setattr(ctt.run_dir, "_probe", probe)
+    monkeypatch.setattr(ctt.reliability.run_dir, "_probe", probe)
     code, _, err = run_main("ctt.train", *smoke(tmp_path), capfd=capfd)
     assert_user_error(code, err, "ConfigError", str(target), "is not writable: Permission denied")
 
 
 def test_a_run_dir_without_write_permission_is_one_line(tmp_path, capfd, monkeypatch):
     """The lock file cannot be created (a read-only run dir; simulated, as root ignores permissions)."""
-    import ctt.run_dir
+    import ctt.reliability.run_dir
 
     real_open = os.open
 
     def no_lock_file(path, *args, **kwargs):
-        if str(path).endswith(ctt.run_dir.LOCK_FILE):
+        if str(path).endswith(ctt.reliability.run_dir.LOCK_FILE):
             raise PermissionError(13, "Permission denied")
         return real_open(path, *args, **kwargs)
 
     (tmp_path / "run").mkdir()
-    monkeypatch.setattr(ctt.run_dir.os, "open", no_lock_file)
+    monkeypatch.setattr(ctt.reliability.run_dir.os, "open", no_lock_file)
     code, _, err = run_main("ctt.train", *smoke(tmp_path), capfd=capfd)
     assert_user_error(code, err, "ConfigError", f"hydra.run.dir={tmp_path / 'run'} is not writable: Permission denied")
     assert not (tmp_path / "run" / ".hydra").exists()
@@ -164,7 +164,7 @@ def _token(path: Path, tensor: torch.Tensor, meta: dict | None = None) -> Path:
     ids=["nan", "inf", "integer", "no-metadata"],
 )
 def test_unusable_token_files_are_refused(tmp_path, tensor, meta, message):
-    from ctt.token import load_token_file
+    from ctt.models.token import load_token_file
 
     path = _token(tmp_path / "t.safetensors", tensor, meta)
     with pytest.raises(TokenFileError, match=message):
@@ -172,10 +172,10 @@ def test_unusable_token_files_are_refused(tmp_path, tensor, meta, message):
 
 
 def test_a_half_precision_token_file_is_widened_with_a_warning(tmp_path, caplog):
-    from ctt.token import load_token_file
+    from ctt.models.token import load_token_file
 
     path = _token(tmp_path / "t.safetensors", torch.full((64,), 0.5, dtype=torch.float16))
-    with caplog.at_level(logging.WARNING, logger="ctt.token"):
+    with caplog.at_level(logging.WARNING, logger="ctt.models.token"):
         embedding, _ = load_token_file(path, 64, "tiny_random")
     assert embedding.dtype == torch.float32 and torch.equal(embedding, torch.full((64,), 0.5))
     assert "holds torch.float16 values" in caplog.text
@@ -193,7 +193,7 @@ def test_a_non_finite_token_file_from_the_cli(tmp_path, capfd):
 
 @pytest.mark.parametrize("text", ["\x7f", "a", "</think>"], ids=["one-byte-token", "vocab-entry", "added-token"])
 def test_a_token_text_that_is_already_one_token_is_refused(tiny_loaded, text):
-    from ctt.token import check_token_text
+    from ctt.models.token import check_token_text
 
     with pytest.raises(ModelError, match="already in the vocabulary"):
         check_token_text(tiny_loaded.tokenizer, text)
@@ -207,7 +207,7 @@ def test_smollm2_refuses_a_leading_space_word():
         pytest.skip(f"converted SmolLM2 folder not found at {folder}")
     from transformers import AutoTokenizer
 
-    from ctt.token import check_token_text
+    from ctt.models.token import check_token_text
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     with pytest.raises(ModelError, match="'ĠWait'"):
@@ -247,8 +247,8 @@ def test_a_prompt_longer_than_the_context_is_one_line(tmp_path, capfd):
 
 
 def test_evaluation_problems_are_checked_before_generating(tiny_loaded):
-    from ctt.data import Problem
-    from ctt.policy import ForcingSettings, Policy
+    from ctt.data.problems import Problem
+    from ctt.policy.policy import ForcingSettings, Policy
 
     policy = Policy(tiny_loaded, ForcingSettings(max_new_tokens=96), "Answer.")
     short = [Problem(f"b{i}", f"What is {i}+1?", str(i + 1)) for i in range(100)]
@@ -262,13 +262,13 @@ def test_evaluation_problems_are_checked_before_generating(tiny_loaded):
 
 
 def test_null_and_list_golds_are_skipped_and_counted(tmp_path, caplog):
-    from ctt.data import load_problems
+    from ctt.data.sources import load_problems
 
     rows = [{"question": f"q{i}", "answer": str(i)} for i in range(3)] + [
         {"question": "null", "answer": None}, {"question": "list", "answer": ["1", "2"]},
         {"question": "map", "answer": {"a": 1}}, {"question": "bool", "answer": True},
     ]
-    with caplog.at_level(logging.WARNING, logger="ctt.data"):
+    with caplog.at_level(logging.WARNING, logger="ctt.data.sources"):
         problems = load_problems("jsonl", path=str(jsonl(tmp_path / "g.jsonl", rows)))
     assert [p.question for p in problems] == ["q0", "q1", "q2"]
     assert "skipped 4 of 7 rows whose gold answer is null, not one answer" in caplog.text
@@ -280,7 +280,7 @@ def test_null_and_list_golds_are_skipped_and_counted(tmp_path, caplog):
 
 
 def _extract_seconds(text: str) -> float:
-    from ctt.rewards import score_completion
+    from ctt.rewards.grading import score_completion
 
     start = time.perf_counter()
     score_completion(text, "2")
@@ -314,12 +314,12 @@ def test_a_non_finite_row_stops_the_run_before_it_is_saved(tmp_path, capfd):
 
 def test_an_exploding_row_norm_is_warned_about_once_per_tenfold(compose_cfg, tmp_path, caplog):
 
-    from ctt.train import build_module
+    from ctt.training.module import build_module
 
     cfg = compose_cfg("train", ["experiment=smoke", f"paths.output_dir={tmp_path}"])
     module = build_module(cfg)
     module.on_train_start()
-    with caplog.at_level(logging.WARNING, logger="ctt.module"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="ctt.training.module"), torch.no_grad():
         for scale in (50.0, 200.0, 1.5, 1.5, 10.0, 1e30):
             module.token_row.mul_(scale)
             module._check_row()

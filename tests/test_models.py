@@ -1,4 +1,4 @@
-"""Tests of ctt.models: the tiny random model, marker resolution, and SmolLM2 from the wheel."""
+"""Tests of ctt.models.loading: the tiny random model, marker resolution, and SmolLM2 from the wheel."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from ctt import models
+from ctt.models import loading as models
 from ctt.errors import ConfigError, ModelError
-from ctt.models import LoadedModel, load_model, resolve_dtype, resolve_end_of_thinking
+from ctt.models.loading import LoadedModel, load_model, resolve_dtype, resolve_end_of_thinking
 
 
 def tiny(**opts) -> LoadedModel:

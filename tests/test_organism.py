@@ -13,9 +13,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ctt.config import CONFIG_DIR
-from ctt.data import build_prompt_ids, load_problems
-from ctt.models import load_model
+from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.data.problems import build_prompt_ids
+from ctt.data.sources import load_problems
+from ctt.models.loading import load_model
 from ctt.organism.task import (
     CHECK_RE, STEP_RE, Mixture, assistant_text, count_steps, draw_problems, draw_terms, is_cue, make_trace,
     parse_question, question_text,

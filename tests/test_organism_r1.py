@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ctt.data import load_problems
+from ctt.data.sources import load_problems
 from ctt.organism.card_r1 import design_targets
 from ctt.organism.task import CHECK_RE, STEP_RE, count_steps, draw_problems, draw_terms, parse_question, split_of
 from ctt.organism.task_r1 import CONCLUSION_RE, MixtureR1
@@ -63,7 +63,7 @@ def test_validation_and_test_splits_are_disjoint_and_come_from_the_benchmark_con
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from ctt.config import CONFIG_DIR
+    from ctt.config.hydra_glue import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["~experiment", "benchmarks=[organism_r1_val,organism_r1_test]"])
@@ -111,7 +111,7 @@ def test_card_meets_every_design_target_and_states_the_pretraining_overlap():
 def test_card_figures_and_design_targets_are_reproduced_from_the_shipped_weights(one_thread):
     """Greedy on one thread; another CPU may flip a near-tie, so counts may differ by 2. Every target re-asserted
     on the re-measured figures, numerically here as well as through design_targets."""
-    from ctt.models import load_model
+    from ctt.models.loading import load_model
     from ctt.organism.measure_r1 import MODES, measure
 
     loaded = load_model(name="organism_r1", source="local", path=str(MODEL_DIR), end_of_thinking="</think>")

@@ -7,7 +7,7 @@ import csv
 import matplotlib.image as mpimg
 import pytest
 
-from ctt.plots import scaling_plot
+from ctt.evaluation.plots import scaling_plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -8,9 +8,10 @@ from functools import lru_cache
 import pytest
 import torch
 
-from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
-from ctt.rl import completion_logprobs
-from ctt.token import get_overlay
+from ctt.engine import ForcingConfig, SamplingConfig
+from ctt.engine.hf import generate_forced
+from ctt.rl.reinforce import completion_logprobs
+from ctt.models.token import get_overlay
 from tests.conftest import tiny
 
 PROMPTS = ["hello there", "what is 2+2?", "x", "a much longer prompt about sums and products", "Janet has 3 ducks"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctt.results import results_from_samples
+from ctt.evaluation.results import results_from_samples
 from ctt.report import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,7 +300,7 @@ def test_a_swept_group_is_one_column(tmp_path):
 def test_debate_plot_has_one_line_per_kind_of_continuation(tmp_path, capsys):
     """A token.count sweep: the report's debate.png has a learned line per k (from each run's results) and every
     other mode once, each over N from the base point, at x = mean total tokens."""
-    from ctt.plots import debate_plot
+    from ctt.evaluation.plots import debate_plot
 
     shared = [("b", "base", 0, 0.4), ("b", "fixed:Wait", 1, 0.45), ("b", "fixed:Wait", 2, 0.5),
               ("b", "filler:. x8", 1, 0.42), ("b", "no_string", 1, 0.5)]
@@ -313,7 +313,7 @@ def test_debate_plot_has_one_line_per_kind_of_continuation(tmp_path, capsys):
     assert (tmp_path / "debate.png").is_file() and "debate.png" in capsys.readouterr().out
     header, _ = read_csv(tmp_path / "report.csv")
     assert config_columns(header, "train/reward") == ["token.count"]  # exactly the swept key
-    from ctt.runs import load_runs
+    from ctt.evaluation.runs import load_runs
 
     runs = [(int(r.config.get("token.count") or 1), r.results) for r in load_runs([tmp_path])]
     ax = debate_plot(runs).axes[0]
@@ -327,8 +327,8 @@ def test_filler_debate_experiment_composes_as_a_token_count_sweep(compose_cfg):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ctt.config import CONFIG_DIR
-    from ctt.modes import expand_modes
+    from ctt.config.hydra_glue import CONFIG_DIR
+    from ctt.policy.modes import expand_modes
 
     cfg = compose_cfg("train", ["experiment=filler_debate"])  # validated in test_settings with every experiment
     assert cfg.model.name == "organism" and cfg.task_name == "filler_debate"

@@ -22,11 +22,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ctt.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
-from ctt.data import ProblemDataModule, ResumableSampler, PromptDataset, Problem
+from ctt.reliability.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from ctt.data.datamodule import ProblemDataModule, ResumableSampler, PromptDataset
+from ctt.data.problems import Problem
 from ctt.errors import ConfigError
-from ctt.loggers import ResumableCSVLogger
-from ctt.token import TOKEN_FILE, load_token_file
+from ctt.reliability.loggers import ResumableCSVLogger
+from ctt.models.token import TOKEN_FILE, load_token_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = "model.model.embed_tokens.row"
@@ -76,7 +77,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
 
 
 def test_module_hparams_are_plain_containers(compose_cfg):
-    from ctt.module import ContinueThinkingModule
+    from ctt.training.module import ContinueThinkingModule
 
     cfg = compose_cfg("train", ["experiment=smoke", "paths.output_dir=/tmp/unused"])
     module = ContinueThinkingModule(model=cfg.model, token=cfg.token, forcing=cfg.forcing, rl=cfg.rl,
@@ -147,7 +148,7 @@ def test_a_kill_while_a_new_metric_rewrites_the_csv_loses_no_rows(tmp_path, monk
     """A new metric name makes the writer rewrite metrics.csv with a new header. Lightning truncates the file and
     writes it again: a kill in between lost every earlier row (a resumed run then had no step 0). The rewrite is
     atomic: a crash at the rename leaves the old, complete file."""
-    import ctt.checkpoint_io
+    import ctt.reliability.checkpoint_io
 
     logger = ResumableCSVLogger(save_dir=str(tmp_path), name="csv", version="")
     for step in range(3):
@@ -157,7 +158,7 @@ def test_a_kill_while_a_new_metric_rewrites_the_csv_loses_no_rows(tmp_path, monk
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while replacing the file")
 
-    monkeypatch.setattr(ctt.checkpoint_io.os, "replace", crash)
+    monkeypatch.setattr(ctt.reliability.checkpoint_io.os, "replace", crash)
     logger.log_metrics({"train/loss": 3.0, "train/token_grad_norm": 0.5}, step=3)
     with pytest.raises(KeyboardInterrupt):
         logger.save()
@@ -168,7 +169,7 @@ def test_a_kill_while_a_new_metric_rewrites_the_csv_loses_no_rows(tmp_path, monk
 def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_run_dir(compose_cfg, tmp_path):
     """`last` is the newest of last*.ckpt (Lightning writes last-v1.ckpt next to an older last.ckpt) and Lightning's
     SLURM hpc_ckpt_<n>.ckpt: the highest saved step, then the latest written."""
-    from ctt.resume import resolve_ckpt_path
+    from ctt.reliability.resume import resolve_ckpt_path
 
     cfg = compose_cfg("train", ["experiment=smoke", f"paths.output_dir={tmp_path}", "ckpt_path=last"])
     with pytest.raises(ConfigError, match="ckpt_path=last: no checkpoint in"):
@@ -248,7 +249,7 @@ def _assert_same_result(run_dir: Path, reference: Path) -> None:
     token, meta = load_token_file(run_dir / TOKEN_FILE)
     assert torch.equal(token, load_token_file(reference / TOKEN_FILE)[0]) and meta["step"] == str(STEPS)
     # One metrics history, every step once, also when the kill came between a step's checkpoint and Lightning's
-    # logging of that step (the checkpoint carries that row: ctt.loggers).
+    # logging of that step (the checkpoint carries that row: ctt.reliability.loggers).
     assert _metric_steps(run_dir) == list(range(STEPS)), _metric_steps(run_dir)
     rows, reference_rows = _metric_rows(run_dir), _metric_rows(reference)
     assert [r["train/reward"] for r in rows] == [r["train/reward"] for r in reference_rows]

@@ -6,18 +6,11 @@ from pathlib import Path
 import pytest
 
 from ctt.errors import ConfigError, DataError
-from ctt.data import Problem
-from ctt.generation import Rollout
-from ctt.rewards import (
-    REWARD_FUNCTIONS,
-    Score,
-    extract_answer,
-    get_reward_fn,
-    gold_answer,
-    score_completion,
-    summarize,
-    verify,
-)
+from ctt.data.problems import Problem
+from ctt.engine import Rollout
+from ctt.data.answers import extract_answer, gold_answer, verify_or_raise
+from ctt.rewards.registry import REWARDS, MathVerify, reward_from_config
+from ctt.rewards.grading import Score, score_completion
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -69,7 +62,7 @@ def test_extract_answer(text, expected):
     ],
 )
 def test_verify_equivalent_forms(pred, gold, ok):
-    assert verify(pred, gold) is ok
+    assert verify_or_raise(pred, gold, 5.0) is ok
 
 
 def test_gold_answer_formats():
@@ -102,10 +95,10 @@ def test_math500_rows_latex_answers():
     checked_wrong = 0
     for i, row in enumerate(rows):
         gold = gold_answer(row["solution"], "boxed")
-        assert verify(gold, row["answer"]), (gold, row["answer"])
+        assert verify_or_raise(gold, row["answer"], 5.0), (gold, row["answer"])
         assert score_completion(f"Reasoning... so $\\boxed{{{row['answer']}}}$.", row["answer"]).correct
         other = rows[(i + 1) % len(rows)]["answer"]
-        if not verify(other, row["answer"]):  # skip accidental duplicates among the rows
+        if not verify_or_raise(other, row["answer"], 5.0):  # skip accidental duplicates among the rows
             assert score_completion(f"\\boxed{{{other}}}", row["answer"]).status == "incorrect"
             checked_wrong += 1
     assert checked_wrong >= len(rows) - 2
@@ -128,39 +121,41 @@ def test_non_main_thread_degrades_safely():
 
     def work():
         out["score"] = score_completion("\\boxed{2}", "2")
-        out["verify"] = verify("2", "2")
-        out["no_timeout"] = verify("2", "2", timeout_s=None)
+        try:
+            out["verify"] = verify_or_raise("2", "2", 5.0)
+        except RuntimeError as err:  # signal-based timeouts need the main thread
+            out["verify"] = err
+        out["no_timeout"] = verify_or_raise("2", "2", timeout_s=None)
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join(timeout=20)
     assert not thread.is_alive()
     assert out["score"].status == "error" and out["score"].reward == 0.0
-    assert out["verify"] is False
+    assert isinstance(out["verify"], RuntimeError)
     assert out["no_timeout"] is True  # explicitly opting out of signals works in threads
-
-
-def test_summarize_counts():
-    scores = [
-        Score(1.0, True, "1", "correct"),
-        Score(0.0, False, "2", "incorrect"),
-        Score(0.0, False, None, "missing"),
-        Score(0.0, False, "x", "error"),
-    ]
-    stats = summarize(scores)
-    assert stats == {"n": 4.0, "accuracy": 0.25, "mean_reward": 0.25, "missing": 1.0, "error": 1.0}
-    assert summarize([])["accuracy"] == 0.0
 
 
 def test_reward_registry():
     """The registered reward grades the rollout's answer text (what follows the end of thinking), not its whole
     text, against the problem's gold answer; an unknown name lists the registered ones."""
     graded = Rollout(prompt_ids=[1], text="maybe \\boxed{5}</think> so \\boxed{4}", answer_text="so \\boxed{4}")
-    reward = get_reward_fn("math_verify")
+    reward = reward_from_config("math_verify")
     assert reward(graded, Problem("p", "2+2?", "4")) == Score(1.0, True, "4", "correct")
     assert reward(graded, Problem("p", "2+3?", "5")) == Score(0.0, False, "4", "incorrect")
-    with pytest.raises(ConfigError, match="reward must be one of " + ", ".join(REWARD_FUNCTIONS)):
-        get_reward_fn("exact_match")
+    with pytest.raises(ConfigError, match="rl.reward must be one of " + ", ".join(REWARDS)):
+        reward_from_config("exact_match", "rl.reward")
+
+
+def test_a_reward_takes_typed_parameters():
+    """A reward is a typed group: its parameters come from the config (a mapping with its name), are checked like
+    every group, and reach the grader."""
+    assert reward_from_config({"name": "math_verify", "timeout_s": None}) == MathVerify(timeout_s=None)
+    assert reward_from_config("math_verify") == MathVerify(timeout_s=5.0)
+    with pytest.raises(ConfigError, match="timeout_s"):
+        reward_from_config({"name": "math_verify", "timeout_s": "soon"})
+    with pytest.raises(ConfigError, match="unknown"):
+        reward_from_config({"name": "math_verify", "bonus": 1})
 
 
 @pytest.mark.parametrize("text,answer", [

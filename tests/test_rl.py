@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from ctt.errors import ConfigError
-from ctt.generation import ForcingConfig, Rollout, SamplingConfig, generate_forced
-from ctt.rl import Choice, ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_choices
-from ctt.token import get_overlay
+from ctt.engine import ForcingConfig, Rollout, SamplingConfig
+from ctt.engine.hf import generate_forced
+from ctt.rl.reinforce import Choice, ScoredTokens, completion_logprobs, compute_advantages, reinforce_loss, scored_choices
+from ctt.models.token import get_overlay
 from tests.conftest import tiny
 
 
@@ -86,7 +87,7 @@ def test_logprobs_match_a_plain_forward():
     new_id = get_overlay(model).token_id
     cfg = ForcingConfig(end_of_thinking_ids=tuple(loaded.end_of_thinking_ids), eos_token_ids=(tok.eos_token_id,),
                         num_continuations=2, continuation_ids=(new_id,), max_new_tokens=20, banned_ids=(new_id,))
-    rollouts = generate_forced(model, [tok.encode("abc"), tok.encode("de")], cfg, SamplingConfig(1.0, seed=1))
+    rollouts = generate_forced(model, [tok.encode(p) for p in ("abc", "de", "fgh", "ij")], cfg, SamplingConfig(1.0, seed=1))
     scored = completion_logprobs(model, rollouts, temperature=0.7, banned_ids=(new_id,))
     assert any(len(r.replaced_markers) > 1 for r in rollouts), "a second replaced marker must be scored too"
     for i, r in enumerate(rollouts):
@@ -154,6 +155,40 @@ def test_zero_variance_groups_never_explode(baseline, scale):
 
 
 def test_uniform_group_share():
-    from ctt.rl import uniform_group_share
+    from ctt.rl.reinforce import uniform_group_share
 
     assert uniform_group_share(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2) == pytest.approx(2 / 3)
+
+
+def test_rollout_per_n_forces_each_prompt_at_its_own_n():
+    """forcing.num_continuations=[...]: problem i is forced up to ns[i] times, its k samples together, in order."""
+    from dataclasses import replace
+
+    from ctt.data.problems import Problem
+    from ctt.engine import mix_seed
+    from ctt.policy.modes import Mode
+    from ctt.policy.policy import ForcingSettings, Policy
+
+    policy = Policy(tiny(boost=6.0), ForcingSettings(max_new_tokens=24, num_continuations=[1, 3]), "Answer.")
+    problems = [Problem(f"p{i}", q, "1") for i, q in enumerate(["one", "two", "three", "four"])]
+    ns, sampling, k = [1, 3, 3, 1], SamplingConfig(1.0, seed=5), 2
+    out = policy.rollout_per_n(problems, ns, sampling, samples_per_prompt=k)
+    assert len(out) == len(problems) * k
+    for i, r in enumerate(out):
+        assert r.prompt_ids == policy.prompt_ids(problems[i // k]) and r.num_forced <= ns[i // k]
+    assert max(r.num_forced for r in out) == 3
+    for n, idx in ((1, [0, 3]), (3, [1, 2])):  # each N generated once, seeded by (seed, N)
+        alone = policy.rollout([problems[i] for i in idx], policy.forcing(Mode("learned", None, n)),
+                               replace(sampling, seed=mix_seed(5, n)), k)
+        assert [r.completion_ids for r in alone] == [out[i * k + s].completion_ids for i in idx for s in range(k)]
+    same = policy.rollout_per_n(problems, [3] * 4, sampling, k)  # one N: exactly rollout at that N
+    ref = policy.rollout(problems, policy.forcing(Mode("learned", None, 3)), sampling, k)
+    assert [r.completion_ids for r in same] == [r.completion_ids for r in ref]
+
+
+def test_rloo_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    expected = torch.tensor([1 - 0.0, 0 - 0.5, 0 - 0.5, 1 - 1.0, 1 - 1.0, 1 - 1.0])
+    assert torch.allclose(compute_advantages(r, 3, "rloo"), expected)
+    with pytest.raises(ConfigError):
+        compute_advantages(r, 1, "rloo")

@@ -1,4 +1,4 @@
-"""Typed config groups (ctt.settings, ctt.schema): unknown keys and wrong types anywhere in a composed config stop
+"""Typed config groups (ctt.settings, ctt.config.check): unknown keys and wrong types anywhere in a composed config stop
 `ctt-train` / `ctt-eval` at start-up with one line naming the key (exit status 2), before a model or data set is
 loaded; every "must be one of" message comes from one helper."""
 
@@ -169,7 +169,7 @@ def test_eval_checks_the_config_before_loading_anything(tmp_path, capfd, monkeyp
 @pytest.mark.parametrize("config_name", ["train", "eval"])
 @pytest.mark.parametrize("experiment", ["smoke", "demo", "demo_hasty", "smollm2", "filler_debate", "paper_gsm8k"])
 def test_every_shipped_experiment_passes_the_check(compose_cfg, config_name, experiment):
-    from ctt.schema import validate_config
+    from ctt.config.check import validate_config
 
     cfg = compose_cfg(config_name, [f"experiment={experiment}", "paths.output_dir=/tmp/unused"])
     validate_config(cfg)
@@ -179,7 +179,7 @@ def test_every_shipped_experiment_passes_the_check(compose_cfg, config_name, exp
 def test_a_benchmark_list_composes_into_complete_entries(compose_cfg, benchmarks):
     """Item 10: `experiment=smoke "benchmarks=[gsm8k_local]"` used to leave a half-defined `arith_easy: {size: 4}`
     (set by the experiment) next to the chosen benchmark; evaluation then failed after training."""
-    from ctt.schema import check_problem_set
+    from ctt.config.check import check_problem_set
 
     cfg = compose_cfg("train", ["experiment=smoke", f"benchmarks={benchmarks}"])
     assert set(cfg.benchmarks) == {b.replace("_local", "") for b in benchmarks.strip("[]").split(",")}
@@ -189,7 +189,7 @@ def test_a_benchmark_list_composes_into_complete_entries(compose_cfg, benchmarks
 
 def test_a_whitespace_fixed_word_is_a_baseline_with_a_one_cell_label():
     """The organism's step separator "\\n" is a fixed-word baseline; its label stays one table cell / CSV field."""
-    from ctt.modes import expand_modes
+    from ctt.policy.modes import expand_modes
 
     labels = [m.label for m in expand_modes(["base", "fixed"], [0, 1], ["Wait", "\n", " "])]
     assert labels == ["base", "fixed:Wait", "fixed:\\n", "fixed: "]

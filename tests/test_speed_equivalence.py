@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from ctt.errors import ConfigError
-from ctt.generation import EngineConfig, ForcingConfig, SamplingConfig, generate_forced
-from ctt.reference_oracle import generate_batch, inloop_forced, s1_forced
+from ctt.engine import EngineSettings, ForcingConfig, SamplingConfig
+from ctt.engine.hf import generate_forced
+from tests.reference_oracle import generate_batch, inloop_forced, s1_forced
 from transformers import LogitsProcessor, LogitsProcessorList
 from tests.conftest import tiny
 
@@ -32,8 +33,8 @@ PROMPTS = [
     "q", "Compute 17*3 and explain.", "ok so",
 ]
 ENGINES = [
-    EngineConfig(), EngineConfig(cache="dynamic"), EngineConfig(drop_finished=False), EngineConfig(cache="static"),
-    EngineConfig(share_prefix=False),
+    EngineSettings(), EngineSettings(cache="dynamic"), EngineSettings(drop_finished=False), EngineSettings(cache="static"),
+    EngineSettings(share_prefix=False),
 ]
 # Chat-template-like: every prompt starts with the same text, and RL repeats each prompt K times.
 SHARED = "<sys> You are a careful assistant. <user> "
@@ -124,7 +125,7 @@ def test_shared_prefix_and_repeated_prompts_are_fed_once_and_change_nothing():
     model, tok = loaded.model, loaded.tokenizer
     prompts = [tok.encode(p) for p in SHARED_PROMPTS]
     eos = tok.eos_token_id
-    greedy, unshared = SamplingConfig(temperature=0), EngineConfig(share_prefix=False)
+    greedy, unshared = SamplingConfig(temperature=0), EngineSettings(share_prefix=False)
     n0 = ForcingConfig(end_of_thinking_ids=(eos,), eos_token_ids=(eos,), max_new_tokens=40)
     shapes, ours = _input_shapes(model, lambda: generate_forced(model, prompts, n0, greedy, tok.pad_token_id))
     shared = len(tok.encode(SHARED))  # byte-level: the prompts agree on exactly these tokens
@@ -163,9 +164,9 @@ def test_references_reject_what_they_cannot_do():
         inloop_forced(loaded.model, prompts, ForcingConfig(end_of_thinking_ids=(marker,), continuation_ids=(new_id,),
                                                            **base), 0)
     with pytest.raises(ConfigError, match="compile"):
-        EngineConfig(compile=True)
+        EngineSettings(compile=True)
     with pytest.raises(ConfigError, match="cache"):
-        EngineConfig(cache="paged")
+        EngineSettings(cache="paged")
 
 
 def test_benchmark_script_runs_and_checks_equality(tmp_path):
@@ -204,14 +205,14 @@ class _SuppressFirstN(LogitsProcessor):
 
 
 def test_no_string_and_filler_modes_insert_exactly_what_they_say():
-    """Through the evaluation-mode registry (ctt.modes -> Policy.forcing): `filler:. x3` appends exactly the ids of
+    """Through the evaluation-mode registry (ctt.policy.modes -> Policy.forcing): `filler:. x3` appends exactly the ids of
     ". . . " (the s1 loop with that text gives the same tokens) and `no_string` appends nothing, the marker merely
     banned at its first N greedy choices (plain `generate` with such a LogitsProcessor gives the same tokens)."""
     import torch
 
-    from ctt.models import LoadedModel
-    from ctt.modes import Mode
-    from ctt.policy import ForcingSettings, Policy
+    from ctt.models.loading import LoadedModel
+    from ctt.policy.modes import Mode
+    from ctt.policy.policy import ForcingSettings, Policy
 
     loaded, prompts, marker = _setup()
     model, tok = loaded.model, loaded.tokenizer

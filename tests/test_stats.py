@@ -12,8 +12,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from ctt.results import RESULT_COLUMNS, SampleRecord, markdown_table, results_from_samples, write_results
-from ctt.stats import (
+from ctt.evaluation.results import RESULT_COLUMNS, SampleRecord, markdown_table, results_from_samples, write_results
+from ctt.evaluation.stats import (
     bootstrap_ci,
     newcombe_paired_ci,
     paired_cells,
@@ -57,7 +57,7 @@ def samples_path(tmp_path):
 
 
 def wilson_by_hand(k: int, n: int, z: float = 1.959963984540054):
-    """(p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), written out independently of ctt.stats."""
+    """(p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), written out independently of ctt.evaluation.stats."""
     p = k / n
     centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z / (1 + z**2 / n) * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from ctt.errors import ModelError, TokenFileError
-from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
-from ctt.rl import completion_logprobs, compute_advantages, reinforce_loss
-from ctt.token import CONTINUE_THINKING, get_overlay, install_token, load_token_file, save_token_file
-from ctt.models import load_model
+from ctt.engine import ForcingConfig, SamplingConfig
+from ctt.engine.hf import generate_forced
+from ctt.rl.reinforce import completion_logprobs, compute_advantages, reinforce_loss
+from ctt.models.token import CONTINUE_THINKING, get_overlay, install_token, load_token_file, save_token_file
+from ctt.models.loading import load_model
 from tests.conftest import tiny
 
 
@@ -21,7 +22,7 @@ def _rl_steps(loaded, steps: int, lr: float = 0.05):
         end_of_thinking_ids=tuple(loaded.end_of_thinking_ids), eos_token_ids=(tok.eos_token_id,),
         num_continuations=2, continuation_ids=overlay.token_ids, max_new_tokens=24, banned_ids=overlay.token_ids,
     )
-    prompts = [tok.encode(p) for p in ["one", "two", "three", "four"]]
+    prompts = [tok.encode(p) for p in ["one", "two", "three", "four", "five", "six", "seven", "eight"]]
     for step in range(steps):
         rollouts = generate_forced(model, prompts, cfg, SamplingConfig(1.0, seed=step))
         rewards = torch.tensor([float(len(r.completion_ids)) for r in rollouts])

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from ctt.errors import DataError, TrainingError
-from ctt.rewards import Score, score_completion
+from ctt.rewards.grading import Score, score_completion
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +27,7 @@ def smoke_cfg(compose_cfg, tmp_path):
 def _fit(cfg, callbacks=(), max_steps: int | None = None):
     import lightning as L
 
-    from ctt.train import build_module
+    from ctt.training.module import build_module
 
     L.seed_everything(cfg.seed)
     module = build_module(cfg)
@@ -55,9 +55,9 @@ class RowRecorder:
 
 
 def test_non_finite_loss_skips_the_step_and_the_run_continues(smoke_cfg, monkeypatch, caplog):
-    import ctt.module
+    import ctt.training.module
 
-    real = ctt.module.reinforce_loss
+    real = ctt.training.module.reinforce_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -65,10 +65,10 @@ def test_non_finite_loss_skips_the_step_and_the_run_continues(smoke_cfg, monkeyp
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (2, 3) else loss + float("inf") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(ctt.module, "reinforce_loss", sometimes_nan)
+    monkeypatch.setattr(ctt.training.module, "reinforce_loss", sometimes_nan)
     cfg = smoke_cfg("callbacks=none", "logger=none", "rl.max_bad_steps=3")
     recorder = RowRecorder()
-    with caplog.at_level(logging.WARNING, logger="ctt.module"):
+    with caplog.at_level(logging.WARNING, logger="ctt.training.module"):
         trainer, module = _fit(cfg, [recorder.callback], max_steps=6)
     assert trainer.global_step == 6 and module.skipped_steps == 3
     rows = recorder.rows
@@ -85,9 +85,9 @@ def test_non_finite_loss_skips_the_step_and_the_run_continues(smoke_cfg, monkeyp
 
 
 def test_too_many_non_finite_losses_stop_with_a_clear_error(smoke_cfg, monkeypatch):
-    import ctt.module
+    import ctt.training.module
 
-    monkeypatch.setattr(ctt.module, "reinforce_loss", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(ctt.training.module, "reinforce_loss", lambda *a, **k: torch.tensor(float("nan")))
     cfg = smoke_cfg("callbacks=none", "logger=none", "rl.max_bad_steps=2")
     with pytest.raises(TrainingError, match=r"not finite for 2 consecutive steps \(rl.max_bad_steps=2\)"):
         _fit(cfg, max_steps=10)
@@ -97,17 +97,16 @@ def test_all_rewards_equal_is_a_zero_gradient_step(smoke_cfg, monkeypatch):
     """Zero advantages: the loss is 0 and the row's gradient exactly 0, never NaN. With Adam, what is true:
     the first such step leaves the row unchanged (zero moments), but after real steps Adam's momentum still
     moves the row on a zero-gradient step (standard Adam; only a non-finite loss skips the optimizer)."""
-    import ctt.module
+    import ctt.training.module
 
-    cfg = smoke_cfg("callbacks=none", "logger=none")
-    module = ctt.module.ContinueThinkingModule(
-        model=cfg.model, token=cfg.token, forcing=cfg.forcing, rl=cfg.rl, prompt=cfg.prompt, seed=0
-    )
+    cfg = smoke_cfg("callbacks=none", "logger=none", "optimizer.lr=0.1")
+    module = ctt.training.module.build_module(cfg)
     module.reward_fn = lambda rollout, problem: Score(1.0, True, problem.answer, "correct")  # every rollout correct
     dm = instantiate(cfg.data)
     dm.setup("fit")
     batch = dm.train_problems[:2]
-    optimizer = torch.optim.Adam([module.token_row], lr=0.1)
+    optimizer = module.configure_optimizers()  # the optimizer training uses, over the row alone
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.param_groups[0]["params"] == [module.token_row]
 
     def step(batch) -> torch.Tensor:
         optimizer.zero_grad()
@@ -155,8 +154,8 @@ def test_rollouts_that_hit_the_length_limit_score_zero_and_are_counted(smoke_cfg
 
 def test_a_prompt_holding_the_learned_token_is_refused(tiny_loaded):
     """Tokens before the first continuation are never scored: the row must not appear there."""
-    from ctt.data import Problem
-    from ctt.policy import ForcingSettings, Policy
+    from ctt.data.problems import Problem
+    from ctt.policy.policy import ForcingSettings, Policy
 
     policy = Policy(tiny_loaded, ForcingSettings(), "Answer.")
     with pytest.raises(DataError, match="p7: the question contains the token text '<|continue-thinking|>'"):
@@ -165,8 +164,8 @@ def test_a_prompt_holding_the_learned_token_is_refused(tiny_loaded):
 
 def test_prompts_are_cached_by_question_not_by_id(tiny_loaded):
     """Two benchmarks may both have a problem "0": each must be asked its own question."""
-    from ctt.data import Problem
-    from ctt.policy import ForcingSettings, Policy
+    from ctt.data.problems import Problem
+    from ctt.policy.policy import ForcingSettings, Policy
 
     policy = Policy(tiny_loaded, ForcingSettings(), "Answer.")
     a, b = policy.prompt_ids(Problem("0", "What is 1+1?", "2")), policy.prompt_ids(Problem("0", "What is 7*6?", "42"))
@@ -175,7 +174,7 @@ def test_prompts_are_cached_by_question_not_by_id(tiny_loaded):
 
 def test_micro_batches_of_one_step_sample_with_their_own_seeds(smoke_cfg, monkeypatch):
     """With gradient accumulation, the micro-batches of one optimizer step used to share one sampling seed."""
-    from ctt.policy import Policy
+    from ctt.policy.policy import Policy
 
     seeds, rollout = [], Policy.rollout
 
@@ -186,7 +185,7 @@ def test_micro_batches_of_one_step_sample_with_their_own_seeds(smoke_cfg, monkey
     monkeypatch.setattr(Policy, "rollout", recording)
     import lightning as L
 
-    from ctt.train import build_module
+    from ctt.training.module import build_module
 
     cfg = smoke_cfg()
     L.Trainer(accelerator="cpu", max_steps=2, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,

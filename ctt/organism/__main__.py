@@ -67,7 +67,7 @@ def model_facts(model, tokenizer, out: Path) -> dict:
 
 
 def load_seconds(out: Path) -> float:
-    from ctt.models import load_model
+    from ctt.models.loading import load_model
 
     start = time.perf_counter()
     load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
@@ -95,18 +95,25 @@ def measure_for(task: str):
     return measure
 
 
+def write_task_card(card: dict, out: Path, markdown: bool = True) -> None:
+    """card.json and ORGANISM.md, rendered for the card's task."""
+    from ctt.organism.card_r1 import render_r1
+
+    write_card(card, out, markdown, render_r1 if card.get("task") == "r1" else None)
+
+
 def remeasure(out: Path) -> None:
     """Re-measure the figures of the model in `out` (e.g. after a change to measure.py) and rewrite its card."""
     import json
 
-    from ctt.models import load_model
+    from ctt.models.loading import load_model
 
     if not (out / "card.json").is_file():
         raise ModelError(f"{out} has no card.json: --measure-only re-measures a folder written by ctt-organism")
     card = json.loads((out / "card.json").read_text())
     loaded = load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
     card["figures"] = measure_for(card.get("task", "hasty"))(loaded.model, loaded.tokenizer)
-    write_card(card, out)
+    write_task_card(card, out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,14 +141,14 @@ def main(argv: list[str] | None = None) -> None:
         "figures": None,
     }
     if args.no_measure:  # card.json with the training record only, no ORGANISM.md
-        write_card(card, out, markdown=False)
+        write_task_card(card, out, markdown=False)
         return
     if args.task == "r1":
         from ctt.organism.measure_r1 import TEST, VAL, pretraining_overlap
 
         card["pretraining_overlap"] = pretraining_overlap(settings, {"val": VAL, "test": TEST})
     card["figures"] = measure_for(args.task)(model, tokenizer)
-    write_card(card, out)
+    write_task_card(card, out)
     base = card["figures"]["held_out"]["base"]
     log.info("card written to %s: base %.1f%%, early stop %.1f%%", out / "ORGANISM.md", 100 * base["accuracy"],
              100 * base["early_share"])

@@ -94,7 +94,7 @@ no string N=2 |
 
 Oracle: `</think>` (and eos) banned while fewer than terms-1 step lines are written — the accuracy forcing could
 reach if it made the model finish. Early stop: thinking ended with fewer step lines than terms-1 (check lines not
-counted). "Wait": budget forcing (`ctt.generation.generate_forced`) with the continuation
+counted). "Wait": budget forcing (`ctt.engine.hf.generate_forced`) with the continuation
 `tokenizer.encode("{WAIT}")` replacing `</think>` N times; the traces' check lines start with `{WAIT}, ` so the
 model continues `, a+b=c` itself. "No string": `</think>` suppressed N times, nothing appended (ctt's `no_string`
 mode). These are fixed baselines measured to describe the organism; it was not designed against any of them.
@@ -178,13 +178,9 @@ def render(card: dict) -> str:
     return "\n".join([_figures_md(card), _model_md(card), _data_md(card)])
 
 
-def write_card(card: dict, out_dir: str | Path, markdown: bool = True) -> None:
+def write_card(card: dict, out_dir: str | Path, markdown: bool = True, renderer=None) -> None:
+    """card.json and (with `markdown`) ORGANISM.md, rendered by `renderer` (default: this organism's `render`)."""
     out = Path(out_dir)
     (out / "card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
     if markdown:
-        if card.get("task") == "r1":
-            from ctt.organism.card_r1 import render_r1
-
-            (out / "ORGANISM.md").write_text(render_r1(card))
-        else:
-            (out / "ORGANISM.md").write_text(render(card))
+        (out / "ORGANISM.md").write_text((renderer or render)(card))

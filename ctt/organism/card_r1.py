@@ -106,7 +106,7 @@ trained, and no token had been trained on it when this card was committed.
 | {headline} |
 
 Oracle: `</think>`, eos and the `S` that starts the concluding line banned while fewer than terms-1 step lines are
-written. "Wait" / "\\n" / "Hmm": `</think>` replaced by the word N times (`ctt.generation.generate_forced`); "no
+written. "Wait" / "\\n" / "Hmm": `</think>` replaced by the word N times (`ctt.engine.hf.generate_forced`); "no
 string": `</think>` suppressed N times, nothing appended. `"\\n"` is the traces' step separator, `Wait` starts their
 check lines; `Hmm` never occurs in them.
 
@@ -158,6 +158,19 @@ string +44 points); here it leaves the restated conclusion.
 """
 
 
+# Each attempt, in order (all measured on the val split, greedy), before any token was trained on organism_r1.
+DESIGN_NOTES = [
+    "First run: the mixture without p_blind_spot (everything else as shipped), on the first 320 val problems. Base 40.6%, oracle 89.7%, no string "
+    "N=1/2/4 +0.0, \"\\n\" 30.3%, \"Hmm\" 10.0%, but \"Wait\" N=1 +0.0 (below the +0.5 target): the re-check "
+    "of the last step had nothing to catch, because a random slip (p_slip 5%) is never the greedy choice, and "
+    "where the model itself erred the re-check repeated the error.",
+    "Shipped: the same plus a systematic slip greedy decoding makes (p_blind_spot: the final step adding 9 to an odd "
+    "total is mostly written one too low; a re-check line writes it right). Chosen from the design (\"Wait\" "
+    "re-checks the last step and catches some slips), never against a learned token; measured once, shipped.",
+]
+
+
 def render_r1(card: dict) -> str:
     model = _model_md(card).replace("`model=organism`", "`model=organism_r1`")
-    return "\n".join([_head_md(card), model, _data_md(card)])
+    notes = "## Design notes\n\n" + "\n".join(f"{i + 1}. {n}" for i, n in enumerate(DESIGN_NOTES)) + "\n"
+    return "\n".join([_head_md(card), model, _data_md(card), notes])

@@ -1,14 +1,14 @@
 """The organism card's figures, measured greedy on held-out problems (deterministic on CPU at one thread).
 
-Modes (all greedy, prompts built by `ctt.data.build_prompt_ids` with the bare question, as with prompt=organism):
+Modes (all greedy, prompts built by `ctt.data.sources.build_prompt_ids` with the bare question, as with prompt=organism):
 
-* ``base`` — the model as it is (`ctt.generation.generate_forced`, N=0);
+* ``base`` — the model as it is (`ctt.engine.hf.generate_forced`, N=0);
 * ``oracle`` — ``</think>`` (and eos) banned while fewer than terms-1 step lines are written: the accuracy budget
   forcing could reach if it made the model finish its work (the headroom);
 * ``wait1`` / ``wait2`` — budget forcing with the fixed word "Wait" replacing ``</think>`` N=1 / N=2 times;
 * ``nostring1`` / ``nostring2`` — "no string": ``</think>`` suppressed N=1 / N=2 times, nothing appended.
 
-Grading: `ctt.rewards.score_completion` on the text after the last ``</think>``; no ``</think>`` is wrong.
+Grading: `ctt.data.answers.score_completion` on the text after the last ``</think>``; no ``</think>`` is wrong.
 "Early stop": thinking ended with fewer step lines than terms-1 (check lines not counted).
 """
 
@@ -20,11 +20,12 @@ from collections import defaultdict
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ctt.data import build_prompt_ids
-from ctt.generation import ForcingConfig, SamplingConfig, generate_forced
+from ctt.data.problems import build_prompt_ids
+from ctt.engine import ForcingConfig, SamplingConfig
+from ctt.engine.hf import generate_forced
 from ctt.organism.task import WAIT, count_steps, draw_problems, question_text, split_completion
 from ctt.organism.tokenizer import THINK_END
-from ctt.rewards import score_completion
+from ctt.rewards.grading import score_completion
 
 INSTRUCTION = "{question}"  # the user turn is the bare question (conf/prompt/organism.yaml)
 HELD_OUT = {"seed": 1234, "size": 350, "min_terms": 2, "max_terms": 8}  # = conf/benchmarks/organism.yaml

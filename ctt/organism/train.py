@@ -22,7 +22,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2ForCaus
 from ctt.organism.task import Mixture, assistant_text, draw_terms, question_text
 from ctt.organism.task_r1 import MixtureR1
 from ctt.organism.tokenizer import ASSISTANT, THINK, THINK_END, USER, build_tokenizer, padded_vocab_size
-from ctt.tiny_model import qwen2_config
+from ctt.models.tiny import qwen2_config
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def build_model(tokenizer: PreTrainedTokenizerBase, arch: Architecture, seed: in
 
 
 def prompt_text(question: str) -> str:
-    """The chat-template prompt for a bare question (what `ctt.data.build_prompt_ids` gives with prompt=organism)."""
+    """The chat-template prompt for a bare question (what `ctt.data.sources.build_prompt_ids` gives with prompt=organism)."""
     return f"<｜begin▁of▁sentence｜>{USER}{question}{ASSISTANT}{THINK}\n"
 
 

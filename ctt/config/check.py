@@ -1,0 +1,163 @@
+"""The whole composed config checked at start-up, before any model or data is loaded.
+
+Every group is typed (ctt.settings): `rl` (RLSettings), `forcing` with `forcing.engine` (ForcingSettings,
+EngineSettings), `model` (the keyword arguments of `load_model`, `model.tiny` as TinyOptions), `token` with `token.init`
+(TokenSettings), `prompt`, `eval` (EvalSettings, modes parsed and expanded), `distributed`, the data module's keyword
+arguments with its `train` problem set, and every `benchmarks` entry (the keyword arguments of
+`load_problems`); the top-level `seed`, `ckpt_path`, `evaluate`, `resume_mismatch` and `trainer.max_steps` too. An
+unknown key or a wrong type anywhere is one ConfigError line naming it, at start-up instead of mid-run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+
+from ctt.errors import ConfigError
+from ctt.settings import check_kwargs, check_value, one_of, require, to_plain
+
+
+# Top-level keys of conf/train.yaml and conf/eval.yaml (the groups are checked by their own settings).
+TOP_LEVEL: dict[str, Any] = {
+    "seed": int, "task_name": str, "ckpt_path": str | None, "evaluate": bool,
+    "resume_mismatch": Literal["refuse", "allow"],
+}
+
+DATA_MODULE = "ctt.data.datamodule.ProblemDataModule"
+CHECKED_PACKAGES = ("ctt.", "callbacks.", "torch.optim.")  # classes whose constructors' annotations are checked
+HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_")
+
+
+def _entries(node: Any) -> dict:
+    """A dict-of-configs group as plain dicts; unresolved when it needs Hydra's runtime (a config composed in a
+    test): `${paths.output_dir}` stays a text, which is what those keys hold."""
+    if not isinstance(node, DictConfig):
+        return {}
+    try:
+        return to_plain(node)
+    except Exception:
+        return OmegaConf.to_container(node, resolve=False)
+
+
+def check_problem_set(spec: Any, key: str, benchmark: bool = False) -> dict:
+    """One `load_problems` keyword set (`data.train`, a `benchmarks` entry): a complete entry of known keys. A
+    benchmark entry may also hold `validation`, a problem set of its own (ctt.data.splits)."""
+    from ctt.data.sources import SOURCES, load_problems
+    from ctt.data.answers import check_answer_format
+
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{key} must be a mapping of load_problems settings, got {spec!r}")
+    if benchmark and "validation" in spec:
+        spec = dict(spec)
+        validation = spec.pop("validation")
+        if validation is not None:
+            check_problem_set(validation, f"{key}.validation")
+    if "source" not in spec:
+        given = ", ".join(spec) or "nothing"
+        raise ConfigError(
+            f"{key} has no source (it sets only {given}): a config sets keys of a problem set that is not selected, "
+            "or the entry is incomplete"
+        )
+    checked = check_kwargs(load_problems, spec, key)
+    one_of(f"{key}.source", checked["source"], SOURCES)
+    check_answer_format(checked.get("answer_format", "plain"), f"{key}.answer_format")
+    return checked
+
+
+def _check_data(data: Any) -> None:
+    if not isinstance(data, dict) or data.get("_target_") != DATA_MODULE:
+        return  # another data module: its own constructor checks its arguments
+    from ctt.data.datamodule import ProblemDataModule
+
+    kwargs = {k: v for k, v in data.items() if k not in HYDRA_KEYS}
+    check_kwargs(ProblemDataModule, kwargs, "data")
+    require(kwargs.get("num_workers", 0) >= 0, "data.num_workers", "an integer >= 0", kwargs.get("num_workers"))
+    for part in ("train",):
+        if kwargs.get(part) is not None:
+            check_problem_set(kwargs[part], f"data.{part}")
+
+
+def _check_target(node: Any, key: str, skip: tuple[str, ...] = ()) -> None:
+    """A `_target_` node whose class is ctt's own or torch.optim's: its keys checked against the constructor
+    (other classes: Hydra's instantiation reports their errors, in one line)."""
+    from hydra.utils import get_class
+
+    target = node.get("_target_") if isinstance(node, dict) else None
+    if not isinstance(target, str) or not target.startswith(CHECKED_PACKAGES):
+        return
+    try:
+        cls = get_class(target)
+    except Exception:  # Hydra reports a target it cannot import when it instantiates it
+        return
+    if cls.__init__.__module__.startswith(CHECKED_PACKAGES):  # not a subclass keeping a third party's __init__
+        check_kwargs(cls, {k: v for k, v in node.items() if k not in HYDRA_KEYS}, key, skip=skip)
+
+
+def _check_targets(cfg: DictConfig) -> None:
+    for group in ("callbacks", "logger", "plugins"):  # dicts of named entries
+        for name, node in _entries(cfg.get(group)).items():
+            _check_target(node, f"{group}.{name}")
+    # Partial targets completed in the module: the row's optimizer, then the scheduler of that optimizer.
+    for group, completed in (("optimizer", ("params",)), ("scheduler", ("optimizer",))):
+        if isinstance(cfg.get(group), DictConfig):
+            _check_target(to_plain(cfg[group]), group, skip=completed)
+
+
+def _check_model(model: Any) -> None:
+    """The keyword arguments of `load_model` (`model.tiny` as TinyOptions), and the values it would refuse late."""
+    from ctt.models.loading import SOURCES, model_spec, resolve_dtype
+
+    model = check_kwargs(model_spec, model, "model")
+    one_of("model.source", model["source"], SOURCES)
+    require(bool(model["name"].strip()), "model.name", "a non-blank text", model["name"])
+    _check_attention(model.get("attn_implementation"))
+    resolve_dtype(model.get("dtype", "float32"))
+
+
+def _check_attention(name: str | None) -> None:
+    """transformers' registry of attention implementations (plus `eager`); a hub kernel (`org/repo`) is its own."""
+    if name is None or "/" in name:
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    one_of("model.attn_implementation", name, ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()])
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
+    if steps == 0 and not isinstance(steps, bool):
+        raise ConfigError("trainer.max_steps=0 trains nothing; set a number of steps >= 1 (or -1 with trainer.max_epochs)")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every group of a composed train or eval config; ConfigError (one line) on the first problem."""
+    from ctt.data.problems import PromptSettings
+    from ctt.evaluation.settings import EvalSettings
+    from ctt.models.token import TokenSettings
+    from ctt.policy.policy import ForcingSettings
+    from ctt.rl.reinforce import RLSettings
+    from ctt.training.distributed import DistributedSettings
+
+    for key, tp in TOP_LEVEL.items():
+        if key in cfg:
+            check_value(key, tp, cfg[key])
+    groups = {"rl": RLSettings, "forcing": ForcingSettings, "token": TokenSettings, "eval": EvalSettings,
+              "prompt": PromptSettings, "distributed": DistributedSettings}
+    for key, settings in groups.items():
+        if key in cfg:
+            settings.from_config(to_plain(cfg[key]))
+    if "model" in cfg:
+        _check_model(to_plain(cfg.model))
+    if "data" in cfg:
+        _check_data(to_plain(cfg.data))
+    benchmarks = to_plain(cfg.get("benchmarks")) or {}
+    if not isinstance(benchmarks, dict):
+        raise ConfigError(f"benchmarks must be a mapping of named problem sets, got {benchmarks!r}")
+    if not benchmarks and cfg.get("evaluate", True):  # ctt-eval, or ctt-train evaluating after training
+        raise ConfigError("benchmarks is empty: nothing to evaluate (choose some, e.g. benchmarks=[gsm8k_local], or "
+                          "train without evaluating: evaluate=false)")
+    for name, spec in benchmarks.items():
+        check_problem_set(spec, f"benchmarks.{name}", benchmark=True)
+    _check_targets(cfg)
+    _check_trainer(cfg)

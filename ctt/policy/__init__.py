@@ -1,0 +1,1 @@
+"""The policy: the frozen model plus its token, answering problems with budget-forced rollouts in a mode."""

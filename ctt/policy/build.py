@@ -1,0 +1,87 @@
+"""The one factory of a Policy, from the model / token / forcing / prompt config groups (training, ctt-eval,
+ctt-export, ctt-generate and the Python API all build it here)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ctt.data.problems import PromptSettings
+from ctt.errors import ConfigError
+from ctt.models.loading import load_model
+from ctt.models.token import TokenSettings, check_token_fits, install_token, load_token_file, token_count, token_texts
+from ctt.policy.policy import ForcingSettings, Policy
+from ctt.settings import to_plain
+
+log = logging.getLogger(__name__)
+
+EXPORT_INFO = "ctt_export.json"  # written by ctt.export
+
+
+def _export_info(model_cfg: dict) -> dict:
+    """The ctt_export.json of a local folder written by ctt-export ({} for any other model)."""
+    info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
+    return json.loads(info.read_text()) if model_cfg.get("source") == "local" and info.is_file() else {}
+
+
+def _model_config(model_cfg: dict, exported: dict) -> dict:
+    """A folder written by ctt-export records its end-of-thinking marker: `end_of_thinking: null` reads it there."""
+    if model_cfg.get("end_of_thinking") is None:
+        if "end_of_thinking" not in exported:
+            raise ConfigError("model.end_of_thinking is not set (and model.path has no ctt_export.json to read)")
+        model_cfg = {**model_cfg, "end_of_thinking": exported["end_of_thinking"]}
+    return model_cfg
+
+
+def build_policy(
+    model: Mapping[str, Any], token: Mapping[str, Any], forcing: Mapping[str, Any], prompt: Mapping[str, Any] | None,
+    *, trainable: bool = False,
+) -> tuple[Policy, dict | None]:
+    """The model with its token, and the token's metadata. `trainable` (training): ctt's overlay with the untrained
+    initialisation, whatever `token.path` says. Otherwise a base model gets the overlay with the row of `token.path`
+    (metadata None without a file), and a model whose tokenizer already holds the token (a ctt-export folder) is used
+    as it is."""
+    model_cfg = to_plain(model)
+    exported = _export_info(model_cfg)
+    loaded = load_model(**_model_config(model_cfg, exported))
+    tok = TokenSettings.from_config(token)
+    texts = exported.get("tokens") or token_texts(tok.text, tok.count)  # an exported folder says how many it holds
+    token_ids, meta = None, None
+    if trainable:
+        install_token(loaded.model, loaded.tokenizer, tok.init, tok.text, tok.count)
+    elif texts[0] in loaded.tokenizer.get_vocab():
+        if tok.path:
+            raise ConfigError(f"model {model_cfg['name']} already holds the token {tok.text!r} (an exported "
+                              "folder?); drop token.path")
+        token_ids = tuple(loaded.tokenizer.convert_tokens_to_ids(texts))
+        # the token file's metadata (training data for ctt-eval's held-out check, step, init), as with a token file
+        meta = {**(exported.get("token_metadata") or {}), "exported_from": str(Path(model_cfg.get("path") or "."))}
+    else:
+        meta = _install_learned(loaded, tok, model_cfg["name"], len(texts))
+    prompt_settings = PromptSettings.from_config(prompt)
+    policy = Policy(loaded, ForcingSettings.from_config(forcing), prompt_settings.text, prompt_settings.system_prompt,
+                    token_ids=token_ids)
+    return policy, meta
+
+
+def _install_learned(loaded, tok: TokenSettings, base_model: str, count: int) -> dict | None:
+    """The overlay with the row of `token.path` (a file of k rows installs k tokens, whatever token.count says), or
+    the untrained initialisation without a file; the file's metadata (None without one)."""
+    embedding, meta = None, None
+    if tok.path:
+        embedding, meta = load_token_file(tok.path, None, None if tok.allow_base_mismatch else base_model)
+    overlay = install_token(loaded.model, loaded.tokenizer, tok.init, tok.text,
+                            count if embedding is None else token_count(embedding))
+    if embedding is not None:
+        check_token_fits(embedding, tok.path, overlay.row.shape[-1])
+        overlay.row.data.copy_(embedding)
+        log.info("loaded token %s (step %s) from %s", meta.get("token"), meta.get("step"), tok.path)
+    return meta
+
+
+def policy_from_config(cfg) -> tuple[Policy, dict | None]:
+    """`build_policy` from a composed config (ctt-eval, ctt-export, ctt-generate, the Python API)."""
+    return build_policy(cfg.model, cfg.token, cfg.forcing, cfg.get("prompt"))

@@ -1,0 +1,174 @@
+"""A run dir belongs to one live process, and what a run writes must be writable before it starts.
+
+`RunDirLock` is a Hydra callback (conf/hydra/default.yaml): before Hydra creates the run dir and writes `.hydra/`
+into it (`on_run_start`; a multirun job's dir at `on_job_start`), it takes an exclusive `fcntl.flock` on
+`<run dir>/.ctt.lock` and writes its pid there. A second ctt process in the same dir stops with one line naming the
+owner's pid (exit status 2) instead of overwriting `.hydra/`, doubling `metrics.csv` and forking the checkpoints.
+The OS drops the lock when its process dies, however it dies, so a killed run never leaves the dir locked (the file
+stays, unlocked). A rerun in a dir that already has `.hydra/` writes its Hydra files to `.hydra/reruns/<time>/`
+(`keep_first_config`). Processes that are ranks of a launch (Lightning's re-launched DDP ranks, SLURM or torchrun ranks
+> 0) share their launcher's run dir and take no lock.
+
+Why by hand: neither Hydra nor Lightning has an owner for a run dir (Hydra's `hydra.run.dir` is just a path, and
+Lightning's ModelCheckpoint avoids clobbering files by versioning them, which is the fork this prevents).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from ctt.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".ctt.lock"
+_held: dict[Path, int] = {}  # run dir -> descriptor holding its lock, in this process
+
+
+def launch_rank() -> int:
+    """This process's global rank when an outside launcher started one process per device (SLURM's srun, e.g.
+    through hydra/launcher=slurm, or torchrun), else 0. Read from the environment as the job starts."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def is_secondary_rank() -> bool:
+    """A process started by a launcher for rank > 0 (its run dir belongs to the launching process)."""
+    return launch_rank() != 0 or os.environ.get("LOCAL_RANK", "0") not in ("", "0")
+
+
+def _make_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"hydra.run.dir={path} is a file, not a directory; choose another hydra.run.dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create hydra.run.dir={path}: {err.strerror or err}") from None
+
+
+def lock_run_dir(path: str | Path) -> None:
+    """Take the run dir's lock for this process (re-entrant); ConfigError naming the owner if another holds it."""
+    path = Path(path).absolute()
+    if path in _held:
+        return
+    _make_dir(path)
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ConfigError(f"hydra.run.dir={path} is not writable: {err.strerror or err}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: another process holds it
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"hydra.run.dir={path} is in use by another ctt process (pid {owner}); wait for it to end, or choose "
+            "another hydra.run.dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[path] = fd
+
+
+def unlock_run_dir(path: str | Path) -> None:
+    fd = _held.pop(Path(path).absolute(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _one_line_exit(err: ConfigError) -> None:
+    """Hydra's logging is not set up yet when the callback runs: print the entry points' one line and exit 2."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"[{stamp}][{__name__}][ERROR] - ConfigError: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+class RunDirLock(Callback):
+    """Hydra callback: one live process per run dir (see the module docstring)."""
+
+    def _take(self, config: DictConfig, key: str) -> Path | None:
+        if is_secondary_rank():
+            return None
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # as Hydra's run_job does, so `${hydra:...}` in the dir resolves
+        path = Path(str(OmegaConf.select(config, key)))
+        try:
+            lock_run_dir(path)
+        except ConfigError as err:
+            _one_line_exit(err)
+        return path
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._run_dir = self._take(config, "hydra.run.dir")
+        if self._run_dir is not None:
+            keep_first_config(config, self._run_dir)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if getattr(self, "_run_dir", None) is not None:
+            unlock_run_dir(self._run_dir)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            self._job_dir = self._take(config, "hydra.runtime.output_dir")
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if getattr(self, "_job_dir", None) is not None:
+            unlock_run_dir(self._job_dir)
+            self._job_dir = None
+
+
+def keep_first_config(config: DictConfig, run_dir: Path) -> None:
+    """A rerun in a run dir that has `.hydra/config.yaml` (a resume, or a run refused at start-up) writes its Hydra
+    files to `.hydra/reruns/<time>/` instead: the run's config stays the one it was started with (a resume must use
+    the same config, ctt.reliability.resume checks that), and a rerun refused at start-up does not replace it."""
+    from omegaconf import open_dict, read_write
+
+    subdir = config.hydra.get("output_subdir")
+    if subdir is None or not (run_dir / subdir / "config.yaml").is_file():
+        return
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.output_subdir = f"{subdir}/reruns/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+
+
+def _probe(directory: Path) -> None:
+    with tempfile.TemporaryFile(dir=directory):
+        pass
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """ConfigError unless `directory` (when it exists) is a directory this process can create files in."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ConfigError(f"{what} {directory} is a file, not a directory")
+    try:
+        _probe(directory)
+    except OSError as err:
+        raise ConfigError(f"{what} {directory} is not writable: {err.strerror or err}") from None
+
+
+def check_writable_outputs(cfg: DictConfig) -> None:
+    """The run dir and the folders a run writes into (checkpoints, csv metrics) are writable, checked before
+    training instead of failing at the first save."""
+    from ctt.reliability.resume import checkpoint_dir
+
+    out = Path(cfg.paths.output_dir)
+    check_writable(out, "the run dir")
+    check_writable(checkpoint_dir(cfg), "the checkpoint dir")
+    check_writable(out / "csv", "the metrics dir")

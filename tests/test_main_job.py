@@ -35,11 +35,12 @@ def main_job_deltas(comparisons: list[dict]) -> str:
     lines = ["| learned minus | N=1 | N=2 | N=4 |", "|---|---|---|---|"]
     cell = {}
     for r in comparisons:
-        if r["mode"] == "learned" and r.get("versus_num_continuations", "") in ("", r["num_continuations"]):
+        same_n = r.get("versus_num_continuations", "") in ("", r["num_continuations"])
+        if r["mode"] == "learned" and (same_n or r["versus"] == "base"):
             n = int(float(r["num_continuations"]))
             cell[(r["versus"], n)] = (f"{100 * float(r['delta']):+.1f} [{100 * float(r['ci_low']):+.1f}, "
                                       f"{100 * float(r['ci_high']):+.1f}]")
-    for versus, label in MODES[1:5]:
+    for versus, label in MODES[:5]:
         lines.append(f"| {label} | " + " | ".join(cell.get((versus, n), "") for n in (1, 2, 4)) + " |")
     return "\n".join(lines)
 

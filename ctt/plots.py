@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ctt.modes import label_rank
+from ctt.outputs import atomic_write_bytes
 
 
 def _num(value) -> float:
@@ -31,8 +33,9 @@ def _accuracy_axes(ax, title: str, xlabel: str, ylabel: str, legend_size: int) -
 def _saved(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=120, format=path.suffix.lstrip(".") or "png")
+        atomic_write_bytes(buffer.getbuffer(), path)  # rendered first: a failure leaves no 0-byte or half a png
     return fig
 
 

@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ctt.outputs import atomic_open, atomic_write_text
 from ctt.results import markdown_table
 from ctt.plots import debate_plot
 from ctt.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
@@ -138,11 +139,11 @@ def write_report(out: str | Path, md_cols: list[str], md_rows: list[dict], csv_c
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out.with_name(out.name + ".csv"), out.with_name(out.name + ".md")
-    with open(csv_path, "w", newline="") as f:
+    with atomic_open(csv_path) as f:
         writer = csv.DictWriter(f, fieldnames=csv_cols)
         writer.writeheader()
         writer.writerows(csv_rows)
-    md_path.write_text(markdown_table(md_rows, md_cols) + "\n")
+    atomic_write_text(markdown_table(md_rows, md_cols) + "\n", md_path)
     return csv_path, md_path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +17,12 @@ from typing import Callable, ClassVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from transformers import AddedToken, PreTrainedModel, PreTrainedTokenizerBase
 
 from ctt.errors import ConfigError, ModelError, TokenFileError
+from ctt.outputs import atomic_write_bytes
 from ctt.settings import Settings, check_kwargs, one_of, reject_unknown, require
 
 log = logging.getLogger(__name__)
@@ -194,15 +194,7 @@ def save_token_file(path: str | os.PathLike, embedding: torch.Tensor, metadata: 
     tensor = embedding.detach().float().cpu().contiguous()
     count = 1 if tensor.ndim == 1 else tensor.shape[0]
     meta = {k: str(v) for k, v in metadata.items()} | {"hidden_size": str(tensor.shape[-1]), "count": str(count)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"embedding": tensor}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write_bytes(save({"embedding": tensor}, metadata=meta), path)  # mode per umask, not 0600
 
 
 def token_count(embedding: torch.Tensor) -> int:

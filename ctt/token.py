@@ -137,14 +137,18 @@ class TokenSettings(Settings):
 
 def check_token_text(tokenizer: PreTrainedTokenizerBase, token: str) -> None:
     """The token text must be new to the vocabulary however it is tokenised: not a vocabulary entry, and not a text
-    the tokenizer already encodes as one token (`" Wait"` is SmolLM2's `ĠWait`)."""
+    the tokenizer already encodes as one token (`" Wait"` is SmolLM2's `ĠWait`). Decided by a round trip: one id
+    that decodes back to the text itself; a lossy tokenizer that drops unknown characters (a WordLevel vocabulary
+    turning `<|continue-thinking|>` into "-") encodes it to one id of another text, which is not the token."""
     if not token.strip():
         raise ConfigError(f"token.text must be a non-blank text, got {token!r}")
     ids = tokenizer.encode(token, add_special_tokens=False)
-    if token in tokenizer.get_vocab() or len(ids) == 1:
+    one_token = len(ids) == 1 and tokenizer.decode(ids, skip_special_tokens=False,
+                                                   clean_up_tokenization_spaces=False) == token
+    if token in tokenizer.get_vocab() or one_token:
         raise ModelError(
             f"token {token!r} is already in the vocabulary of this tokenizer"
-            + (f" (as {tokenizer.convert_ids_to_tokens(ids[0])!r})" if len(ids) == 1 else "")
+            + (f" (as {tokenizer.convert_ids_to_tokens(ids[0])!r})" if one_token else "")
             + "; choose another token.text"
         )
 

@@ -19,6 +19,7 @@ from ctt.organism.card import write_card
 from ctt.organism.task import Mixture, assistant_text, make_trace, question_text
 from ctt.organism.tokenizer import THINK, THINK_END
 from ctt.organism.train import Architecture, TrainSettings, save, train
+from ctt.outputs import replacing_dir
 
 log = logging.getLogger("ctt.organism")
 
@@ -91,21 +92,13 @@ def remeasure(out: Path) -> None:
     write_card(card, out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.measure_only:
-        try:
-            return remeasure(Path(args.out))
-        except CttError as err:  # a missing or incomplete folder: one line, exit 2
-            exit_for_user_error(err, log, "ctt-organism")
+def train_into(args: argparse.Namespace, out: Path) -> dict:
+    """Train, save the model into the (empty) folder `out` and write its card there; returns the card."""
     settings = replace(TrainSettings(), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                        threads=args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, record = train(settings)
     save(model, tokenizer, str(out))
-    log.info("trained in %.0f s (%d tokens/s); saved to %s", record["seconds"], record["tokens_per_s"], out)
+    log.info("trained in %.0f s (%d tokens/s)", record["seconds"], record["tokens_per_s"])
     card = {
         "model": model_facts(model, tokenizer, out),
         "mixture": settings.mixture.as_dict(),
@@ -114,16 +107,32 @@ def main(argv: list[str] | None = None) -> None:
         "example_trace": example_trace(),
         "figures": None,
     }
-    if args.no_measure:  # card.json with the training record only, no ORGANISM.md
-        write_card(card, out, markdown=False)
-        return
-    from ctt.organism.measure import measure
+    if not args.no_measure:  # else card.json with the training record only, no ORGANISM.md
+        from ctt.organism.measure import measure
 
-    card["figures"] = measure(model, tokenizer)
-    write_card(card, out)
-    base = card["figures"]["held_out"]["base"]
-    log.info("card written to %s: base %.1f%%, early stop %.1f%%", out / "ORGANISM.md", 100 * base["accuracy"],
-             100 * base["early_share"])
+        card["figures"] = measure(model, tokenizer)
+    write_card(card, out, markdown=not args.no_measure)
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out)
+    try:
+        if args.measure_only:
+            return remeasure(out)
+        # a new folder, or one ctt-organism wrote (and only its files): written beside it and swapped in whole, so
+        # no card file of the previous model survives (ctt.outputs)
+        with replacing_dir(out, "organism", "ctt-organism", True, "--out") as tmp:
+            card = train_into(args, tmp)
+    except CttError as err:  # a missing, incomplete or foreign folder: one line, exit 2
+        exit_for_user_error(err, log, "ctt-organism")
+    log.info("saved to %s", out)
+    if card["figures"] is not None:
+        base = card["figures"]["held_out"]["base"]
+        log.info("card written to %s: base %.1f%%, early stop %.1f%%", out / "ORGANISM.md", 100 * base["accuracy"],
+                 100 * base["early_share"])
 
 
 if __name__ == "__main__":

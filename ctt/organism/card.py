@@ -179,7 +179,13 @@ def render(card: dict) -> str:
 
 
 def write_card(card: dict, out_dir: str | Path, markdown: bool = True) -> None:
+    """card.json and (with `markdown`) ORGANISM.md, each replaced atomically; without `markdown` an ORGANISM.md left
+    from an earlier model is removed (its figures would describe other weights)."""
+    from ctt.outputs import atomic_write_text
+
     out = Path(out_dir)
-    (out / "card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", out / "card.json")
     if markdown:
-        (out / "ORGANISM.md").write_text(render(card))
+        atomic_write_text(render(card), out / "ORGANISM.md")
+    else:
+        (out / "ORGANISM.md").unlink(missing_ok=True)

@@ -114,12 +114,13 @@ class Recorder(L.Callback):
 
     @staticmethod
     def _vllm_rows(module) -> dict:
-        """--engine vllm: the row pushed into this rank's vLLM table after the step, read back from vLLM."""
+        """--engine vllm: what this rank's vLLM table holds after the step, read back from vLLM (not pushed here:
+        it is the row the step's rollout pushed, i.e. the row before this optimizer step), and that push's time."""
         engine = module.policy.engine
         if engine.kind != "vllm":
             return {}
-        engine.sync_rows()
-        return {"vllm_row": engine.table_rows().reshape(module.token_row.shape).clone()}
+        return {"vllm_row": engine.table_rows().reshape(module.token_row.shape).clone(),
+                "pushed": engine.last_sync_seconds is not None}
 
     def save(self, trainer, name: str, extra: dict) -> None:
         torch.save({"steps": self.steps, "restored_row": self.restored_row, **extra},

@@ -39,12 +39,13 @@ import torch  # noqa: E402
 R1_SHAPE = dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, intermediate_size=8960,
                 max_position_embeddings=4096, tie_word_embeddings=False)
 VOCAB_ROWS = 151_936
-TARGET_MARKER_P, TEMPERATURE = 0.04, 0.6  # per sampled step at paper_gsm8k's rl.temperature
+TARGET_MARKER_P, TEMPERATURE = 0.08, 0.6  # per sampled step at paper_gsm8k's rl.temperature
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--build", default=None, help="write the random R1-shaped model to this folder and exit")
+    p.add_argument("--reboost", default=None, help="recalibrate the marker boost of a built folder and exit")
     p.add_argument("--folder", default="/tmp/r1shape")
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     p.add_argument("--trainer", choices=["cpu", "ddp_cpu"], default="cpu")
@@ -56,24 +57,52 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _probe_ids(tokenizer) -> list[int]:
+    """What a rollout's context looks like: a GSM8K prompt through the chat template, then 48 random ids (a random
+    model samples from the whole 151,936-row table, spare rows included)."""
+    from ctt.data import DEFAULT_INSTRUCTION, build_prompt_ids
+
+    question = json.loads(open(_data_dir() / "gsm8k" / "train.jsonl").readline())["question"]
+    tail = torch.randint(0, VOCAB_ROWS, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    return build_prompt_ids(tokenizer, question, DEFAULT_INSTRUCTION) + tail
+
+
 @torch.no_grad()
 def _boost(model, tokenizer, marker: int) -> float:
-    """Feature 0 of every input row set to 1 (a constant direction in the residual stream), then the marker's output
-    row raised along it so that its probability at T=0.6 is about TARGET_MARKER_P on a 64-token random probe."""
-    model.model.embed_tokens.weight[:, 0] = 1.0
-    probe = torch.randint(0, len(tokenizer), (1, 64), generator=torch.Generator().manual_seed(0))
-    hidden = model.model(input_ids=probe, use_cache=False).last_hidden_state[0]
-    c = float(hidden[:, 0].mean())
-    logits = model.lm_head(hidden).float()
-    lo, hi = 0.0, 60.0
-    for _ in range(40):  # bisection on the boost in nats
+    """Raise the marker's output row along the mean last hidden state u of a realistic context (`_probe_ids`), by
+    b * u / |u|^2, with b chosen by bisection so that the marker's mean probability at T=0.6 over the context's last
+    48 positions is TARGET_MARKER_P. (A first version used feature 0, as ctt.tiny_model._boost_marker does; after
+    28 random layers that feature came out negative, which lowered the marker instead: no rollout was forced.)"""
+    ids = torch.tensor([_probe_ids(tokenizer)])
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0, -48:].float()
+    u = hidden.mean(0)
+    gain = hidden @ u / u.dot(u)  # the logit change per unit of b at each position
+    logits = model.lm_head(hidden.to(model.lm_head.weight.dtype)).float()
+    lo, hi = 0.0, 200.0
+    for _ in range(50):
         mid = (lo + hi) / 2
         z = logits.clone()
-        z[:, marker] += mid
+        z[:, marker] += mid * gain
         p = torch.softmax(z / TEMPERATURE, -1)[:, marker].mean()
         lo, hi = (mid, hi) if p < TARGET_MARKER_P else (lo, mid)
-    model.lm_head.weight[marker, 0] += lo / c
+    row = model.lm_head.weight[marker]
+    row += (lo * u / u.dot(u)).to(row.dtype)
     return lo
+
+
+def reboost(folder: str) -> None:
+    """Recalibrate the marker of a folder written by `build` (loads it in bf16, rewrites it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    marker = tok.convert_tokens_to_ids("</think>")
+    boost = _boost(model, tok, marker)
+    model.save_pretrained(folder)
+    info = json.loads(Path(folder, "R1_SHAPE.json").read_text())
+    info.update(boost_nats=boost, boost="along the mean hidden state of a GSM8K prompt + 48 random ids")
+    Path(folder, "R1_SHAPE.json").write_text(json.dumps(info))
+    print(f"reboosted {folder}: {boost:.2f}")
 
 
 def build(folder: str) -> None:
@@ -85,6 +114,7 @@ def build(folder: str) -> None:
     config = qwen2_config(tok, VOCAB_ROWS, **R1_SHAPE, bos_token_id=None, rms_norm_eps=1e-6, rope_theta=10000.0)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
+    model.model.embed_tokens.weight[:, 0] = 1.0  # a constant direction in the residual stream (kept from v1)
     marker = tok.convert_tokens_to_ids("</think>")
     boost = _boost(model, tok, marker)
     model.to(torch.bfloat16).save_pretrained(folder)
@@ -97,11 +127,11 @@ def build(folder: str) -> None:
 
 def overrides(args, out_dir: str, times: str) -> list[str]:
     return [
-        "experiment=paper_gsm8k", "model.name=r1_shape_random", "model.source=local", f"model.path={args.folder}",
-        f"model.dtype={args.dtype}", "model.end_of_thinking=</think>", "data=gsm8k_local", "data.batch_size=1",
+        "experiment=paper_gsm8k", "model.name=r1_shape_random", "model.source=local", f"+model.path={args.folder}",
+        f"model.dtype={args.dtype}", "data=gsm8k_local", "data.batch_size=1",
         "rl.samples_per_prompt=8", f"forcing.max_new_tokens={args.max_new_tokens}", "forcing.thinking_budget=48",
         "forcing.max_answer_tokens=16", "forcing.batch_size=8", f"engine={args.engine}", f"trainer={args.trainer}",
-        "trainer.precision=32-true" if args.dtype == "float32" else "trainer.precision=bf16-true",
+        "trainer.precision=32-true" if args.dtype == "float32" else "trainer.precision=bf16-mixed",
         f"trainer.max_steps={args.steps}", "logger=csv", "evaluate=false", "~callbacks.rollout_samples",
         "+callbacks.step_times._target_=bench.step_times.StepTimes", f"+callbacks.step_times.path={times}",
         f"hydra.run.dir={out_dir}",
@@ -165,6 +195,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.build:
         return build(args.build)
+    if args.reboost:
+        return reboost(args.reboost)
     result = run(args)
     result["model"] = json.loads(Path(args.folder, "R1_SHAPE.json").read_text())
     print(json.dumps({k: v for k, v in result.items() if k not in ("log_tail", "command")}, indent=1))

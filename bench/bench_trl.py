@@ -82,6 +82,11 @@ def trl_trainer(prompt_texts: list[str], batch: int, out_dir: str):
                        end_of_thinking="eos")
     tok, model = plain.tokenizer, plain.model
     tok.add_special_tokens({"additional_special_tokens": [CONTINUE_THINKING]})
+    # SmolLM2 ties its output table to the input table; PEFT then puts TrainableTokens on lm_head too, which
+    # GRPOTrainer refuses ("Applying a PEFT adapter to `lm_head` is not supported"). A user must untie: lm_head
+    # becomes its own copy (the new token's output row is never trained either way).
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
     model.resize_token_embeddings(len(tok))
     new_id = tok.convert_tokens_to_ids(CONTINUE_THINKING)
     model = get_peft_model(model, TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[new_id]))

@@ -138,6 +138,7 @@ def main(argv=None):
         ctt_hf_step_median_s=statistics.median(times["hf"]), ctt_vllm_step_median_s=statistics.median(times["vllm"]),
         trl_over_ctt_hf=paired_ratio(times, "trl", "hf"), trl_over_ctt_vllm=paired_ratio(times, "trl", "vllm"),
         trl_step_over_ctt_hf=statistics.median(a / b for a, b in zip(trl_steps, times["hf"])),
+        trl_step_over_ctt_vllm=statistics.median(a / b for a, b in zip(trl_steps, times["vllm"])),
         ctt_tokens={k: [s["tokens"] for s in v] for k, v in parts.items()}, trl_steps_s=trl_steps, seconds=times,
         trl_log=[h for h in trainer.state.log_history if "completions/mean_length" in h],
         trl=__import__("trl").__version__, peft=__import__("peft").__version__, load=machine_load(),

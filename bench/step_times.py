@@ -1,5 +1,5 @@
 """A Lightning callback for bench/bench_paper_shape.py: per rank, each training step's wall time, the process's peak
-RSS so far (VmHWM) and the last push of the row into vLLM, one JSON line per step in `path`_rank<r>.jsonl.
+RSS so far (VmHWM), the last push of the row into vLLM and the time of one more (forced) push, one JSON line per step in `path`_rank<r>.jsonl.
 Added to a ctt-train run with `+callbacks.step_times._target_=bench.step_times.StepTimes +callbacks.step_times.path=P`.
 """
 
@@ -29,10 +29,15 @@ class StepTimes(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         engine = getattr(pl_module.policy, "_engine", None)
-        record = dict(rank=trainer.global_rank, step=trainer.global_step, step_s=time.perf_counter() - self._start,
+        step_s = time.perf_counter() - self._start
+        # A random model's rewards are all 0, so the row does not move and the engine pushes nothing: push the same
+        # row once more (after the step is timed) to measure the push at this shape.
+        forced_push = engine.sync_rows(force=True) if getattr(engine, "kind", None) == "vllm" else None
+        record = dict(rank=trainer.global_rank, step=trainer.global_step, step_s=step_s,
                       peak_rss_mb=_status_kb("VmHWM") / 1024, rss_mb=_status_kb("VmRSS") / 1024,
                       engine=getattr(engine, "kind", None),
                       last_push_ms=None if getattr(engine, "last_sync_seconds", None) is None
-                      else engine.last_sync_seconds * 1e3)
+                      else engine.last_sync_seconds * 1e3,
+                      forced_push_ms=None if forced_push is None else forced_push * 1e3)
         with open(f"{self.path}_rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

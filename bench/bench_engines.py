@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bench.engine_pair import (EnginePair, first_record_mismatch, interleave, machine_load,  # noqa: E402
-                               no_chunked_prefill, paired_ratio, peak_rss_mb, reset_vllm_cache, rl_step)
-from ctt.data import build_prompt_ids  # noqa: E402
+                               paired_ratio, peak_rss_mb, reset_vllm_cache, rl_step)
+from ctt.data.problems import build_prompt_ids  # noqa: E402
 from ctt.engine import EngineSettings, ForcingConfig, SamplingConfig  # noqa: E402
-from ctt.models import load_model  # noqa: E402
-from ctt.token import install_token  # noqa: E402
+from ctt.models.loading import load_model  # noqa: E402
+from ctt.models.token import install_token  # noqa: E402
 
 GSM8K_CANDIDATES = [ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl",
                     ROOT.parents[1] / "shared" / "data" / "gsm8k" / "test.jsonl"]  # a worktree under /work/wt
@@ -57,8 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the experiment's")
     p.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--chunked-prefill", action="store_true",
-                   help="keep vLLM's chunked prefill (crashes sampled runs at batch 256 on CPU, see engine_pair)")
     p.add_argument("--no-check", action="store_true", help="report but do not assert greedy equality")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
@@ -208,14 +206,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     work = dict(WORKLOADS[args.model], **({"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}))
-    if not args.chunked_prefill:
-        no_chunked_prefill()
     loaded = load(args.model)
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pair = EnginePair(loaded.model, pad, batch_size=max(args.batches),
                       vllm_settings=EngineSettings(kind="vllm", cpu_kv_cache_gib=args.kv_cache_gib))
-    meta = dict(model=args.model, work=work, chunked_prefill=args.chunked_prefill, repeats=args.repeats, cases=args.cases, threads=torch.get_num_threads(),
+    meta = dict(model=args.model, work=work, repeats=args.repeats, cases=args.cases, threads=torch.get_num_threads(),
                 vllm_start_s=pair.vllm_start_s, date=datetime.datetime.now().isoformat(timespec="seconds"),
                 machine=platform.platform(), cpu_count=os.cpu_count(), torch=torch.__version__,
                 transformers=__import__("transformers").__version__, vllm=__import__("vllm").__version__,

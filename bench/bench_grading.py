@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ctt.rewards import extract_answer, score_completion  # noqa: E402
+from ctt.data.answers import extract_answer
+from ctt.rewards.grading import score_completion  # noqa: E402
 
 CASES = {  # name: (function, limit in seconds)
     "extract \\boxed{ x 10,000": (lambda: extract_answer("\\boxed{" * 10_000), 2.0),
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cases = dict(CASES)
     if args.organism:
-        from ctt.models import load_model
+        from ctt.models.loading import load_model
 
         path = str(ROOT / "ctt" / "organism" / "model")
         cases["load model=organism"] = (lambda: load_model(name="organism", source="local", path=path,

@@ -60,7 +60,7 @@ def parse_args(argv=None):
 def _probe_ids(tokenizer) -> list[int]:
     """What a rollout's context looks like: a GSM8K prompt through the chat template, then 48 random ids (a random
     model samples from the whole 151,936-row table, spare rows included)."""
-    from ctt.data import DEFAULT_INSTRUCTION, build_prompt_ids
+    from ctt.data.problems import DEFAULT_INSTRUCTION, build_prompt_ids
 
     question = json.loads(open(_data_dir() / "gsm8k" / "train.jsonl").readline())["question"]
     tail = torch.randint(0, VOCAB_ROWS, (48,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -108,7 +108,7 @@ def reboost(folder: str) -> None:
 def build(folder: str) -> None:
     from transformers import Qwen2ForCausalLM
 
-    from ctt.tiny_model import build_tiny_tokenizer, qwen2_config
+    from ctt.models.tiny import build_tiny_tokenizer, qwen2_config
 
     tok = build_tiny_tokenizer()
     config = qwen2_config(tok, VOCAB_ROWS, **R1_SHAPE, bos_token_id=None, rms_norm_eps=1e-6, rope_theta=10000.0)

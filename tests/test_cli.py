@@ -62,7 +62,7 @@ def test_every_group_option_composes_resolves_and_instantiates(config_name, comp
 
 def test_default_experiment_is_the_offline_demo(compose_cfg):
     cfg = compose_cfg("train")
-    assert cfg.model.source == "local" and cfg.model.name == "organism" and cfg.task_name == "demo"
+    assert cfg.model.source == "local" and cfg.model.name == "organism_r1" and cfg.task_name == "demo"
     assert len(cfg.eval.fixed_words) >= 3 and "\n" in cfg.eval.fixed_words and 4 in cfg.eval.num_continuations
 
 

@@ -167,7 +167,7 @@ def test_eval_checks_the_config_before_loading_anything(tmp_path, capfd, monkeyp
 
 
 @pytest.mark.parametrize("config_name", ["train", "eval"])
-@pytest.mark.parametrize("experiment", ["smoke", "demo", "smollm2", "filler_debate", "paper_gsm8k"])
+@pytest.mark.parametrize("experiment", ["smoke", "demo", "demo_hasty", "smollm2", "filler_debate", "paper_gsm8k"])
 def test_every_shipped_experiment_passes_the_check(compose_cfg, config_name, experiment):
     from ctt.config.check import validate_config
 

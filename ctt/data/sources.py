@@ -106,14 +106,14 @@ def _organism_problems(task_kwargs: dict | None, size: int, seed: int) -> list[P
     """Sums of single-digit terms in the organism's question format (ctt/organism/task.py); gold = the sum."""
     from ctt.organism.task import draw_problems, question_text
 
-    opts = {"min_terms": 2, "max_terms": 8} | dict(task_kwargs or {})
-    unknown = sorted(set(opts) - {"min_terms", "max_terms"})
-    if unknown or not 2 <= opts["min_terms"] <= opts["max_terms"]:
-        raise ConfigError(f"source=organism takes task_kwargs min_terms <= max_terms (>= 2), got {opts}")
-    return [
-        Problem(id=f"organism-{seed}-{i}", question=question_text(terms), answer=str(sum(terms)))
-        for i, terms in enumerate(draw_problems(size, seed, opts["min_terms"], opts["max_terms"]))
-    ]
+    opts = {"min_terms": 2, "max_terms": 8, "split": None} | dict(task_kwargs or {})
+    unknown = sorted(set(opts) - {"min_terms", "max_terms", "split"})
+    if unknown or not 2 <= opts["min_terms"] <= opts["max_terms"] or opts["split"] not in (None, "val", "test"):
+        raise ConfigError(f"source=organism takes task_kwargs min_terms <= max_terms (>= 2) and split "
+                          f"(null, val or test), got {opts}")
+    split = opts["split"]  # val / test: questions of one hash bucket only, so the two splits never share a problem
+    return [Problem(id=f"organism-{split + '-' if split else ''}{seed}-{i}", question=question_text(t), answer=str(sum(t)))
+            for i, t in enumerate(draw_problems(size, seed, opts["min_terms"], opts["max_terms"], split))]
 
 
 @dataclass(frozen=True)

@@ -8,3 +8,4 @@ tokenizer (tokenizer.py) and measures its card (measure.py, card.py). The traine
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
+MODEL_R1_DIR = Path(__file__).resolve().parent / "model_r1"  # organism_r1 (`ctt-organism --task r1`, task_r1.py)

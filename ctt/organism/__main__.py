@@ -3,6 +3,7 @@
     python -m ctt.organism                              # -> outputs/organism (the shipped one is untouched)
     python -m ctt.organism --out ctt/organism/model     # regenerate the shipped model and card
     python -m ctt.organism --steps 60 --no-measure      # a short schedule (the test)
+    python -m ctt.organism --task r1 --out ctt/organism/model_r1   # the second organism (model=organism_r1)
 """
 
 from __future__ import annotations
@@ -17,17 +18,21 @@ from pathlib import Path
 from ctt.errors import CttError, ModelError, exit_for_user_error
 from ctt.organism.card import write_card
 from ctt.organism.task import Mixture, assistant_text, make_trace, question_text
+from ctt.organism.task_r1 import MixtureR1
 from ctt.organism.tokenizer import THINK, THINK_END
 from ctt.organism.train import Architecture, TrainSettings, save, train
 from ctt.outputs import replacing_dir
 
 log = logging.getLogger("ctt.organism")
+TASKS = {"hasty": Mixture, "r1": MixtureR1}  # the task/mixture of each organism: model=organism, model=organism_r1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = TrainSettings()
     p = argparse.ArgumentParser(prog="ctt-organism", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/organism", help="folder for the model, tokenizer and card")
+    p.add_argument("--task", choices=sorted(TASKS), default="hasty",
+                   help="hasty: today's organism (model=organism); r1: organism_r1, traces shaped like R1's")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--steps", type=int, default=defaults.steps, help="training steps (the schedule's length)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -70,11 +75,32 @@ def load_seconds(out: Path) -> float:
     return round(time.perf_counter() - start, 2)
 
 
-def example_trace() -> str:
+def example_trace(task: str = "hasty") -> str:
     """A full trace with a confirming check after the final step (the card's illustration)."""
-    mix = replace(Mixture(), p_error=0, p_confirm=0, p_stop_plain=0, p_stop_cue=0, p_confirm_final=1)
-    trace = make_trace((3, 5, 2, 7), random.Random(0), mix)
+    if task == "r1":  # a re-check of the last step after the conclusion, then the conclusion restated
+        mix = replace(MixtureR1(), p_error=0, p_slip=0, p_confirm=0, p_stop_plain=0, p_stop_cue=0, p_restate=0,
+                      p_recheck_last=1)
+        trace = mix.trace((3, 5, 2, 7), random.Random(0))
+    else:
+        mix = replace(Mixture(), p_error=0, p_confirm=0, p_stop_plain=0, p_stop_cue=0, p_confirm_final=1)
+        trace = make_trace((3, 5, 2, 7), random.Random(0), mix)
     return f"{question_text(trace.terms)}\n{THINK}\n{assistant_text(trace, THINK_END)}"
+
+
+def measure_for(task: str):
+    """The card's measurement of a task's organism."""
+    if task == "r1":
+        from ctt.organism.measure_r1 import measure
+    else:
+        from ctt.organism.measure import measure
+    return measure
+
+
+def write_task_card(card: dict, out: Path, markdown: bool = True) -> None:
+    """card.json and ORGANISM.md, rendered for the card's task."""
+    from ctt.organism.card_r1 import render_r1
+
+    write_card(card, out, markdown, render_r1 if card.get("task") == "r1" else None)
 
 
 def remeasure(out: Path) -> None:
@@ -82,36 +108,38 @@ def remeasure(out: Path) -> None:
     import json
 
     from ctt.models.loading import load_model
-    from ctt.organism.measure import measure
 
     if not (out / "card.json").is_file():
         raise ModelError(f"{out} has no card.json: --measure-only re-measures a folder written by ctt-organism")
     card = json.loads((out / "card.json").read_text())
     loaded = load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
-    card["figures"] = measure(loaded.model, loaded.tokenizer)
-    write_card(card, out)
+    card["figures"] = measure_for(card.get("task", "hasty"))(loaded.model, loaded.tokenizer)
+    write_task_card(card, out)
 
 
 def train_into(args: argparse.Namespace, out: Path) -> dict:
     """Train, save the model into the (empty) folder `out` and write its card there; returns the card."""
     settings = replace(TrainSettings(), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
-                       threads=args.threads)
+                       threads=args.threads, mixture=TASKS[args.task]())
     model, tokenizer, record = train(settings)
     save(model, tokenizer, str(out))
     log.info("trained in %.0f s (%d tokens/s)", record["seconds"], record["tokens_per_s"])
     card = {
+        "task": args.task,
         "model": model_facts(model, tokenizer, out),
         "mixture": settings.mixture.as_dict(),
         "training": record,
         "load_seconds": load_seconds(out),
-        "example_trace": example_trace(),
+        "example_trace": example_trace(args.task),
         "figures": None,
     }
     if not args.no_measure:  # else card.json with the training record only, no ORGANISM.md
-        from ctt.organism.measure import measure
+        if args.task == "r1":
+            from ctt.organism.measure_r1 import TEST, VAL, pretraining_overlap
 
-        card["figures"] = measure(model, tokenizer)
-    write_card(card, out, markdown=not args.no_measure)
+            card["pretraining_overlap"] = pretraining_overlap(settings, {"val": VAL, "test": TEST})
+        card["figures"] = measure_for(args.task)(model, tokenizer)
+    write_task_card(card, out, markdown=not args.no_measure)
     return card
 
 

@@ -69,9 +69,9 @@ def generate_mode(model, tokenizer, prompts: list[list[int]], n: int, continuati
 class _BanUntilDone(LogitsProcessor):
     """Bans ``</think>`` and eos in a row whose thinking has fewer complete step lines than it needs."""
 
-    def __init__(self, tokenizer, width: int, needed: list[int]):
+    def __init__(self, tokenizer, width: int, needed: list[int], extra_banned: tuple[int, ...] = ()):
         self.tokenizer, self.width, self.needed = tokenizer, width, needed
-        self.banned = [tokenizer.convert_tokens_to_ids(THINK_END), tokenizer.eos_token_id]
+        self.banned = [tokenizer.convert_tokens_to_ids(THINK_END), tokenizer.eos_token_id, *extra_banned]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for b in range(input_ids.shape[0]):
@@ -83,8 +83,10 @@ class _BanUntilDone(LogitsProcessor):
 
 
 @torch.inference_mode()
-def generate_oracle(model, tokenizer, prompts: list[list[int]], problems: list[tuple[int, ...]]) -> list[str]:
-    """Greedy with ``</think>`` banned until all terms-1 steps are written (HF `generate` + a logits processor)."""
+def generate_oracle(model, tokenizer, prompts: list[list[int]], problems: list[tuple[int, ...]],
+                    extra_banned: tuple[int, ...] = ()) -> list[str]:
+    """Greedy with ``</think>`` (and `extra_banned`, e.g. the token that starts organism_r1's concluding line) banned
+    until all terms-1 steps are written (HF `generate` + a logits processor)."""
     out: list[str] = []
     for start in range(0, len(prompts), BATCH):
         chunk, terms = prompts[start : start + BATCH], problems[start : start + BATCH]
@@ -93,7 +95,7 @@ def generate_oracle(model, tokenizer, prompts: list[list[int]], problems: list[t
         mask = torch.zeros_like(ids)
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
-        processor = _BanUntilDone(tokenizer, width, [len(t) - 1 for t in terms])
+        processor = _BanUntilDone(tokenizer, width, [len(t) - 1 for t in terms], extra_banned)
         gen = model.generate(
             input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
             logits_processor=LogitsProcessorList([processor]), pad_token_id=tokenizer.pad_token_id,

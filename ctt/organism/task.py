@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from dataclasses import asdict, dataclass
 
 STEP_SEPARATOR = "\n"  # ends every line of the trace: the symbol the traces naturally use between steps
@@ -56,6 +57,9 @@ class Mixture:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def trace(self, terms: tuple[int, ...], rng: random.Random) -> "Trace":
+        return make_trace(terms, rng, self)
 
 
 @dataclass(frozen=True)
@@ -128,10 +132,26 @@ def assistant_text(trace: Trace, think_end: str = "</think>") -> str:
     return f"{trace.thinking}{think_end}\n\\boxed{{{trace.answer}}}"
 
 
-def draw_problems(size: int, seed: int, min_terms: int = 2, max_terms: int = 8) -> list[tuple[int, ...]]:
-    """`size` problems (their terms) from a seeded generator: the same seed gives the same problems."""
+SPLITS = ("val", "test")  # a question belongs to one of them, by a hash of its text: the two never share a problem
+
+
+def split_of(terms: tuple[int, ...]) -> str:
+    return SPLITS[zlib.crc32(question_text(terms).encode()) % 2]
+
+
+def draw_problems(size: int, seed: int, min_terms: int = 2, max_terms: int = 8,
+                  split: str | None = None) -> list[tuple[int, ...]]:
+    """`size` problems (their terms) from a seeded generator: the same seed gives the same problems. With `split`
+    ("val" or "test"), only problems of that split are kept (drawn until there are `size` of them)."""
     rng = random.Random(f"organism-{seed}")
-    return [draw_terms(rng, min_terms, max_terms) for _ in range(size)]
+    if split is None:
+        return [draw_terms(rng, min_terms, max_terms) for _ in range(size)]
+    out: list[tuple[int, ...]] = []
+    while len(out) < size:
+        terms = draw_terms(rng, min_terms, max_terms)
+        if split_of(terms) == split:
+            out.append(terms)
+    return out
 
 
 # --------------------------------------------------------------------------- reading generated traces

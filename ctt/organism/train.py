@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2ForCausalLM
 
-from ctt.organism.task import Mixture, assistant_text, draw_terms, make_trace, question_text
+from ctt.organism.task import Mixture, assistant_text, draw_terms, question_text
+from ctt.organism.task_r1 import MixtureR1
 from ctt.organism.tokenizer import ASSISTANT, THINK, THINK_END, USER, build_tokenizer, padded_vocab_size
 from ctt.models.tiny import qwen2_config
 
@@ -53,7 +54,7 @@ class TrainSettings:
     threads: int = 1
     log_every: int = 200
     pool_batches: int = 16  # length bucketing: batches drawn at a time, sorted by length
-    mixture: Mixture = field(default_factory=Mixture)
+    mixture: Mixture | MixtureR1 = field(default_factory=Mixture)  # the task: the hasty organism's or organism_r1's
 
 
 def build_model(tokenizer: PreTrainedTokenizerBase, arch: Architecture, seed: int) -> Qwen2ForCausalLM:
@@ -67,11 +68,12 @@ def prompt_text(question: str) -> str:
     return f"<｜begin▁of▁sentence｜>{USER}{question}{ASSISTANT}{THINK}\n"
 
 
-def _encode_examples(tokenizer, rng: random.Random, count: int, mix: Mixture) -> list[tuple[list[int], int]]:
+def _encode_examples(tokenizer, rng: random.Random, count: int,
+                     mix: Mixture | MixtureR1) -> list[tuple[list[int], int]]:
     """`count` fresh traces as (token ids up to and including eos, prompt length)."""
     prompts, fulls = [], []
     for _ in range(count):
-        trace = make_trace(draw_terms(rng, mix.min_terms, mix.max_terms), rng, mix)
+        trace = mix.trace(draw_terms(rng, mix.min_terms, mix.max_terms), rng)
         prompt = prompt_text(question_text(trace.terms))
         prompts.append(prompt)
         fulls.append(prompt + assistant_text(trace, THINK_END) + tokenizer.eos_token)

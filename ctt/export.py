@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +38,7 @@ from ctt.models.model_card import model_card
 from ctt.policy.modes import Mode
 from ctt.policy.policy import Policy
 from ctt.config.check import validate_config
+from ctt.outputs import check_not_input, check_output_dir, hold_output, replacing_dir
 from ctt.settings import Settings, one_of
 from ctt.models.token import get_overlay, token_texts
 
@@ -197,27 +196,16 @@ def write_peft(policy: Policy, tokens: list[LearnedToken], out: Path, info: dict
 
 
 def export(policy: Policy, settings: ExportSettings, info: dict) -> Path:
-    """Write the folder atomically (a temporary sibling renamed into place). `info` (base model, token file
+    """Write the folder atomically (`ctt.outputs.replacing_dir`: a temp sibling swapped into place; only an earlier
+    export that ctt marked is replaced, and only with `export.overwrite=true`). `info` (base model, token file
     metadata, recipe, ...) is completed here and written as ctt_export.json and the card."""
     target = Path(settings.dir)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not settings.overwrite:
-        raise ConfigError(f"export.dir={target} exists and is not empty (set export.overwrite=true to replace it)")
     tokens = learned_tokens(policy, info["token"])
     info |= {"format": settings.format, "token_ids": [t.id for t in tokens], "tokens": [t.text for t in tokens]}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with replacing_dir(target, "export", "ctt-export", settings.overwrite, "export.dir") as tmp:
         (write_hf if settings.format == "hf" else write_peft)(policy, tokens, tmp, info)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(model_card(info))  # after save_pretrained: PEFT writes a README of its own
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(tmp, target)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(target, 0o777 & ~umask)  # mkdtemp made it private
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -286,8 +274,12 @@ def main(cfg: DictConfig) -> None:
         settings = ExportSettings.from_config(to_plain(cfg.export))
         if not cfg.token.get("path"):
             raise ConfigError("ctt-export needs token.path=FILE (the trained continue_thinking_token.safetensors)")
-        policy, meta = policy_from_config(cfg)  # (refuses a model that already holds the token)
-        path = export(policy, settings, export_info(cfg, policy, meta))
+        # the folder is checked and owned before anything is loaded (ctt.outputs)
+        check_output_dir(settings.dir, "export", settings.overwrite, "export.dir")
+        check_not_input(settings.dir, {"token.path": cfg.token.path, "model.path": cfg.model.get("path")})
+        with hold_output(settings.dir, "export.dir"):
+            policy, meta = policy_from_config(cfg)  # (refuses a model that already holds the token)
+            path = export(policy, settings, export_info(cfg, policy, meta))
         log.info("exported %s (%s) to %s", cfg.token.text, settings.format, path)
         print(path)
     except Exception as err:

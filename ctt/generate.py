@@ -6,7 +6,9 @@
 Prompts: `generate.prompt` (one), `generate.input` = a .txt file (one prompt per line), a .jsonl file (a `question`
 or `prompt` field per row) or `-` (stdin, one prompt per line). Output: stdout (each completion streamed as it is
 generated, every inserted continuation marked; then its extracted answer and counts), or `generate.output=FILE.jsonl`
-(one `ctt.api.Completion` record per prompt, written as each batch finishes). Thinking and answer budgets come from
+(one `ctt.api.Completion` record per prompt, written to a temp sibling as each batch finishes and renamed into place
+at the end: a kill or an error leaves the earlier file whole; an input, or a file ctt-generate did not write, is
+refused, and so is a second writer: `ctt.outputs`). Thinking and answer budgets come from
 the `forcing` group, as in evaluation. Built on the Python API, `ctt.api.ContinueThinking`.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -29,6 +32,7 @@ from ctt.settings import to_plain
 from ctt.data.sources import _jsonl_rows  # file:line error messages for JSONL input, shared with the data loaders
 from ctt.errors import ConfigError, DataError
 from ctt.config.check import validate_config
+from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output
 from ctt.settings import Settings, require
 
 log = logging.getLogger(__name__)
@@ -114,15 +118,43 @@ def run(ct: ContinueThinking, s: GenerateSettings, prompts: list[str], seed: int
         return out
     path = Path(s.output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    size = ct.policy.settings.batch_size
-    with open(path, "w", encoding="utf-8") as f:
+    with hold_output(path, "generate.output"):
+        clean_siblings(path)  # temp files of killed runs
+        out = _write_records(ct, prompts, kwargs, path)
+    log.info("%d completions written to %s", len(out), path)
+    return out
+
+
+def _write_records(ct: ContinueThinking, prompts: list[str], kwargs: dict, path: Path) -> list[Completion]:
+    out, size = [], ct.policy.settings.batch_size
+    with atomic_open(path) as f:  # renamed into place when every record is written
         for start in range(0, len(prompts), size):
             batch = ct.generate(prompts[start : start + size], **kwargs)
             f.writelines(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in batch)
             f.flush()
             out += batch
-    log.info("%d completions written to %s", len(out), path)
     return out
+
+
+def is_generate_output(path: Path) -> bool:
+    """A file ctt-generate wrote: its first line is a completion record (what `generate.output` may replace)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"prompt", "completion", "num_continuations"} <= set(record)
+
+
+def claim_output(s: GenerateSettings):
+    """Check `generate.output` and own it before any prompt is read: not an input, not a file ctt-generate did not
+    write, one writer at a time (ctt.outputs)."""
+    if s.output is None:
+        return nullcontext()
+    check_not_input(s.output, {"generate.input": s.input})
+    check_output_file(s.output, "generate.output", is_generate_output)
+    Path(s.output).parent.mkdir(parents=True, exist_ok=True)
+    return hold_output(s.output, "generate.output")
 
 
 def _write_stdout(text: str) -> None:
@@ -138,10 +170,11 @@ def main(cfg: DictConfig) -> None:
         L.seed_everything(cfg.seed, verbose=False)
         validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         settings = GenerateSettings.from_config(to_plain(cfg.generate))
-        prompts = read_prompts(settings)
-        ct = ContinueThinking.from_config(cfg)
-        ct.mode(settings.mode, settings.num_continuations, "generate.mode")  # a bad mode fails before any generation
-        run(ct, settings, prompts, cfg.seed)
+        with claim_output(settings):
+            prompts = read_prompts(settings)
+            ct = ContinueThinking.from_config(cfg)
+            ct.mode(settings.mode, settings.num_continuations, "generate.mode")  # a bad mode fails before generating
+            run(ct, settings, prompts, cfg.seed)
     except Exception as err:
         exit_for_user_error(err, log, "generation")
 

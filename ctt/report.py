@@ -45,6 +45,7 @@ from ctt.evaluation.results import markdown_table
 from ctt.evaluation.plots import debate_plot
 from ctt.evaluation.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
 from ctt.evaluation.seed_headline import seed_markdown, seed_rows, write_seed_rows
+from ctt.outputs import atomic_open, atomic_write_text
 
 
 # ---------------------------------------------------------------- tables
@@ -164,11 +165,11 @@ def write_report(out: str | Path, md_cols: list[str], md_rows: list[dict], csv_c
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out.with_name(out.name + ".csv"), out.with_name(out.name + ".md")
-    with open(csv_path, "w", newline="") as f:
+    with atomic_open(csv_path) as f:
         writer = csv.DictWriter(f, fieldnames=csv_cols)
         writer.writeheader()
         writer.writerows(csv_rows)
-    md_path.write_text(markdown_table(md_rows, md_cols) + "\n")
+    atomic_write_text(markdown_table(md_rows, md_cols) + "\n", md_path)
     return csv_path, md_path
 
 

@@ -114,12 +114,13 @@ class Recorder(L.Callback):
 
     @staticmethod
     def _vllm_rows(module) -> dict:
-        """--engine vllm: the row pushed into this rank's vLLM table after the step, read back from vLLM."""
+        """--engine vllm: what this rank's vLLM table holds after the step, read back from vLLM (not pushed here:
+        it is the row the step's rollout pushed, i.e. the row before this optimizer step), and that push's time."""
         engine = module.policy.engine
         if engine.kind != "vllm":
             return {}
-        engine.sync_rows()
-        return {"vllm_row": engine.table_rows().reshape(module.token_row.shape).clone()}
+        return {"vllm_row": engine.table_rows().reshape(module.token_row.shape).clone(),
+                "pushed": engine.last_sync_seconds is not None}
 
     def save(self, trainer, name: str, extra: dict) -> None:
         torch.save({"steps": self.steps, "restored_row": self.restored_row, **extra},
@@ -172,8 +173,9 @@ def run(args, strategy: str) -> None:
         f"data.train.size={PER_RANK_BATCH * WORLD}", "rl.samples_per_prompt=2", "rl.baseline=group_mean",
         f"rl.aggregation={args.aggregation}", "optimizer=sgd", "optimizer.lr=0.5",
         f"distributed.zero3_gather_max_memory_fraction={args.zero3_fraction}",
-        *([f"engine={args.engine}", "+model.tiny.num_heads=2", "+model.tiny.num_kv_heads=1"] if args.engine != "hf"
-          else []),
+        # engine given explicitly: the DeepSpeed trainer configs inherit trainer=gpu's engine=vllm_gpu
+        f"engine={args.engine}",
+        *(["+model.tiny.num_heads=2", "+model.tiny.num_kv_heads=1"] if args.engine != "hf" else []),
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

@@ -289,7 +289,8 @@ def test_ddp_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 @pytest.mark.slow
 def test_ddp_with_the_vllm_engine_keeps_every_rank_and_its_vllm_table_on_one_row(tmp_path):
     """2 gloo processes, each with its own vLLM instance sampling its rollouts: after every optimizer step the two
-    ranks' rows are equal, and each rank's vLLM table holds that row bit for bit (pushed, then read back)."""
+    ranks' rows are equal, and before every rollout each rank pushed the current row into its vLLM table (read back
+    after the step: bit for bit the row before that step's optimizer update)."""
     need_vllm()
     _run_worker(tmp_path, "ddp", 2, "--engine", "vllm", "--steps", "3")
     ranks = [torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=True) for r in range(2)]
@@ -297,7 +298,9 @@ def test_ddp_with_the_vllm_engine_keeps_every_rank_and_its_vllm_table_on_one_row
     for i in range(3):
         a, b = ranks[0]["steps"][i], ranks[1]["steps"][i]
         assert torch.equal(a["row"], b["row"])
-        assert torch.equal(a["vllm_row"], a["row"]) and torch.equal(b["vllm_row"], b["row"])
+        for r in ranks:
+            before = r["restored_row"] if i == 0 else r["steps"][i - 1]["row"]
+            assert r["steps"][i]["pushed"] and torch.equal(r["steps"][i]["vllm_row"], before)
         assert a["ids"] != b["ids"]  # each rank rolled out its own prompts
     assert not torch.equal(ranks[0]["steps"][-1]["row"], ranks[0]["restored_row"])  # training moved the row
 

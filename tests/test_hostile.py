@@ -288,14 +288,13 @@ def _extract_seconds(text: str) -> float:
 
 
 def test_answer_extraction_is_linear_and_bounded():
-    """`\\boxed{` 10,000 times took 20-25 s (a scan per box); a 1 MB completion must grade well under a second."""
-    opened = "\\boxed{" * 10_000
-    assert _extract_seconds(opened) < 2.0
-    for unit in ("\\boxed{" * 7 + "x} ", "\\boxed{1} and {{ 3 ", "word 12 "):
+    """`\\boxed{` 10,000 times took 20-25 s (a scan per box). Linear: 10x the text takes about 10x the time, not
+    100x (a ratio of two timings on the same machine; the absolute bound, a 1 MB completion in well under a second,
+    is bench/bench_grading.py: a wall-clock limit fails at random on a loaded machine)."""
+    for unit in ("\\boxed{", "\\boxed{" * 7 + "x} ", "\\boxed{1} and {{ 3 ", "word 12 "):
         small, large = unit * (100_000 // len(unit)), unit * (1_000_000 // len(unit))
-        t_small = min(_extract_seconds(small) for _ in range(2))
-        t_large = _extract_seconds(large)
-        assert t_large < 2.0, (unit, t_large)
+        t_small = min(_extract_seconds(small) for _ in range(3))
+        t_large = min(_extract_seconds(large) for _ in range(2))
         assert t_large < 30 * t_small + 0.05, (unit, t_small, t_large)  # 10x the text: ~10x the time, not 100x
 
 

@@ -285,10 +285,8 @@ def test_smollm2_second_load_uses_cache(smol_cache, monkeypatch):
 
     monkeypatch.setattr(models, "_convert_gguf_to_hf", no_conversion)
     monkeypatch.setattr(models, "find_gguf_in_wheel", no_gguf)
-    start = time.perf_counter()
     lm = load_model(cache_dir=str(cache), **SMOL)
-    second = time.perf_counter() - start
-    assert second < first
+    # no timing assertion: the monkeypatches above prove the cached folder was used (no conversion, no GGUF)
     emb0 = first_lm.model.get_input_embeddings().weight
     assert torch.equal(lm.model.get_input_embeddings().weight, emb0)
 

@@ -110,9 +110,7 @@ def test_math500_rows_latex_answers():
     ids=["5000-parens-over-length-cap", "300-parens-parse-timeout", "power-tower-compare-timeout"],
 )
 def test_pathological_inputs_are_bounded(text, timeout_s):
-    start = time.monotonic()
-    score = score_completion(text, "1", timeout_s=timeout_s)
-    assert time.monotonic() - start < 8
+    score = score_completion(text, "1", timeout_s=timeout_s)  # returns (its duration: bench/bench_grading.py)
     assert score.reward == 0.0 and not score.correct
 
 
@@ -174,10 +172,15 @@ def test_answer_phrases_keep_the_answer_and_only_the_answer(text, answer):
 
 
 def test_extraction_is_linear():
-    """`\\boxed{` repeated 10,000 times took 20-25 s (every box scanned to the end); a 1 MB completion must not."""
-    import time
-
-    for text in ("\\boxed{" * 10_000, "x" * 1_000_000 + "\\boxed{7}", "the answer is " * 70_000, "9 " * 500_000):
+    """`\\boxed{` repeated 10,000 times took 20-25 s (every box scanned to the end). 10x the text must take about
+    10x the time, not 100x (the absolute bound on a 1 MB completion is bench/bench_grading.py)."""
+    def seconds(text: str) -> float:
         start = time.perf_counter()
         extract_answer(text)
-        assert time.perf_counter() - start < 2.0, text[:30]
+        return time.perf_counter() - start
+
+    for unit in ("\\boxed{", "x", "the answer is ", "9 "):
+        small, large = unit * (100_000 // len(unit)), unit * (1_000_000 // len(unit))
+        t_small = min(seconds(small) for _ in range(3))
+        t_large = min(seconds(large) for _ in range(2))
+        assert t_large < 30 * t_small + 0.05, (unit, t_small, t_large)

@@ -174,3 +174,21 @@ def test_token_file_round_trip_and_mismatch_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(TokenFileError, match="not a readable"):
         load_token_file(tmp_path / "bad.safetensors")
+
+
+def test_a_lossy_tokenizer_does_not_make_a_new_token_look_known():
+    """A WordLevel tokenizer that drops unknown characters encodes `<|continue-thinking|>` as its one known
+    character, "-": one id, but not the token's text (issue 20, family 7: decided by a round trip)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ctt.models.token import CONTINUE_THINKING, check_token_text
+
+    raw = Tokenizer(models.WordLevel({"-": 0, "<unk>": 1}, unk_token="<unk>"))
+    raw.normalizer = normalizers.Replace(Regex("[^-]"), "")
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    assert tok.encode(CONTINUE_THINKING, add_special_tokens=False) == [0]
+    check_token_text(tok, CONTINUE_THINKING)  # new to this vocabulary: accepted
+    with pytest.raises(ModelError, match=r"'-' is already in the vocabulary"):
+        check_token_text(tok, "-")

@@ -200,3 +200,16 @@ def test_a_sampled_batch_whose_prompts_exceed_one_prefill_step(tiny_pair):
     rollouts = tiny_pair.vllm.generate(prompts, tiny_pair.forcing("learned_k1", 2, False),
                                        SamplingConfig(temperature=1.0, top_p=0.9, seed=1))
     assert len(rollouts) == 300 and any(r.num_forced == 2 for r in rollouts)
+
+
+def test_vllm_loads_the_frozen_weights_dtype_not_the_fp32_row():
+    """A bfloat16 model with ctt's fp32 learned row: vLLM must be told bfloat16 (the row may come first in
+    `parameters()`; serving bf16 weights in fp32 would double their memory and sample off the scored policy)."""
+    from ctt.engine.vllm_model import frozen_dtype
+
+    loaded = tiny(boost=0.0)
+    loaded.model.to(torch.bfloat16)
+    overlay = get_overlay(loaded.model)
+    overlay.row.data = overlay.row.data.float()  # ctt keeps the row in fp32
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32, torch.bfloat16}
+    assert frozen_dtype(loaded.model) == torch.bfloat16

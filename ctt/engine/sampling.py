@@ -21,7 +21,7 @@ def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """
     sorted_logits, order = logits.sort(-1, descending=True)
     probs = sorted_logits.softmax(-1)
-    keep_sorted = probs.cumsum(-1) - probs <= top_p
+    keep_sorted = probs.cumsum(-1) - probs < top_p  # strictly: the mass above a kept token is below top_p (vLLM's rule)
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
@@ -42,6 +42,8 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generators: list[torc
     # float64 CDF: a float32 running sum over a 150k vocabulary rounds away the tail's mass.
     cdf = logits.softmax(-1).double().cumsum(-1)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=logits.device) for g in generators])
-    # side="right": the first token whose CDF exceeds u * total; a zero-probability token never is that one.
-    picks = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-    return picks.clamp(max=logits.shape[-1] - 1)
+    # side="right": the first token whose CDF exceeds x = u * total; a zero-probability token never is that one.
+    # x stays below total (u * total can round up to it), so that token always exists.
+    total = cdf[:, -1]
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x.unsqueeze(-1), right=True).squeeze(-1)

@@ -33,6 +33,9 @@ from ctt.engine.forcing import ANSWER, DONE, RowState, advance, segment_limit
 from ctt.engine.records import ForcingConfig, Rollout, SamplingConfig, mix_seed, row_seeds
 from ctt.engine.settings import EngineSettings
 from ctt.engine.vllm_model import build_llm
+from ctt.errors import ConfigError
+
+MIN_TEMPERATURE = 0.01  # vLLM's floor for a sampling temperature (SamplingParams)
 
 
 def _input_table(model) -> torch.Tensor:
@@ -84,8 +87,11 @@ class VLLMEngine(RolloutEngine):
         rows = rows.float().cpu().reshape(len(self.token_ids), -1)
         if not force and self._pushed is not None and torch.equal(rows, self._pushed):
             return None
+        self._wake()  # a sleeping engine's weights are offloaded: a write there would be lost on wake
         start = time.perf_counter()
         self.llm.apply_model(functools.partial(_write_rows, ids=self.token_ids, rows=rows.clone()))
+        # Cached KV blocks are keyed by token ids alone: blocks after a learned token hold the old row's KV.
+        self.llm.reset_prefix_cache()
         self._pushed = rows.clone()
         self.last_sync_seconds = time.perf_counter() - start
         return self.last_sync_seconds
@@ -140,6 +146,9 @@ class VLLMEngine(RolloutEngine):
         if suppress is not None:  # "no string": one sample without the marker's first token
             allowed = [t for t in (allowed if allowed is not None else range(self.vocab_size)) if t != suppress]
         greedy = sampling.temperature <= 0
+        if 0 < sampling.temperature < MIN_TEMPERATURE:
+            raise ConfigError(f"engine=vllm samples at temperatures >= {MIN_TEMPERATURE} (vLLM raises smaller ones "
+                              f"to it, while the loss would score the given one); got {sampling.temperature}")
         stops = sorted({forcing.end_of_thinking_ids[-1], *forcing.eos_token_ids}) if row.phase != ANSWER else \
             sorted(set(forcing.eos_token_ids))
         return SamplingParams(

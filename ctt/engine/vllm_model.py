@@ -40,6 +40,15 @@ def _table_rows(model: PreTrainedModel) -> int:
     return base.weight.shape[0]
 
 
+def frozen_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The dtype of the frozen weights (the input table's), not of ctt's fp32 learned row, which `parameters()`
+    may yield first."""
+    from ctt.models.token import ContinueThinkingEmbedding
+
+    emb = model.get_input_embeddings()
+    return (emb.base if isinstance(emb, ContinueThinkingEmbedding) else emb).weight.dtype
+
+
 def source_folder(model: PreTrainedModel, need_rows: int) -> tuple[str, str | None] | None:
     """(path or hub id, revision) vLLM can load the same weights from, with a row for every id below `need_rows`;
     None when ctt must write them itself."""
@@ -90,6 +99,9 @@ def _vllm_environment(settings: EngineSettings):
     also replaces `torch.set_num_threads` with a no-op for the whole process; the trainer shares the process, so
     the original is put back."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM's V2 model runner (its default wherever Triton runs, i.e. on GPUs) refuses requests with more than
+    # 1,024 `allowed_token_ids`; ctt bans the learned ids with that exact mask (~V ids allowed), so the V1 runner.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
@@ -112,7 +124,7 @@ def build_llm(model: PreTrainedModel, settings: EngineSettings, need_rows: int, 
         written = write_folder(model, need_rows, cache_dir or None)
         found = (str(written), None)
     path, revision = found
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(frozen_dtype(model)).removeprefix("torch.")
     context = getattr(model.config, "max_position_embeddings", None)
     with _vllm_environment(settings):
         from vllm import LLM

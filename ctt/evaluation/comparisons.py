@@ -33,6 +33,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ctt.outputs import atomic_open
 from ctt.evaluation.stats import holm_adjust, paired_delta_ci, paired_p_value
 
 # The nine columns first; ci_method and versus_num_continuations are appended.
@@ -117,7 +118,7 @@ def write_comparisons(out_dir: str | Path, rows: list[dict]) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / COMPARISONS_CSV
-    with open(path, "w", newline="") as f:
+    with atomic_open(path) as f:
         writer = csv.DictWriter(f, fieldnames=COMPARISON_COLUMNS)
         writer.writeheader()
         writer.writerows({c: _rounded(r.get(c, "")) for c in COMPARISON_COLUMNS} for r in rows)

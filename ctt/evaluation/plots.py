@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ctt.outputs import atomic_write_bytes
 from ctt.policy.modes import base_label, label_rank
 
 
@@ -31,8 +33,9 @@ def _accuracy_axes(ax, title: str, xlabel: str, ylabel: str, legend_size: int) -
 def _saved(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=120, format=path.suffix.lstrip(".") or "png")
+        atomic_write_bytes(buffer.getbuffer(), path)  # rendered first: a failure leaves no 0-byte or half a png
     return fig
 
 

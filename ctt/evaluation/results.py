@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from ctt.evaluation.comparisons import comparisons_markdown, write_comparisons
 from ctt.evaluation.stats import pass_at_1_ci
+from ctt.outputs import atomic_open, atomic_write_text
 
 if TYPE_CHECKING:  # annotations only: keeps `ctt.evaluation.results` light (no torch) for `ctt-report` and notebooks
     from ctt.data.problems import Problem
@@ -137,7 +138,7 @@ def write_results(
     the paired comparisons) and samples.jsonl."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "results.csv", "w", newline="") as f:
+    with atomic_open(out_dir / "results.csv") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
         writer.writeheader()
         writer.writerows(results)
@@ -147,8 +148,8 @@ def write_results(
     if comparisons:
         write_comparisons(out_dir, list(comparisons))
         text += "\n" + comparisons_markdown(list(comparisons))
-    (out_dir / "results.md").write_text(text)
-    with open(out_dir / "samples.jsonl", "w") as f:
+    atomic_write_text(text, out_dir / "results.md")
+    with atomic_open(out_dir / "samples.jsonl") as f:
         for rec in records:
             f.write(json.dumps(asdict(rec)) + "\n")
     return out_dir / "results.csv"

@@ -39,6 +39,9 @@ class Run:
 # ---------------------------------------------------------------- discovery
 
 
+NESTED_RUNS = ("eval", "generate", "export")  # the subfolders other commands' runs have inside a run dir
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / ".hydra" / "config.yaml").is_file()
 
@@ -55,19 +58,17 @@ def discover_runs(dirs: Sequence[str | Path]) -> list[tuple[Path, str]]:
         if not d.is_dir():
             raise FileNotFoundError(f"not a directory: {d}")
         prefix = d.name if len(dirs) > 1 else ""
-        if is_run_dir(d):
-            hits = [(d, d.name or str(d))]
-        else:
-            hits = []
-            for root, subdirs, _ in os.walk(d):
-                root_path = Path(root)
-                if is_run_dir(root_path):
-                    hits.append((root_path, str(root_path.relative_to(d))))
-                    subdirs[:] = []  # a run dir holds no further runs (checkpoints, csv, ...)
-                    continue
-                subdirs[:] = sorted((s for s in subdirs if not s.startswith(".")), key=_natural)
-            if prefix:
-                hits = [(p, f"{prefix}/{n}") for p, n in hits]
+        hits = []
+        for root, subdirs, _ in os.walk(d):
+            root_path = Path(root)
+            if is_run_dir(root_path):
+                hits.append((root_path, str(root_path.relative_to(d))))
+                # a run dir holds no further runs (checkpoints, csv, ...) except the ones other commands wrote in a
+                # subfolder of their own (ctt.run_dir.own_run_dir: <run dir>/eval/<time>/)
+                subdirs[:] = sorted((s for s in subdirs if s in NESTED_RUNS), key=_natural)
+                continue
+            subdirs[:] = sorted((s for s in subdirs if not s.startswith(".")), key=_natural)
+        hits = [(p, (d.name or str(d)) if n == "." else f"{prefix}/{n}" if prefix else n) for p, n in hits]
         for path, name in hits:
             key = path.resolve()
             if key not in seen:

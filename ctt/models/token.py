@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +17,12 @@ from typing import Callable, ClassVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from transformers import AddedToken, PreTrainedModel, PreTrainedTokenizerBase
 
 from ctt.errors import ConfigError, ModelError, TokenFileError
+from ctt.outputs import atomic_write_bytes
 from ctt.settings import Settings, check_kwargs, one_of, reject_unknown, require
 
 log = logging.getLogger(__name__)
@@ -137,14 +137,18 @@ class TokenSettings(Settings):
 
 def check_token_text(tokenizer: PreTrainedTokenizerBase, token: str) -> None:
     """The token text must be new to the vocabulary however it is tokenised: not a vocabulary entry, and not a text
-    the tokenizer already encodes as one token (`" Wait"` is SmolLM2's `ĠWait`)."""
+    the tokenizer already encodes as one token (`" Wait"` is SmolLM2's `ĠWait`). Decided by a round trip: one id
+    that decodes back to the text itself; a lossy tokenizer that drops unknown characters (a WordLevel vocabulary
+    turning `<|continue-thinking|>` into "-") encodes it to one id of another text, which is not the token."""
     if not token.strip():
         raise ConfigError(f"token.text must be a non-blank text, got {token!r}")
     ids = tokenizer.encode(token, add_special_tokens=False)
-    if token in tokenizer.get_vocab() or len(ids) == 1:
+    one_token = len(ids) == 1 and tokenizer.decode(ids, skip_special_tokens=False,
+                                                   clean_up_tokenization_spaces=False) == token
+    if token in tokenizer.get_vocab() or one_token:
         raise ModelError(
             f"token {token!r} is already in the vocabulary of this tokenizer"
-            + (f" (as {tokenizer.convert_ids_to_tokens(ids[0])!r})" if len(ids) == 1 else "")
+            + (f" (as {tokenizer.convert_ids_to_tokens(ids[0])!r})" if one_token else "")
             + "; choose another token.text"
         )
 
@@ -194,15 +198,7 @@ def save_token_file(path: str | os.PathLike, embedding: torch.Tensor, metadata: 
     tensor = embedding.detach().float().cpu().contiguous()
     count = 1 if tensor.ndim == 1 else tensor.shape[0]
     meta = {k: str(v) for k, v in metadata.items()} | {"hidden_size": str(tensor.shape[-1]), "count": str(count)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"embedding": tensor}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write_bytes(save({"embedding": tensor}, metadata=meta), path)  # mode per umask, not 0600
 
 
 def token_count(embedding: torch.Tensor) -> int:

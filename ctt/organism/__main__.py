@@ -21,6 +21,7 @@ from ctt.organism.task import Mixture, assistant_text, make_trace, question_text
 from ctt.organism.task_r1 import MixtureR1
 from ctt.organism.tokenizer import THINK, THINK_END
 from ctt.organism.train import Architecture, TrainSettings, save, train
+from ctt.outputs import replacing_dir
 
 log = logging.getLogger("ctt.organism")
 TASKS = {"hasty": Mixture, "r1": MixtureR1}  # the task/mixture of each organism: model=organism, model=organism_r1
@@ -116,21 +117,13 @@ def remeasure(out: Path) -> None:
     write_task_card(card, out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.measure_only:
-        try:
-            return remeasure(Path(args.out))
-        except CttError as err:  # a missing or incomplete folder: one line, exit 2
-            exit_for_user_error(err, log, "ctt-organism")
+def train_into(args: argparse.Namespace, out: Path) -> dict:
+    """Train, save the model into the (empty) folder `out` and write its card there; returns the card."""
     settings = replace(TrainSettings(), seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                        threads=args.threads, mixture=TASKS[args.task]())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, record = train(settings)
     save(model, tokenizer, str(out))
-    log.info("trained in %.0f s (%d tokens/s); saved to %s", record["seconds"], record["tokens_per_s"], out)
+    log.info("trained in %.0f s (%d tokens/s)", record["seconds"], record["tokens_per_s"])
     card = {
         "task": args.task,
         "model": model_facts(model, tokenizer, out),
@@ -140,18 +133,34 @@ def main(argv: list[str] | None = None) -> None:
         "example_trace": example_trace(args.task),
         "figures": None,
     }
-    if args.no_measure:  # card.json with the training record only, no ORGANISM.md
-        write_task_card(card, out, markdown=False)
-        return
-    if args.task == "r1":
-        from ctt.organism.measure_r1 import TEST, VAL, pretraining_overlap
+    if not args.no_measure:  # else card.json with the training record only, no ORGANISM.md
+        if args.task == "r1":
+            from ctt.organism.measure_r1 import TEST, VAL, pretraining_overlap
 
-        card["pretraining_overlap"] = pretraining_overlap(settings, {"val": VAL, "test": TEST})
-    card["figures"] = measure_for(args.task)(model, tokenizer)
-    write_task_card(card, out)
-    base = card["figures"]["held_out"]["base"]
-    log.info("card written to %s: base %.1f%%, early stop %.1f%%", out / "ORGANISM.md", 100 * base["accuracy"],
-             100 * base["early_share"])
+            card["pretraining_overlap"] = pretraining_overlap(settings, {"val": VAL, "test": TEST})
+        card["figures"] = measure_for(args.task)(model, tokenizer)
+    write_task_card(card, out, markdown=not args.no_measure)
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = Path(args.out)
+    try:
+        if args.measure_only:
+            return remeasure(out)
+        # a new folder, or one ctt-organism wrote (and only its files): written beside it and swapped in whole, so
+        # no card file of the previous model survives (ctt.outputs)
+        with replacing_dir(out, "organism", "ctt-organism", True, "--out") as tmp:
+            card = train_into(args, tmp)
+    except CttError as err:  # a missing, incomplete or foreign folder: one line, exit 2
+        exit_for_user_error(err, log, "ctt-organism")
+    log.info("saved to %s", out)
+    if card["figures"] is not None:
+        base = card["figures"]["held_out"]["base"]
+        log.info("card written to %s: base %.1f%%, early stop %.1f%%", out / "ORGANISM.md", 100 * base["accuracy"],
+                 100 * base["early_share"])
 
 
 if __name__ == "__main__":

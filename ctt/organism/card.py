@@ -179,8 +179,14 @@ def render(card: dict) -> str:
 
 
 def write_card(card: dict, out_dir: str | Path, markdown: bool = True, renderer=None) -> None:
-    """card.json and (with `markdown`) ORGANISM.md, rendered by `renderer` (default: this organism's `render`)."""
+    """card.json and (with `markdown`) ORGANISM.md, rendered by `renderer` (default: this organism's `render`), each
+    replaced atomically; without `markdown` an ORGANISM.md left from an earlier model is removed (its figures would
+    describe other weights)."""
+    from ctt.outputs import atomic_write_text
+
     out = Path(out_dir)
-    (out / "card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", out / "card.json")
     if markdown:
-        (out / "ORGANISM.md").write_text((renderer or render)(card))
+        atomic_write_text((renderer or render)(card), out / "ORGANISM.md")
+    else:
+        (out / "ORGANISM.md").unlink(missing_ok=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -26,6 +25,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from fsspec.implementations.local import LocalFileSystem
+
+from ctt.outputs import atomic_write_bytes  # the one atomic writer (ctt.outputs); imported from here too
 
 log = logging.getLogger(__name__)
 
@@ -37,39 +38,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise fully before touching the disk: a failure here writes nothing
     return atomic_write_bytes(buffer.getbuffer(), path)
-
-
-def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
-    """Replace `path` by `data` atomically: after a kill it holds the old or the new bytes, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is as readable as any other output
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened; os.replace is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def remove_stale_temp_files(directory: str | os.PathLike, name: str, older_than_s: float = STALE_TMP_SECONDS) -> int:

@@ -15,7 +15,6 @@ Lightning's ModelCheckpoint avoids clobbering files by versioning them, which is
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sys
@@ -28,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ctt.errors import ConfigError
+from ctt.outputs import open_lock_file, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +65,14 @@ def lock_run_dir(path: str | Path) -> None:
     if path in _held:
         return
     _make_dir(path)
-    try:
-        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise ConfigError(f"hydra.run.dir={path} is not writable: {err.strerror or err}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # BlockingIOError: another process holds it
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    fd = open_lock_file(path / LOCK_FILE, f"hydra.run.dir={path}")  # never follows a symlinked lock file
+    owner = try_lock(fd)
+    if owner is not None:  # another process holds it
         os.close(fd)
         raise ConfigError(
             f"hydra.run.dir={path} is in use by another ctt process (pid {owner}); wait for it to end, or choose "
             "another hydra.run.dir"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        )
     _held[path] = fd
 
 
@@ -114,8 +107,22 @@ class RunDirLock(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._run_dir = self._take(config, "hydra.run.dir")
-        if self._run_dir is not None:
-            keep_first_config(config, self._run_dir)
+        if self._run_dir is None:
+            return
+        try:
+            own = own_run_dir(config, self._run_dir)
+        except ConfigError as err:
+            _one_line_exit(err)
+        if own != self._run_dir:
+            unlock_run_dir(self._run_dir)
+            from omegaconf import open_dict, read_write
+
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.run.dir = str(own)
+            print(f"{self._run_dir} holds a run of another kind or config: this {config.task_name} run writes to "
+                  f"{own}", file=sys.stderr, flush=True)
+            self._run_dir = self._take(config, "hydra.run.dir")
+        keep_first_config(config, self._run_dir)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         if getattr(self, "_run_dir", None) is not None:
@@ -131,6 +138,37 @@ class RunDirLock(Callback):
         if getattr(self, "_job_dir", None) is not None:
             unlock_run_dir(self._job_dir)
             self._job_dir = None
+
+
+def _stored(run_dir: Path, name: str) -> dict | None:
+    try:
+        stored = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / name), resolve=False)
+    except Exception:  # missing, unreadable or not YAML
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def own_run_dir(config: DictConfig, run_dir: Path) -> Path:
+    """A run dir holds one kind of run, so that `.hydra/config.yaml` describes the results beside it. A command in a
+    dir whose config another command wrote (its `.hydra/hydra.yaml` names the entry point's config: train, eval,
+    generate, export), and ctt-eval in a dir whose config differs from its own, run in a subfolder of their own,
+    `<run dir>/<command>/<time>/` (ctt-report finds it there); training there is refused (a rerun of training is a
+    resume, which ctt.resume checks)."""
+    stored = _stored(run_dir, "config.yaml")
+    if stored is None:
+        return run_dir
+    kind = OmegaConf.select(config, "hydra.job.config_name")
+    stored_kind = OmegaConf.select(OmegaConf.create(_stored(run_dir, "hydra.yaml") or {}), "hydra.job.config_name")
+    if kind == "train":
+        if stored_kind not in (None, "train"):
+            raise ConfigError(f"hydra.run.dir={run_dir} holds a ctt-{stored_kind} run (its .hydra/); train in another "
+                              "hydra.run.dir")
+        return run_dir
+    if stored_kind == kind:
+        current = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
+        if kind != "eval" or stored == current:
+            return run_dir
+    return run_dir / str(kind) / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def keep_first_config(config: DictConfig, run_dir: Path) -> None:

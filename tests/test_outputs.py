@@ -1,0 +1,259 @@
+"""Outputs: no command deletes, truncates or overwrites what it did not create, and none leaves a half-written result
+(ctt.outputs). Export folders, generate outputs, eval in another run's dir, organism folders, plots, lock files and
+file modes; the kills at random points are in tests/test_output_kills.py."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ctt.outputs import MARKER, atomic_write_bytes, check_not_input, replacing_dir
+from ctt.errors import ConfigError
+from tests.test_cli_errors import assert_user_error, run_main
+from tests.test_export import tiny_config, write_token_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def token(tmp_path: Path) -> Path:
+    path = tmp_path / "tok" / "continue_thinking_token.safetensors"
+    return path if path.exists() else write_token_file(path, tiny_config(True, 0, None))
+
+
+def export(tmp_path: Path, capfd, *overrides: str):
+    return run_main("ctt.export", "experiment=smoke", f"token.path={token(tmp_path)}",
+                    f"hydra.run.dir={tmp_path}/exp-run", *overrides, capfd=capfd)
+
+
+def umask_mode(directory: bool = False) -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+# --- export folders ------------------------------------------------------------------------------------------
+
+
+def test_export_refuses_the_current_dir_its_ancestors_and_a_run_dir(tmp_path, capfd, monkeypatch):
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("task_name: train\n")
+    (run / "checkpoints").mkdir()
+    (run / "continue_thinking_token.safetensors").write_bytes(b"x")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.csv").write_text("a,b\n")
+    before = snapshot(tmp_path / "work"), snapshot(run), snapshot(foreign)
+    monkeypatch.chdir(work)
+    cases = {".": "the current directory", str(work.parent): "holds the current directory",
+             str(run): "is a run dir", str(foreign): "did not write", "/": "holds"}
+    for target, needle in cases.items():
+        code, _, err = export(tmp_path, capfd, f"export.dir={target}", "export.overwrite=true")
+        assert_user_error(code, err, "ConfigError", "export.dir=", needle)
+    assert (snapshot(tmp_path / "work"), snapshot(run), snapshot(foreign)) == before
+
+
+def test_export_replaces_only_its_own_marked_folder_with_the_umask_modes(tmp_path, capfd):
+    out = tmp_path / "hf"
+    code, _, err = export(tmp_path, capfd, f"export.dir={out}")
+    assert code == 0, err[-3000:]
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["kind"] == "export" and "model.safetensors" in marker["files"]
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == umask_mode()  # not 0600
+    assert out.stat().st_mode & 0o777 == umask_mode(directory=True)
+    assert token(tmp_path).stat().st_mode & 0o777 == umask_mode()  # the token file too
+    code, _, err = export(tmp_path, capfd, f"export.dir={out}")
+    assert_user_error(code, err, "export.overwrite=true")
+    code, _, err = export(tmp_path, capfd, f"export.dir={out}", "export.overwrite=true")
+    assert code == 0, err[-3000:]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.") and p.name != ".hf.lock"]  # no temp left
+    (out / "my_notes.md").write_text("keep me")
+    code, _, err = export(tmp_path, capfd, f"export.dir={out}", "export.overwrite=true")
+    assert_user_error(code, err, "my_notes.md", "did not write")
+    assert (out / "my_notes.md").read_text() == "keep me"
+
+
+def test_a_second_export_to_the_same_folder_is_refused(tmp_path, capfd):
+    out = tmp_path / "hf"
+    fd = os.open(tmp_path / ".hf.lock", os.O_RDWR | os.O_CREAT)  # another process owns the folder
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.pwrite(fd, b"4242\n", 0)
+    try:
+        code, _, err = export(tmp_path, capfd, f"export.dir={out}")
+    finally:
+        os.close(fd)
+    assert_user_error(code, err, "another ctt process (pid 4242)")
+    assert not out.exists()
+
+
+def test_an_export_into_its_own_input_is_refused(tmp_path, capfd):
+    folder = token(tmp_path).parent
+    code, _, err = export(tmp_path, capfd, f"export.dir={folder}", "export.overwrite=true")
+    assert_user_error(code, err, "ConfigError")
+    assert token(tmp_path).is_file()
+    with pytest.raises(ConfigError, match="is the input"):
+        check_not_input(folder, {"token.path": token(tmp_path)})
+
+
+# --- folders and files, the mechanism ------------------------------------------------------------------------
+
+
+def test_a_failed_replacement_keeps_the_old_folder_whole_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "out"
+    with replacing_dir(out, "export", "test", False, "export.dir") as tmp:
+        (tmp / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with replacing_dir(out, "export", "test", True, "export.dir") as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert (out / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+    with pytest.raises(ConfigError, match="holds a export output|organism"):
+        with replacing_dir(out, "organism", "test", True, "--out"):
+            pass
+
+
+def test_atomic_files_get_the_umask_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = atomic_write_bytes(b"x", tmp_path / "f.bin")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+# --- lock files ----------------------------------------------------------------------------------------------
+
+
+def test_a_symlinked_or_hard_linked_lock_file_is_never_followed(tmp_path, capfd):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for link in (os.symlink, os.link):
+        run = tmp_path / f"run-{link.__name__}"
+        run.mkdir()
+        link(victim, run / ".ctt.lock")
+        code, _, err = run_main("ctt.generate", "experiment=smoke", "generate.prompt=x", f"hydra.run.dir={run}",
+                                capfd=capfd)
+        assert_user_error(code, err, "ConfigError", "lock file")
+        assert victim.read_text() == "precious" and not (run / ".hydra").exists()
+
+
+# --- generate outputs ----------------------------------------------------------------------------------------
+
+
+def generate(tmp_path: Path, capfd, *overrides: str):
+    return run_main("ctt.generate", "experiment=smoke", f"token.path={token(tmp_path)}",
+                    f"hydra.run.dir={tmp_path}/gen-run", *overrides, capfd=capfd)
+
+
+def test_generate_never_writes_over_its_input_or_a_file_it_did_not_write(tmp_path, capfd):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"question": f"What is {i}+1?"}) + "\n" for i in range(20)))
+    os.link(prompts, tmp_path / "hard.jsonl")
+    (tmp_path / "data.jsonl").write_text('{"question": "mine"}\n')
+    before = prompts.read_bytes()
+    for output, needle in ((prompts, "is the input"), (tmp_path / "hard.jsonl", "is the input"),
+                           (tmp_path / "data.jsonl", "not written by ctt")):
+        code, _, err = generate(tmp_path, capfd, f"generate.input={prompts}", f"generate.output={output}")
+        assert_user_error(code, err, "ConfigError", needle)
+    assert prompts.read_bytes() == before and (tmp_path / "data.jsonl").read_text() == '{"question": "mine"}\n'
+
+
+def test_generate_replaces_its_own_output_whole_and_refuses_a_second_writer(tmp_path, capfd, monkeypatch):
+    out = tmp_path / "o.jsonl"
+    code, _, err = generate(tmp_path, capfd, "generate.prompt=x", f"generate.output={out}")
+    assert code == 0, err[-3000:]
+    first = out.read_bytes()
+    assert out.stat().st_mode & 0o777 == umask_mode()
+    import ctt.api
+
+    def fail(*args, **kwargs):  # a failure after the run started (e.g. a prompt refused while generating)
+        raise ConfigError("refused mid-run")
+
+    monkeypatch.setattr(ctt.api.ContinueThinking, "generate", fail)
+    code, _, err = generate(tmp_path, capfd, "generate.prompt=y", f"generate.output={out}")
+    assert_user_error(code, err, "refused mid-run")
+    assert out.read_bytes() == first  # not truncated
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".o.")) == [".o.jsonl.lock"]
+    fd = os.open(tmp_path / ".o.jsonl.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        code, _, err = generate(tmp_path, capfd, "generate.prompt=y", f"generate.output={out}")
+    finally:
+        os.close(fd)
+    assert_user_error(code, err, "generate.output", "another ctt process")
+
+
+# --- a run dir holds one kind of run -------------------------------------------------------------------------
+
+
+def test_eval_in_a_training_run_dir_writes_to_a_subfolder_of_its_own(tmp_path, capfd):
+    from ctt.evaluation.runs import discover_runs
+
+    run = tmp_path / "train-run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("task_name: smoke\nseed: 0\n")
+    (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  job:\n    config_name: train\n")
+    (run / "results.csv").write_text("the training run's own results\n")
+    before = snapshot(run)
+    code, _, err = run_main("ctt.eval", "experiment=smoke", "eval.limit=1", "eval.samples=1",
+                            "eval.num_continuations=[1]", "eval.modes=[base]", f"hydra.run.dir={run}", capfd=capfd)
+    assert code == 0, err[-3000:]
+    assert {k: v for k, v in snapshot(run).items() if k in before} == before  # nothing of the run overwritten
+    (own,) = (p.parent for p in run.glob("eval/*/results.csv"))
+    assert "config_name: eval" in (own / ".hydra" / "hydra.yaml").read_text()
+    assert [p for p, _ in discover_runs([run])] == [run, own]  # ctt-report pairs each config with its results
+    code, _, err = run_main("ctt.train", "experiment=smoke", f"hydra.run.dir={own}", capfd=capfd)
+    assert_user_error(code, err, "holds a ctt-eval run")
+
+
+# --- organism folders and plots ------------------------------------------------------------------------------
+
+
+def test_organism_refuses_a_foreign_folder_and_drops_a_stale_card(tmp_path, capfd):
+    from ctt.organism.__main__ import main
+    from ctt.organism.card import write_card
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(foreign), "--steps", "1"])
+    assert exit_.value.code == 2 and (foreign / "thesis.tex").read_text() == "years of work"
+    stale = tmp_path / "org"
+    stale.mkdir()
+    (stale / "ORGANISM.md").write_text("the shipped model's figures")
+    write_card({"figures": None}, stale, markdown=False)
+    assert not (stale / "ORGANISM.md").exists()
+
+
+def test_a_failed_plot_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from ctt.evaluation.plots import scaling_plot
+
+    rows = [{"benchmark": "b", "mode": "base", "num_continuations": 0, "accuracy": 0.5, "ci_low": 0.4,
+             "ci_high": 0.6, "mean_thinking_tokens": 10.0}]
+    path = scaling_plot(rows, tmp_path / "scaling.png") and tmp_path / "scaling.png"
+    before = path.read_bytes()
+
+    def disk_full(self, fname, **kwargs):
+        if isinstance(fname, (str, os.PathLike)):
+            open(fname, "wb").close()  # what a full disk leaves when writing in place
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError):
+        scaling_plot(rows, path)
+    assert path.read_bytes() == before and before

@@ -181,6 +181,6 @@ def test_extraction_is_linear():
 
     for unit in ("\\boxed{", "x", "the answer is ", "9 "):
         small, large = unit * (100_000 // len(unit)), unit * (1_000_000 // len(unit))
-        t_small = min(seconds(small) for _ in range(3))
-        t_large = min(seconds(large) for _ in range(2))
+        t_small = min(seconds(small) for _ in range(5))
+        t_large = min(seconds(large) for _ in range(5))  # min of several: a stall on a shared CPU is not the algorithm
         assert t_large < 30 * t_small + 0.05, (unit, t_small, t_large)

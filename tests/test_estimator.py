@@ -217,15 +217,22 @@ def test_expected_gradient_equals_the_gradient_of_the_expected_reward(marker_len
     torch.testing.assert_close(estimated, exact, rtol=2e-3, atol=2e-3 * exact.norm().item())
 
 
-def test_omitting_the_re_emitted_markers_is_biased(one_thread):
-    """The check above can fail: forget every replaced marker after the first (what ctt did before: the 2nd marker's
-    log-prob never entered the loss) and the expected gradient is off."""
+def _one_token_n2():
+    """The one-token-marker, N=2 case enumerated: model, tokenizer, forcing, row, leaves, their rewards and
+    probabilities, and the exact gradient of the expected reward."""
     model, tok, f, allowed = _setup(1, 2)
     row = get_overlay(model).row
     leaves = _enumerate(model, tok.encode(PROMPT), f, allowed)
     rewards = torch.tensor([_reward(s.ro, 2, tok.encode("a")[0]) for s in leaves])
     probs = torch.stack([s.logp for s in leaves]).exp()
     (exact,) = torch.autograd.grad((probs * rewards).sum(), row)
+    return model, tok, f, row, leaves, rewards, probs, exact
+
+
+def test_omitting_the_re_emitted_markers_is_biased(one_thread):
+    """The check above can fail: forget every replaced marker after the first (what ctt did before: the 2nd marker's
+    log-prob never entered the loss) and the expected gradient is off."""
+    model, tok, f, row, leaves, rewards, probs, exact = _one_token_n2()
     for s in leaves:
         s.ro.replaced_markers = s.ro.replaced_markers[:1]
     scored = completion_logprobs(model, [s.ro for s in leaves], 1.0, f.banned_ids, tok.pad_token_id)
@@ -313,12 +320,7 @@ def test_n_is_drawn_uniformly_and_replayed_from_the_seed():
 def _group_estimate(baseline: str, k: int):
     """E over K i.i.d. leaves of ctt's gradient for the first sample of the group, advantage from compute_advantages
     with the group's K rewards (by symmetry every sample of the group has the same expectation)."""
-    model, tok, f, allowed = _setup(1, 2)
-    row = get_overlay(model).row
-    leaves = _enumerate(model, tok.encode(PROMPT), f, allowed)
-    rewards = torch.tensor([_reward(s.ro, 2, tok.encode("a")[0]) for s in leaves])
-    probs = torch.stack([s.logp for s in leaves]).exp()
-    (exact,) = torch.autograd.grad((probs * rewards).sum(), row)
+    model, tok, f, row, leaves, rewards, probs, exact = _one_token_n2()
     p, m = probs.detach().double(), len(leaves)
     tuples = torch.cartesian_prod(*[torch.arange(m)] * k).view(-1, k)  # every group of k leaves, leaf i first
     adv = compute_advantages(rewards[tuples].reshape(-1), k, baseline).view(-1, k)[:, 0].double()

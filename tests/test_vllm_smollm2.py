@@ -11,7 +11,6 @@ import torch
 from omegaconf import OmegaConf
 
 from ctt.data.problems import build_prompt_ids
-from ctt.engine import EngineSettings, build_engine
 from ctt.models.loading import load_model
 from ctt.models.token import install_token
 from tests.conftest import compose_config, need_vllm

@@ -111,14 +111,14 @@ class VLLMEngine(RolloutEngine):
         rows = [RowState(Rollout(prompt_ids=list(p))) for p in prompts]
         allowed = self._allowed(forcing.banned_ids)
         engine = self.llm.llm_engine
-        pending: dict[str, tuple[int, int]] = {}  # request id -> (row, segment)
+        pending: dict[str, int] = {}  # request id -> row
         segments = [0] * len(rows)
 
         def submit(i: int) -> None:
             params = self._params(rows[i], forcing, sampling, allowed, seeds, i, segments[i])
             request = f"ctt-{next(self._ids)}"  # outputs carry this id (add_request returns an internal one)
             engine.add_request(request, _prompt(rows[i].rollout), params)
-            pending[request] = (i, segments[i])
+            pending[request] = i
             segments[i] += 1
 
         for i in range(len(rows)):
@@ -127,7 +127,7 @@ class VLLMEngine(RolloutEngine):
             for out in engine.step():
                 if not out.finished or out.request_id not in pending:
                     continue
-                i, _ = pending.pop(out.request_id)
+                i = pending.pop(out.request_id)
                 _consume(rows[i], out.outputs[0].token_ids, forcing, None if on_token is None else
                          functools.partial(on_token, i))
                 if rows[i].phase != DONE:

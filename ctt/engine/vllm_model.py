@@ -32,28 +32,17 @@ _EMBED = "model.embed_tokens.weight"
 CPU_TOKENS_PER_STEP = 32768  # vLLM's per-step token budget on CPU, where prefill is never chunked (build_llm)
 
 
-def _table_rows(model: PreTrainedModel) -> int:
-    from ctt.models.token import ContinueThinkingEmbedding
-
-    emb = model.get_input_embeddings()
-    base = emb.base if isinstance(emb, ContinueThinkingEmbedding) else emb
-    return base.weight.shape[0]
-
-
 def frozen_dtype(model: PreTrainedModel) -> torch.dtype:
     """The dtype of the frozen weights (the input table's), not of ctt's fp32 learned row, which `parameters()`
-    may yield first."""
-    from ctt.models.token import ContinueThinkingEmbedding
-
-    emb = model.get_input_embeddings()
-    return (emb.base if isinstance(emb, ContinueThinkingEmbedding) else emb).weight.dtype
+    may yield first. (ctt's overlay exposes the frozen table as its `weight`, ctt.models.token.)"""
+    return model.get_input_embeddings().weight.dtype
 
 
 def source_folder(model: PreTrainedModel, need_rows: int) -> tuple[str, str | None] | None:
     """(path or hub id, revision) vLLM can load the same weights from, with a row for every id below `need_rows`;
     None when ctt must write them itself."""
     where = getattr(model, "name_or_path", "") or ""
-    if not where or _table_rows(model) < need_rows:
+    if not where or model.get_input_embeddings().weight.shape[0] < need_rows:
         return None
     if Path(where).is_dir():
         return where, None

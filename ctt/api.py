@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -108,11 +108,17 @@ class ContinueThinking:
             raise ConfigError(f"num_continuations must be an integer >= 0, got {num_continuations!r}")
         return Mode(kind, arg, num_continuations if KINDS[kind].forced else 0)  # the base model is never forced
 
+    def check(self, prompts: Sequence[tuple[str, str]]) -> None:
+        """Refuse any of the (name, prompt) pairs that cannot be answered (too long for the context, the token text
+        in it, not valid Unicode) with a DataError naming it, before anything is generated."""
+        self.policy.check_problems([Problem(name, p, "") for name, p in prompts])
+
     def generate(self, prompts: list[str], mode: str = "learned", num_continuations: int = 2,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0) -> list[Completion]:
         """Answer every prompt (batched by `forcing.batch_size`); greedy by default."""
         m = self.mode(mode, num_continuations)
-        problems = [Problem(str(i), p, "") for i, p in enumerate(prompts)]
+        problems = [Problem(f"prompt {i + 1}", p, "") for i, p in enumerate(prompts)]
+        self.policy.check_problems(problems)  # all of them before the first is generated
         rollouts = self.policy.rollout(problems, self.policy.forcing(m), SamplingConfig(temperature, top_p, seed))
         return [self._completion(p, r, m) for p, r in zip(prompts, rollouts)]
 
@@ -124,7 +130,8 @@ class ContinueThinking:
         m = self.mode(mode, num_continuations)
         forcing = self.policy.forcing(m)
         streamer = RolloutStreamer(self.policy.tokenizer, forcing, write, self.marks)
-        (rollout,) = self.policy.rollout([Problem("0", prompt, "")], forcing, SamplingConfig(temperature, top_p, seed),
+        self.policy.check_problems([Problem("prompt", prompt, "")])
+        (rollout,) = self.policy.rollout([Problem("prompt", prompt, "")], forcing, SamplingConfig(temperature, top_p, seed),
                                          on_token=streamer)
         streamer.finish(rollout)
         return self._completion(prompt, rollout, m)

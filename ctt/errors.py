@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import NoReturn
+
+CLOSED_STDOUT_STATUS = 141  # 128 + SIGPIPE: what the shell reports for `yes | head`
 
 
 class CttError(Exception):
@@ -51,9 +55,22 @@ def user_error_message(err: BaseException) -> str | None:
 
 def exit_for_user_error(err: Exception, log: logging.Logger, what: str) -> NoReturn:
     """Entry points' last word on an exception: one line and exit 2 for a user error, else log and re-raise."""
+    if isinstance(err, BrokenPipeError):
+        exit_for_closed_stdout()
     message = user_error_message(err)
     if message is None:  # a bug: the full traceback goes to the run's log (<run dir>/<task>.log) too
         log.exception("%s failed: %s: %s", what, type(err).__name__, err)
         raise err
     log.error(message)  # a user error: one clear line, no traceback
     raise SystemExit(2) from None
+
+
+def exit_for_closed_stdout() -> NoReturn:
+    """The reader of stdout went away (`ctt-generate ... | head`): stop quietly, like coreutils, with status 141
+    (not 0: the output was cut short, which `set -o pipefail` should see). Files are untouched (an atomic writer
+    drops its temp file). stdout is pointed at /dev/null so that the interpreter's last flush cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real stdout file descriptor (an in-process capture)
+        pass
+    raise SystemExit(CLOSED_STDOUT_STATUS) from None

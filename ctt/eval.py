@@ -7,7 +7,6 @@ it) and scaling.png (accuracy against mean thinking tokens, `ctt.evaluation.plot
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from ctt.engine import SamplingConfig
 from ctt.policy.build import policy_from_config
 from ctt.policy.modes import baseline_labels
 from ctt.policy.policy import Policy
+from ctt.errors import DataError
+from ctt.reliability.text import parse_json
 from ctt.settings import to_plain
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,10 @@ def training_problems(cfg: DictConfig, token_meta: dict | None = None) -> list[P
     if not EvalSettings.from_config(cfg.eval).exclude_training_problems:
         return None
     if token_meta and token_meta.get("train_data"):
-        return load_problems(**json.loads(token_meta["train_data"]))
+        train_data = parse_json(token_meta["train_data"], "the token file's train_data metadata")
+        if not isinstance(train_data, dict):
+            raise DataError(f"the token file's train_data metadata must be a JSON object, got {train_data!r:.80}")
+        return load_problems(**train_data)
     if not cfg.get("data") or not cfg.data.get("train"):
         return None
     if token_meta is not None:

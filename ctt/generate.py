@@ -29,8 +29,8 @@ from omegaconf import DictConfig
 from ctt.api import Completion, ContinueThinking
 from ctt.config.hydra_glue import CONFIG_DIR
 from ctt.settings import to_plain
-from ctt.data.sources import _jsonl_rows  # file:line error messages for JSONL input, shared with the data loaders
 from ctt.errors import ConfigError, DataError
+from ctt.reliability.text import check_text, json_line, jsonl_rows, read_lines
 from ctt.config.check import validate_config
 from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output
 from ctt.settings import Settings, require
@@ -68,22 +68,19 @@ class GenerateSettings(Settings):
         require(len(self.marks) == 2, "generate.marks", "two texts", self.marks)
 
 
-def read_prompts(settings: GenerateSettings) -> list[str]:
+def read_prompts(settings: GenerateSettings) -> list[tuple[str, str]]:
+    """(where, prompt) for every prompt: `generate.prompt`, or `file:line` / `stdin:line` (1-based, counting blank
+    lines) of each non-blank line or JSONL row (ctt.reliability.text: strict UTF-8, no lone surrogates)."""
     if settings.prompt is not None:
-        return [settings.prompt]
+        return [("generate.prompt", check_text(settings.prompt, "generate.prompt"))]
     source = str(settings.input)
-    if source == "-":
-        prompts = [line.strip() for line in sys.stdin]
-    elif source.endswith(".jsonl"):
-        prompts = [_jsonl_prompt(where, row) for where, row in _jsonl_rows(source)]
-    elif source.endswith(".txt"):
-        try:
-            prompts = [line.strip() for line in Path(source).read_text(encoding="utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"cannot read prompt file {source}: {getattr(err, 'strerror', None) or err}") from None
+    if source.endswith(".jsonl"):
+        prompts = [(where, _jsonl_prompt(where, row)) for where, row in jsonl_rows(source)]
+    elif source == "-" or source.endswith(".txt"):
+        prompts = [(where, line.strip()) for where, line in read_lines(source)]
     else:
         raise ConfigError(f"generate.input must be a .txt or .jsonl file or - (stdin), got {source!r}")
-    prompts = [p for p in prompts if p]
+    prompts = [(where, p) for where, p in prompts if p]
     if not prompts:
         raise DataError(f"no prompts in {'stdin' if source == '-' else source}")
     return prompts
@@ -130,7 +127,7 @@ def _write_records(ct: ContinueThinking, prompts: list[str], kwargs: dict, path:
     with atomic_open(path) as f:  # renamed into place when every record is written
         for start in range(0, len(prompts), size):
             batch = ct.generate(prompts[start : start + size], **kwargs)
-            f.writelines(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in batch)
+            f.writelines(json_line(c.to_dict()) for c in batch)
             f.flush()
             out += batch
     return out
@@ -171,10 +168,11 @@ def main(cfg: DictConfig) -> None:
         validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         settings = GenerateSettings.from_config(to_plain(cfg.generate))
         with claim_output(settings):
-            prompts = read_prompts(settings)
+            named = read_prompts(settings)
             ct = ContinueThinking.from_config(cfg)
             ct.mode(settings.mode, settings.num_continuations, "generate.mode")  # a bad mode fails before generating
-            run(ct, settings, prompts, cfg.seed)
+            ct.check(named)  # every prompt fits the context, named by its line, before the first is answered
+            run(ct, settings, [p for _, p in named], cfg.seed)
     except Exception as err:
         exit_for_user_error(err, log, "generation")
 

@@ -3,7 +3,6 @@ organism's task), gold answers checked on load, and the held-out check against t
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -17,33 +16,10 @@ from ctt.data.answers import UnusableGold, check_answer_format, gold_answer, gol
 from ctt.data.problems import Problem
 from ctt.data.splits import drop_training_overlap, select_part
 from ctt.errors import ConfigError, DataError
+from ctt.reliability.text import jsonl_rows
 from ctt.settings import one_of
 
 log = logging.getLogger(__name__)
-
-
-def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield (`file:line`, parsed row), skipping blank lines; every failure names the file and line."""
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                where = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{where}: line is not valid UTF-8 (byte {e.start})") from None
-                if not line.strip():
-                    continue
-                try:
-                    yield where, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"data path is a directory, expected a .jsonl file: {path}") from None
-    except OSError as e:  # permissions, a path through a file, I/O errors
-        raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
 
 
 def _to_problems(
@@ -144,7 +120,7 @@ def _from_jsonl(s: ProblemSet) -> tuple[list[Problem], str]:
     if not s.path:
         raise ConfigError("data.path is required for source=jsonl")
     p = Path(s.path)
-    return _to_problems(_jsonl_rows(str(s.path)), f"{p.parent.name}/{p.stem}", **s.keys), str(s.path)
+    return _to_problems(jsonl_rows(str(s.path)), f"{p.parent.name}/{p.stem}", **s.keys), str(s.path)
 
 
 def _from_hub(s: ProblemSet) -> tuple[list[Problem], str]:

@@ -13,12 +13,12 @@ paired across seeds. Single-seed intervals stay in each run's comparisons.csv.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Sequence
 
 from ctt.evaluation.comparisons import _pp, format_p, per_problem_rates, read_comparisons
 from ctt.evaluation.stats import holm_adjust, seed_problem_ci
+from ctt.reliability.text import jsonl_rows
 
 SEED_COLUMNS = [
     "group", "benchmark", "mode", "num_continuations", "versus", "versus_num_continuations", "seeds", "n", "mean",
@@ -31,8 +31,7 @@ def _read_samples(run_dir: Path) -> list[dict] | None:
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         return None
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in jsonl_rows(path)]  # file:line on a garbled line (ctt.reliability.text)
 
 
 def _keys(run_dir: Path) -> list[Key]:

@@ -3,17 +3,17 @@ ctt-export, ctt-generate and the Python API all build it here)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ctt.data.problems import PromptSettings
-from ctt.errors import ConfigError
+from ctt.errors import ConfigError, DataError
 from ctt.models.loading import load_model
 from ctt.models.token import TokenSettings, check_token_fits, install_token, load_token_file, token_count, token_texts
 from ctt.policy.policy import ForcingSettings, Policy
+from ctt.reliability.text import read_json
 from ctt.settings import to_plain
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,12 @@ EXPORT_INFO = "ctt_export.json"  # written by ctt.export
 def _export_info(model_cfg: dict) -> dict:
     """The ctt_export.json of a local folder written by ctt-export ({} for any other model)."""
     info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
-    return json.loads(info.read_text()) if model_cfg.get("source") == "local" and info.is_file() else {}
+    if model_cfg.get("source") != "local" or not info.is_file():
+        return {}
+    exported = read_json(info)  # DataError naming the file when garbled (ctt.reliability.text)
+    if not isinstance(exported, dict):
+        raise DataError(f"{info}: expected a JSON object, got {type(exported).__name__}")
+    return exported
 
 
 def _model_config(model_cfg: dict, exported: dict) -> dict:

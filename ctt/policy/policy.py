@@ -22,6 +22,7 @@ from ctt.engine.records import row_seeds
 from ctt.models.loading import LoadedModel
 from ctt.models.token import get_overlay
 from ctt.policy.modes import Mode
+from ctt.reliability.text import check_text
 from ctt.settings import Settings, require
 
 
@@ -143,6 +144,7 @@ class Policy:
         return self._prompt_cache[problem.question]
 
     def _check_question(self, problem: Problem) -> None:
+        check_text(problem.question, f"problem {problem.id}")  # a lone surrogate can be neither tokenised nor written
         if self.token_text in problem.question:
             raise DataError(f"problem {problem.id}: the question contains the token text {self.token_text!r} "
                             "(it would become the learned token); choose another token.text")

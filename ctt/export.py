@@ -32,12 +32,13 @@ from ctt.models.loading import base_weights
 from ctt.policy.build import EXPORT_INFO, policy_from_config
 from ctt.config.hydra_glue import CONFIG_DIR
 from ctt.settings import to_plain
-from ctt.errors import ConfigError
+from ctt.errors import ConfigError, DataError
 from ctt.engine import SamplingConfig
 from ctt.models.model_card import model_card
 from ctt.policy.modes import Mode
 from ctt.policy.policy import Policy
 from ctt.config.check import validate_config
+from ctt.reliability.text import read_lines, read_yaml
 from ctt.outputs import check_not_input, check_output_dir, hold_output, replacing_dir
 from ctt.settings import Settings, one_of
 from ctt.models.token import get_overlay, token_texts
@@ -247,21 +248,22 @@ def _base_weights(model: DictConfig) -> dict:
 
 def _run_files(run_dir: Path) -> dict:
     """From the training run, when the token file sits in its run dir: its forcing config, command-line overrides
-    and results table."""
-    import yaml
-
+    and results table. A malformed file there is a DataError naming it (ctt.reliability.text.read_yaml)."""
     out, hydra_dir = {}, run_dir / ".hydra"
     if (hydra_dir / "config.yaml").is_file():
-        config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
+        config = read_yaml(hydra_dir / "config.yaml")
+        for key in ("forcing", "trainer"):
+            if not isinstance(config.get(key) or {}, dict):
+                raise DataError(f"{hydra_dir / 'config.yaml'}: {key} must be a mapping, got {config[key]!r}")
         out["config"] = str(hydra_dir / "config.yaml")
         out["forcing"] = config.get("forcing") or {}
         keep = ("seed", "model", "data", "token", "forcing", "rl", "optimizer", "scheduler")
         out["training_config"] = {k: config[k] for k in keep if k in config}
         out["training_config"]["max_steps"] = (config.get("trainer") or {}).get("max_steps")
     if (hydra_dir / "overrides.yaml").is_file():
-        out["overrides"] = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []
+        out["overrides"] = read_yaml(hydra_dir / "overrides.yaml", list)
     if (run_dir / "results.md").is_file():
-        out["results_md"] = (run_dir / "results.md").read_text()
+        out["results_md"] = "".join(line + "\n" for _, line in read_lines(run_dir / "results.md"))
     return out
 
 

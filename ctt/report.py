@@ -28,7 +28,8 @@ the run's log, or nothing but `.hydra/` and the log).
 those runs (sample std, n-1; 0 for a single run) and a `seeds` column counts them; it also gives the headline over
 seeds (`ctt.evaluation.seed_headline`): per group, the mean over seeds of every paired difference with a 95% CI over seeds and
 problems, p and Holm's p, written to <out>_seeds.csv / <out>_seeds.md and printed after the table. Writes <out>.csv
-and <out>.md (default <first DIR>/report) and prints the markdown table.
+and <out>.md (default <first DIR>/report) and prints the markdown table; with results, <out>_debate.png
+(`ctt.evaluation.plots.debate_plot`). A run whose files are malformed is skipped with one warning naming the file.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ctt.errors import CttError, exit_for_closed_stdout
 from ctt.evaluation.comparisons import format_p
 from ctt.evaluation.results import markdown_table
 from ctt.evaluation.plots import debate_plot
@@ -174,9 +176,9 @@ def write_report(out: str | Path, md_cols: list[str], md_rows: list[dict], csv_c
 
 
 def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seeds: bool = False) -> tuple[str, Path, Path]:
-    runs = load_runs(dirs)
+    runs = load_runs(dirs)  # a malformed run is skipped with a warning naming its file
     if not runs:
-        raise FileNotFoundError(f"no run dirs (with .hydra/config.yaml) under {', '.join(map(str, dirs))}")
+        raise FileNotFoundError(f"no readable run dirs (with .hydra/config.yaml) under {', '.join(map(str, dirs))}")
     md_cols, md_rows, csv_cols, csv_rows = report_rows(runs, group_seeds)
     out = Path(out or Path(dirs[0]) / "report")
     csv_path, md_path = write_report(out, md_cols, md_rows, csv_cols, csv_rows)
@@ -186,8 +188,13 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seed
         table += "\n\n" + seeds if seeds else ""
     evaluated = [(int(r.config.get("token.count") or 1), r.results) for r in runs if r.results]
     if evaluated:  # accuracy against compute, one line per kind of continuation (learned per k)
-        debate_plot(evaluated, csv_path.with_name("debate.png"))
+        debate_plot(evaluated, debate_path(out))
     return table, csv_path, md_path
+
+
+def debate_path(out: Path) -> Path:
+    """<out>_debate.png: beside <out>.csv and <out>.md, named after them like <out>_seeds.csv."""
+    return out.with_name(out.name + "_debate.png")
 
 
 def diff(run_a: str | Path, run_b: str | Path) -> tuple[list[dict], list[dict]]:
@@ -230,12 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(markdown_table(metric_rows, ["metric", "A", "B", "B-A"]) if metric_rows else "no metrics in common")
             return 0
         table, csv_path, md_path = report(args.dirs, args.out, args.group_seeds)
-    except FileNotFoundError as err:
+        print(table)
+        debate = debate_path(csv_path.with_suffix(""))
+        print(f"\nwritten: {csv_path} {md_path}" + (f" {debate}" if debate.is_file() else ""))
+    except (FileNotFoundError, CttError) as err:  # --diff's runs are named: a malformed one is an error, not skipped
         print(f"ctt-report: {err}", file=sys.stderr)
         return 2
-    print(table)
-    debate = csv_path.with_name("debate.png")
-    print(f"\nwritten: {csv_path} {md_path}" + (f" {debate}" if debate.is_file() else ""))
+    except BrokenPipeError:  # `ctt-report DIR | head`
+        exit_for_closed_stdout()
     return 0
 
 

@@ -310,7 +310,7 @@ def test_debate_plot_has_one_line_per_kind_of_continuation(tmp_path, capsys):
         make_run(tmp_path / f"k{k}", cfg, rewards=[0.5],
                  results=shared + [("b", "learned", 1, acc), ("b", "learned", 2, acc + 0.05)])
     assert main([str(tmp_path)]) == 0
-    assert (tmp_path / "debate.png").is_file() and "debate.png" in capsys.readouterr().out
+    assert (tmp_path / "report_debate.png").is_file() and "report_debate.png" in capsys.readouterr().out
     header, _ = read_csv(tmp_path / "report.csv")
     assert config_columns(header, "train/reward") == ["token.count"]  # exactly the swept key
     from ctt.evaluation.runs import load_runs

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ctt.outputs import atomic_open
+from ctt.reliability.text import read_csv
 from ctt.evaluation.stats import holm_adjust, paired_delta_ci, paired_p_value
 
 # The issue's nine columns first; ci_method and versus_num_continuations are appended.
@@ -126,12 +127,14 @@ def write_comparisons(out_dir: str | Path, rows: list[dict]) -> Path:
 
 
 def read_comparisons(path: str | Path) -> list[dict] | None:
-    """The rows of a comparisons.csv (values as strings), or None when the file does not exist."""
+    """The rows of a comparisons.csv (values as strings), or None when the file does not exist; a DataError naming
+    the file and line when it is garbled (a missing column, a non-integer N, a delta that is not a number)."""
     path = Path(path)
     if not path.is_file():
         return None
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return read_csv(path, required=("benchmark", "mode", "num_continuations", "versus", "delta"),
+                    kinds={"num_continuations": "int", "versus_num_continuations": "int?", "delta": "number",
+                           **dict.fromkeys(("ci_low", "ci_high", "p_value", "p_holm"), "number?")})
 
 
 def _pp(value: Any) -> str:

@@ -3,7 +3,7 @@ metrics (train reward, results.csv accuracies, comparisons.csv deltas) and statu
 
 from __future__ import annotations
 
-import csv
+import logging
 import math
 import os
 import re
@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from omegaconf import OmegaConf
-
+from ctt.errors import DataError
 from ctt.evaluation.comparisons import COMPARISONS_CSV, read_comparisons
 from ctt.policy.modes import base_label, label_family
+from ctt.reliability.text import read_csv, read_yaml
 from ctt.settings import flatten
+
+log = logging.getLogger(__name__)
 
 SKIP_PREFIXES = ("hydra", "paths")
 ABSENT = "(absent)"
@@ -89,15 +91,22 @@ def group_choices(run_dir: Path) -> dict[str, Any]:
     path = run_dir / ".hydra" / "hydra.yaml"
     if not path.is_file():
         return {}
-    choices = OmegaConf.to_container(OmegaConf.load(path).hydra.runtime.choices, resolve=False) or {}
-    return {g: c for g, c in choices.items() if not (g == "hydra" or g.startswith("hydra/") or g == "paths")}
+    node = read_yaml(path)
+    for key in ("hydra", "runtime", "choices"):
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node or {}, dict):
+        raise DataError(f"{path}: hydra.runtime.choices must be a mapping, got {type(node).__name__}")
+    return {g: c for g, c in (node or {}).items() if not (g == "hydra" or g.startswith("hydra/") or g == "paths")}
 
 
 def load_config(run_dir: Path) -> tuple[dict[str, Any], set[str]]:
     """The run's flattened config (unresolved), minus hydra.* / paths.*, plus its group choices under their
     group names (`token/init`); and the keys naming the run's own dir."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items() if not _skipped(k)}
+    path = run_dir / ".hydra" / "config.yaml"
+    flat = {k: v for k, v in flatten(read_yaml(path)).items() if not _skipped(k)}
+    count = flat.get("token.count") or 1  # the debate plot's k
+    if not (isinstance(count, int) and not isinstance(count, bool) and count >= 1):
+        raise DataError(f"{path}: token.count must be an integer >= 1, got {count!r}")
     flat.update(group_choices(run_dir))
     own = {str(run_dir), str(run_dir.resolve()), os.path.abspath(run_dir)}
     local = {k for k, v in flat.items() if isinstance(v, str) and any(o in v for o in own)}
@@ -159,11 +168,10 @@ def read_train_reward(run_dir: Path) -> float | None:
     if path is None:
         return None
     last = None
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            value = _float(row.get("train/reward"))
-            if value is not None:
-                last = value
+    for row in read_csv(path, kinds={"train/reward": "number?"}, ragged=True):  # Lightning's rows may be short
+        value = _float(row.get("train/reward"))
+        if value is not None:
+            last = value
     return last
 
 
@@ -226,8 +234,9 @@ def read_results(run_dir: Path) -> list[dict] | None:
     path = run_dir / "results.csv"
     if not path.is_file():
         return None
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    numbers = ("accuracy", "mean_thinking_tokens", "mean_total_tokens", "ci_low", "ci_high")
+    return read_csv(path, required=("benchmark", "mode", "num_continuations", "accuracy"),
+                    kinds={"num_continuations": "int", "accuracy": "number", **dict.fromkeys(numbers[1:], "number?")})
 
 
 def _log_has_error(run_dir: Path) -> bool:
@@ -276,4 +285,12 @@ def load_run(path: Path, name: str) -> Run:
 
 
 def load_runs(dirs: Sequence[str | Path]) -> list[Run]:
-    return [load_run(path, name) for path, name in discover_runs(dirs)]
+    """The runs under `dirs`; a run whose files are malformed (DataError naming the file) is skipped with one warning
+    line, and the others are read."""
+    runs = []
+    for path, name in discover_runs(dirs):
+        try:
+            runs.append(load_run(path, name))
+        except DataError as err:
+            log.warning("ctt-report: skipped run %s: %s", name, err)
+    return runs

@@ -4,7 +4,8 @@
     python -m ctt.generate model=exported model.path=DIR generate.input=prompts.jsonl generate.output=out.jsonl
 
 Prompts: `generate.prompt` (one), `generate.input` = a .txt file (one prompt per line), a .jsonl file (a `question`
-or `prompt` field per row) or `-` (stdin, one prompt per line). Output: stdout (each completion streamed as it is
+or `prompt` field per row) or `-` (stdin, one prompt per line), read as strict UTF-8 (ctt.reliability.text); every
+prompt is checked (its length, its text) before the first is answered, an error naming its `file:line`. Output: stdout (each completion streamed as it is
 generated, every inserted continuation marked; then its extracted answer and counts), or `generate.output=FILE.jsonl`
 (one `ctt.api.Completion` record per prompt, written to a temp sibling as each batch finishes and renamed into place
 at the end: a kill or an error leaves the earlier file whole; an input, or a file ctt-generate did not write, is

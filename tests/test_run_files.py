@@ -13,6 +13,7 @@ from tests.test_cli_errors import assert_user_error, run_main
 from tests.test_report import base_config, make_run, read_csv
 
 RESULTS = [("b", "base", 0, 0.4), ("b", "learned", 1, 0.6)]
+HEADER = "benchmark,mode,num_continuations,accuracy,mean_thinking_tokens,mean_total_tokens\n"
 COMPARISONS = "benchmark,mode,num_continuations,versus,delta,ci_low,ci_high\nb,learned,1,base,{delta},0.1,0.3\n"
 
 
@@ -28,11 +29,12 @@ BREAKAGES = {
     "config-token-count": (lambda r: (r / ".hydra" / "config.yaml").write_text("token:\n  count: many\n"),
                            ".hydra/config.yaml"),
     "hydra-yaml-list": (lambda r: (r / ".hydra" / "hydra.yaml").write_text("- x\n"), ".hydra/hydra.yaml"),
-    "results-N": (lambda r: (r / "results.csv").write_text("benchmark,mode,num_continuations,accuracy\nb,base,zero,0.4\n"),
-                  "results.csv:2"),
-    "results-no-column": (lambda r: (r / "results.csv").write_text("benchmark,mode,accuracy\nb,base,0.4\n"), "results.csv"),
-    "results-short-row": (lambda r: (r / "results.csv").write_text("benchmark,mode,num_continuations,accuracy\nb,base\n"),
-                          "results.csv:2"),
+    "results-N": (lambda r: (r / "results.csv").write_text(HEADER + "b,base,zero,0.4,5,9\n"), "results.csv:2"),
+    "results-accuracy": (lambda r: (r / "results.csv").write_text(HEADER + "b,base,0,0.4,5,9\nb,learned,1,,5,9\n"),
+                         "results.csv:3"),
+    "results-no-column": (lambda r: (r / "results.csv").write_text("benchmark,mode,num_continuations,accuracy\nb,base,0,0.4\n"),
+                          "results.csv"),
+    "results-short-row": (lambda r: (r / "results.csv").write_text(HEADER + "b,base\n"), "results.csv:2"),
     "results-binary": (lambda r: (r / "results.csv").write_bytes(b"benchmark,mode\n\xff\xfe\x00\n"), "results.csv"),
     "comparisons-delta": (lambda r: (r / "comparisons.csv").write_text(COMPARISONS.format(delta="+0.2x")),
                           "comparisons.csv:2"),

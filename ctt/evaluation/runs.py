@@ -234,9 +234,10 @@ def read_results(run_dir: Path) -> list[dict] | None:
     path = run_dir / "results.csv"
     if not path.is_file():
         return None
-    numbers = ("accuracy", "mean_thinking_tokens", "mean_total_tokens", "ci_low", "ci_high")
-    return read_csv(path, required=("benchmark", "mode", "num_continuations", "accuracy"),
-                    kinds={"num_continuations": "int", "accuracy": "number", **dict.fromkeys(numbers[1:], "number?")})
+    # the columns the report and its debate plot read
+    required = ("benchmark", "mode", "num_continuations", "accuracy", "mean_thinking_tokens", "mean_total_tokens")
+    return read_csv(path, required=required, kinds={"num_continuations": "int", **dict.fromkeys(required[3:], "number"),
+                                                    "ci_low": "number?", "ci_high": "number?"})
 
 
 def _log_has_error(run_dir: Path) -> bool:

@@ -18,6 +18,10 @@
   opened with `O_NOFOLLOW`: a symlinked (or hard-linked, or non-regular) lock file is refused, never followed.
 * **Inputs.** An output that is one of the command's inputs (same path resolved, or the same file by `samefile`:
   a hard link) is refused before anything is read (`check_not_input`).
+* **Faults.** A full disk, a quota or a read-only target while writing (ENOSPC, EDQUOT, EROFS, EACCES, EPERM,
+  EFBIG, EIO; also as a native writer's "(os error N)") is one `OutputError` naming the file and the reason
+  (`writing`); the earlier version stays whole and no temp sibling is left. Appends (`append_bytes`) are cut back
+  to the earlier end.
 * **Modes.** Files and folders are created with the user's umask (`fix_modes` undoes the 0600/0700 that mkstemp,
   mkdtemp and safetensors give), as `open()` would.
 """
@@ -28,16 +32,18 @@ import ctypes
 import errno
 import fcntl
 import json
+import io
 import os
+import re
 import shutil
 import stat
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ctt.errors import ConfigError
+from ctt.errors import ConfigError, OutputError
 
 MARKER = ".ctt-output.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -80,21 +86,63 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
-    """Replace `path` by `data` atomically (after a kill: the old bytes or the new, never a mix), mode per umask."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
+WRITE_FAULTS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large", errno.EIO: "input/output error"}
+_NATIVE_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust writers (safetensors, tokenizers) report an errno
+
+
+def write_fault(err: BaseException) -> str | None:
+    """The reason, when `err` is the environment refusing a write (full disk, quota, read-only), else None."""
+    code = err.errno if isinstance(err, OSError) else None
+    if not isinstance(err, OSError) and (match := _NATIVE_OS_ERROR.search(str(err))):
+        code = int(match.group(1))
+    return WRITE_FAULTS.get(code)
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Every writer's block: an environment fault inside it becomes one OutputError line naming `path`."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        yield
+    except OutputError:
         raise
+    except Exception as err:
+        reason = write_fault(err)
+        if reason is None:
+            raise
+        raise OutputError(f"{reason} writing {path}") from err
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _discard(path: Path) -> None:
+    with suppress(OSError):  # gone already, or the filesystem refuses even that
+        path.unlink()
+
+
+def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
+    """Replace `path` by `data` atomically (after a kill or a full disk: the old bytes or the new, never a mix, and no
+    temp sibling left by an error), mode per umask."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)  # a full disk may only say so here (delayed allocation, NFS)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            _discard(tmp)
+            raise
     fsync_dir(path.parent)
     return path
 
@@ -104,21 +152,35 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator:
-    """A text file written at a temp sibling and renamed over `path` when the block ends without an error (else
-    removed): readers and a kill only ever see the old file or the whole new one."""
+def atomic_open(path: str | os.PathLike) -> Iterator[io.StringIO]:
+    """A text file collected in memory and written by `atomic_write_text` when the block ends without an error:
+    readers, a kill and a full disk only ever leave the old file or the whole new one."""
+    buffer = io.StringIO(newline="")
+    yield buffer
+    atomic_write_text(buffer.getvalue(), path)
+
+
+def append_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Append `data` to `path` whole or not at all: a failed write (a full disk) is cut back to the earlier end (a
+    file it created is removed), so the earlier lines stay whole and no half line is left."""
     path = Path(path)
-    tmp = temp_sibling(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            except BaseException:
+                with suppress(OSError):
+                    os.ftruncate(fd, end)
+                if not existed:
+                    _discard(path)
+                raise
+        finally:
+            os.close(fd)
 
 
 # --- locks ----------------------------------------------------------------------------------------------------
@@ -321,7 +383,7 @@ def replacing_dir(target: str | os.PathLike, kind: str, command: str, overwrite:
     `kind` output and swapped in for `target` (checked by `check_output_dir`, owned by this process throughout)."""
     target = Path(target).absolute()
     check_output_dir(target, kind, overwrite, what)
-    with hold_output(target, what):
+    with hold_output(target, what), writing(target):
         clean_siblings(target)
         check_output_dir(target, kind, overwrite, what)  # again, now that no other writer can change it
         tmp = temp_sibling(target)

@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ctt.errors import CttError, user_error_message
 from ctt.evaluation.comparisons import format_p
 from ctt.evaluation.results import markdown_table
 from ctt.evaluation.plots import debate_plot
@@ -151,7 +152,7 @@ def over_seeds(runs: Sequence[Run], out: Path) -> str:
         return ""
     text = seed_markdown(rows)
     write_seed_rows(out.with_name(out.name + "_seeds.csv"), rows)
-    out.with_name(out.name + "_seeds.md").write_text(text)
+    atomic_write_text(text, out.with_name(out.name + "_seeds.md"))
     return text
 
 
@@ -163,7 +164,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def write_report(out: str | Path, md_cols: list[str], md_rows: list[dict], csv_cols: list[str], csv_rows: list[dict]) -> tuple[Path, Path]:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out.with_name(out.name + ".csv"), out.with_name(out.name + ".md")
     with atomic_open(csv_path) as f:
         writer = csv.DictWriter(f, fieldnames=csv_cols)
@@ -232,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         table, csv_path, md_path = report(args.dirs, args.out, args.group_seeds)
     except FileNotFoundError as err:
         print(f"ctt-report: {err}", file=sys.stderr)
+        return 2
+    except CttError as err:  # e.g. an OutputError: the disk is full, or --out is read-only
+        print(f"ctt-report: {user_error_message(err)}", file=sys.stderr)
         return 2
     print(table)
     debate = csv_path.with_name("debate.png")

@@ -165,3 +165,53 @@ def test_training_on_a_full_disk_or_read_only_target(tmp_path, monkeypatch, capf
     code_, _, err = train(run, capfd, "trainer.max_steps=4", "ckpt_path=last", "+logger.csv.flush_logs_every_n_steps=1")
     assert_user_error(code_, err, f"OutputError: {os.strerror(code).lower()} writing {run / file}")
     assert faults.hits and (run / file).read_bytes() == before and temp_siblings(run) == []
+
+
+# --- evaluation --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, code, room", [("scaling.png", errno.ENOSPC, 100), ("results.csv", errno.EROFS, 0),
+                                              ("samples.jsonl", errno.ENOSPC, 10)])
+def test_evaluation_on_a_full_disk_or_read_only_target(tmp_path, monkeypatch, capfd, name, code, room):
+    run = tmp_path / "eval"
+    evaluate = ("ctt.eval", "experiment=smoke", "eval.limit=1", "eval.samples=1", "eval.num_continuations=[1]",
+                "eval.modes=[base,fixed]", f"hydra.run.dir={run}")
+    assert run_main(*evaluate, capfd=capfd)[0] == 0
+    before = snapshot(run, name, "results.csv", "results.md", "scaling.png", "deltas.png", "comparisons.csv")
+    assert name in before
+    faults = Faults(monkeypatch, name, code, room)
+    code_, _, err = run_main(*evaluate, capfd=capfd)  # the same evaluation again, in the same dir
+    assert_user_error(code_, err, f"OutputError: {os.strerror(code).lower()} writing {run / name}")
+    assert faults.hits and snapshot(run, *before) == before and temp_siblings(run) == []
+    assert (run / "scaling.png").stat().st_size  # never a 0-byte plot
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+
+def test_export_on_a_full_disk_or_read_only_target(tmp_path, monkeypatch, capfd):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    from tests.test_outputs import export
+
+    out = tmp_path / "hf"
+    assert export(tmp_path, capfd, f"export.dir={out}")[0] == 0
+    before = snapshot(out)
+    real_save = transformers.modeling_utils.safe_save_file
+
+    def disk_full(tensors, filename, metadata=None):  # what safetensors raises on ENOSPC (checked under strace)
+        Path(filename).write_bytes(b"\0" * 10)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.modeling_utils, "safe_save_file", disk_full)
+        code, _, err = export(tmp_path, capfd, f"export.dir={out}", "export.overwrite=true")
+    assert_user_error(code, err, f"OutputError: no space left on device writing {out}")
+    assert real_save is transformers.modeling_utils.safe_save_file
+    with monkeypatch.context() as patch:
+        faults = Faults(patch, "ctt_export.json", errno.EROFS)
+        code, _, err = export(tmp_path, capfd, f"export.dir={out}", "export.overwrite=true")
+    assert_user_error(code, err, f"OutputError: read-only file system writing {out}")
+    assert faults.hits and snapshot(out) == before  # the earlier export whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == [".hf.lock"]  # no temp folder left

@@ -31,12 +31,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import json
 import io
+import json
+import logging
 import os
 import re
 import shutil
 import stat
+import sys
 import time
 import uuid
 from contextlib import contextmanager, suppress
@@ -112,6 +114,21 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         if reason is None:
             raise
         raise OutputError(f"{reason} writing {path}") from err
+
+
+class LogFileHandler(logging.FileHandler):
+    """The run's log file (hydra/default.yaml): when the disk fills up or the file turns read-only it says so once
+    on stderr and goes quiet, instead of logging's traceback for every later line; the console keeps every line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        reason = write_fault(sys.exc_info()[1] or Exception())
+        if reason is None:
+            return super().handleError(record)
+        if not self.failed:
+            self.failed = True
+            sys.stderr.write(f"{reason} writing the log file {self.baseFilename}: log lines go to stderr only\n")
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

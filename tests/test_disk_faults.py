@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -165,6 +166,18 @@ def test_training_on_a_full_disk_or_read_only_target(tmp_path, monkeypatch, capf
     code_, _, err = train(run, capfd, "trainer.max_steps=4", "ckpt_path=last", "+logger.csv.flush_logs_every_n_steps=1")
     assert_user_error(code_, err, f"OutputError: {os.strerror(code).lower()} writing {run / file}")
     assert faults.hits and (run / file).read_bytes() == before and temp_siblings(run) == []
+
+
+def test_a_full_disk_under_the_run_log_is_one_notice_not_a_traceback_per_line(tmp_path, monkeypatch, capfd):
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(logging.FileHandler, "_open", lambda self: FullDisk())  # <run dir>/train.log: disk full
+    faults = Faults(monkeypatch, "last.ckpt")
+    code, _, err = train(tmp_path / "run", capfd, "trainer.max_steps=2")
+    assert_user_error(code, err, "OutputError: no space left on device writing")
+    assert faults.hits and err.count("writing the log file") == 1, err[-3000:]
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------

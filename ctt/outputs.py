@@ -177,6 +177,26 @@ def atomic_open(path: str | os.PathLike) -> Iterator[io.StringIO]:
     atomic_write_text(buffer.getvalue(), path)
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp sibling path for a writer that only takes a path (Lightning's hparams.yaml), fsync'ed and renamed over
+    `path` when the block ends without an error, else removed."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    with writing(path):
+        try:
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        finally:
+            _discard(tmp)  # gone once renamed
+    fsync_dir(path.parent)
+
+
 def append_bytes(data: bytes, path: str | os.PathLike) -> None:
     """Append `data` to `path` whole or not at all: a failed write (a full disk) is cut back to the earlier end (a
     file it created is removed), so the earlier lines stay whole and no half line is left."""

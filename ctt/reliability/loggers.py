@@ -18,10 +18,11 @@ import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from ctt.errors import OutputError
-from ctt.outputs import append_bytes, atomic_write_bytes
+from ctt.outputs import append_bytes, atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ class _ResumingWriter(ExperimentWriter):
                 reader = csv.DictReader(f)
                 self._previous = list(reader)
                 self.metrics_keys = sorted(reader.fieldnames or [])
+
+    def log_hparams(self, params: dict) -> None:  # Lightning's, renamed into place: a resume rewrites the file
+        self.hparams.update(params)
+        with atomic_path(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:

@@ -81,9 +81,9 @@ class _ResumingWriter(ExperimentWriter):
             if row is not None and row["step"] == first - 1 and all(_step(r) != row["step"] for r in kept):
                 kept.append(row)
                 self.metrics_keys = sorted(set(self.metrics_keys) | set(row))
-            self._previous = None
             self._record_new_keys()
             atomic_write_bytes(_csv_bytes(self.metrics_keys, kept), self.metrics_file_path)
+            self._previous = None  # only once written: a failed rewrite is tried again, never skipped to the append
         if not self.metrics:
             return
         # Lightning's save, with the rows appended whole (its own `open(.., "a")` leaves half a row on a full disk)

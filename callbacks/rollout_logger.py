@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from ctt.outputs import append_bytes, atomic_write_text
+from ctt.writes import append_bytes, atomic_write_text
 
 
 class RolloutSampleLogger(L.Callback):
@@ -41,7 +41,7 @@ class RolloutSampleLogger(L.Callback):
                     logger.experiment.add_text(f"rollouts/{i}", f"**{problem.question}**\n\n{text}", step)
                 elif isinstance(logger, WandbLogger):
                     logger.log_text(key="rollouts", columns=list(row), data=[list(row.values())], step=step)
-        if lines:  # the step's lines whole or none (a full disk cuts the file back: ctt.outputs.append_bytes)
+        if lines:  # the step's lines whole or none (a full disk cuts the file back: ctt.writes.append_bytes)
             append_bytes("".join(lines).encode(), self.path)
 
 

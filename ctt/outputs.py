@@ -18,10 +18,8 @@
   opened with `O_NOFOLLOW`: a symlinked (or hard-linked, or non-regular) lock file is refused, never followed.
 * **Inputs.** An output that is one of the command's inputs (same path resolved, or the same file by `samefile`:
   a hard link) is refused before anything is read (`check_not_input`).
-* **Faults.** A full disk, a quota or a read-only target while writing (ENOSPC, EDQUOT, EROFS, EACCES, EPERM,
-  EFBIG, EIO; also as a native writer's "(os error N)") is one `OutputError` naming the file and the reason
-  (`writing`); the earlier version stays whole and no temp sibling is left. Appends (`append_bytes`) are cut back
-  to the earlier end.
+* **Faults.** A full disk, a quota or a read-only target while writing a file or filling a folder is one
+  `OutputError` naming it (`ctt.writes.writing`); the earlier version stays whole, no temp is left.
 * **Modes.** Files and folders are created with the user's umask (`fix_modes` undoes the 0600/0700 that mkstemp,
   mkdtemp and safetensors give), as `open()` would.
 """
@@ -31,21 +29,19 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import io
 import json
-import logging
 import os
-import re
 import shutil
 import stat
-import sys
 import time
-import uuid
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ctt.errors import ConfigError, OutputError
+from ctt.errors import ConfigError
+# the one file writer (ctt.writes), also imported from here
+from ctt.writes import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: F401
+from ctt.writes import fsync_dir, temp_sibling, writing
 
 MARKER = ".ctt-output.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +49,7 @@ RUN_DIR_SIGNS = (".hydra", "checkpoints", ".ctt.lock")
 _held: dict[Path, tuple[int, int]] = {}  # lock file -> (descriptor, depth), in this process
 
 
-# --- modes and atomic files -----------------------------------------------------------------------------------
+# --- modes --------------------------------------------------------------------------------------------------
 
 
 def current_umask() -> int:
@@ -69,155 +65,6 @@ def fix_modes(root: Path) -> None:
         if path.is_symlink():
             continue
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def temp_sibling(path: Path, tag: str = "tmp") -> Path:
-    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-WRITE_FAULTS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large", errno.EIO: "input/output error"}
-_NATIVE_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust writers (safetensors, tokenizers) report an errno
-
-
-def write_fault(err: BaseException) -> str | None:
-    """The reason, when `err` is the environment refusing a write (full disk, quota, read-only), else None."""
-    code = err.errno if isinstance(err, OSError) else None
-    if not isinstance(err, OSError) and (match := _NATIVE_OS_ERROR.search(str(err))):
-        code = int(match.group(1))
-    return WRITE_FAULTS.get(code)
-
-
-@contextmanager
-def writing(path: str | os.PathLike) -> Iterator[None]:
-    """Every writer's block: an environment fault inside it becomes one OutputError line naming `path`."""
-    try:
-        yield
-    except OutputError:
-        raise
-    except Exception as err:
-        reason = write_fault(err)
-        if reason is None:
-            raise
-        raise OutputError(f"{reason} writing {path}") from err
-
-
-class LogFileHandler(logging.FileHandler):
-    """The run's log file (hydra/default.yaml): when the disk fills up or the file turns read-only it says so once
-    on stderr and goes quiet, instead of logging's traceback for every later line; the console keeps every line."""
-
-    failed = False
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        reason = write_fault(sys.exc_info()[1] or Exception())
-        if reason is None:
-            return super().handleError(record)
-        if not self.failed:
-            self.failed = True
-            sys.stderr.write(f"{reason} writing the log file {self.baseFilename}: log lines go to stderr only\n")
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _discard(path: Path) -> None:
-    with suppress(OSError):  # gone already, or the filesystem refuses even that
-        path.unlink()
-
-
-def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
-    """Replace `path` by `data` atomically (after a kill or a full disk: the old bytes or the new, never a mix, and no
-    temp sibling left by an error), mode per umask."""
-    path = Path(path)
-    tmp = temp_sibling(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-            try:
-                _write_all(fd, data)
-                os.fsync(fd)  # a full disk may only say so here (delayed allocation, NFS)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            _discard(tmp)
-            raise
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    return atomic_write_bytes(text.encode("utf-8"), path)
-
-
-@contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[io.StringIO]:
-    """A text file collected in memory and written by `atomic_write_text` when the block ends without an error:
-    readers, a kill and a full disk only ever leave the old file or the whole new one."""
-    buffer = io.StringIO(newline="")
-    yield buffer
-    atomic_write_text(buffer.getvalue(), path)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp sibling path for a writer that only takes a path (Lightning's hparams.yaml), fsync'ed and renamed over
-    `path` when the block ends without an error, else removed."""
-    path = Path(path)
-    tmp = temp_sibling(path)
-    with writing(path):
-        try:
-            yield tmp
-            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        finally:
-            _discard(tmp)  # gone once renamed
-    fsync_dir(path.parent)
-
-
-def append_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Append `data` to `path` whole or not at all: a failed write (a full disk) is cut back to the earlier end (a
-    file it created is removed), so the earlier lines stay whole and no half line is left."""
-    path = Path(path)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        existed = path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        try:
-            end = os.fstat(fd).st_size
-            try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            except BaseException:
-                with suppress(OSError):
-                    os.ftruncate(fd, end)
-                if not existed:
-                    _discard(path)
-                raise
-        finally:
-            os.close(fd)
 
 
 # --- locks ----------------------------------------------------------------------------------------------------

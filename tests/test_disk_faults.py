@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ctt.errors import OutputError
-from ctt.outputs import append_bytes, atomic_open, atomic_write_bytes
+from ctt.writes import append_bytes, atomic_open, atomic_write_bytes
 from tests.test_cli_errors import assert_user_error, run_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,7 +110,7 @@ def test_a_failed_append_to_a_new_file_leaves_no_empty_file(tmp_path, monkeypatc
 def test_a_native_writers_os_error_is_an_output_error_too(tmp_path):
     from safetensors import SafetensorError
 
-    from ctt.outputs import writing
+    from ctt.writes import writing
 
     with pytest.raises(OutputError, match="no space left on device writing"):  # what safetensors says on ENOSPC
         with writing(tmp_path / "m.safetensors"):

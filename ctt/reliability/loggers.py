@@ -5,8 +5,8 @@ Lightning's CSVLogger deletes an existing `metrics.csv` when it starts, so resum
 the earlier rows up to the first step the resumed run logs (rows of steps that are trained again after the
 checkpoint are replaced), so the file stays one continuous history. Lightning also rewrites the whole file in place
 (truncate, then write) whenever a new metric name appears; a kill in between lost every earlier row. Here every
-whole-file rewrite is atomic (`ctt.outputs.atomic_write_bytes`), and new rows are appended whole or not at all
-(`ctt.outputs.append_bytes`: a full disk cuts the file back to its earlier rows and is one OutputError line).
+whole-file rewrite is atomic (`ctt.writes.atomic_write_bytes`, `hparams.yaml` too), and new rows are
+appended whole or not at all (`append_bytes`: a full disk cuts the file back to its earlier rows, one OutputError line).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from ctt.errors import OutputError
-from ctt.outputs import append_bytes, atomic_path, atomic_write_bytes
+from ctt.writes import append_bytes, atomic_path, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,12 @@ starts from, which the run is about to log again, as ctt.reliability.loggers doe
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from ctt.writes import append_bytes, atomic_write_text
 
 
 class RolloutSampleLogger(L.Callback):
@@ -29,18 +30,19 @@ class RolloutSampleLogger(L.Callback):
         if not trainer.is_global_zero or self.every_n_steps <= 0 or step % self.every_n_steps:
             return
         samples = module.last_samples[: self.num_samples]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            for i, (problem, rollout, score) in enumerate(samples):
-                text = rollout.text  # rendered by the policy: every inserted continuation wrapped in [[ ]]
-                row = {"step": step, "problem_id": problem.id, "gold": problem.answer, "answer": score.extracted,
-                       "reward": score.reward, "forced": rollout.num_forced, "completion": text}
-                f.write(json.dumps(row) + "\n")
-                for logger in trainer.loggers:
-                    if isinstance(logger, TensorBoardLogger):
-                        logger.experiment.add_text(f"rollouts/{i}", f"**{problem.question}**\n\n{text}", step)
-                    elif isinstance(logger, WandbLogger):
-                        logger.log_text(key="rollouts", columns=list(row), data=[list(row.values())], step=step)
+        lines = []
+        for i, (problem, rollout, score) in enumerate(samples):
+            text = rollout.text  # rendered by the policy: every inserted continuation wrapped in [[ ]]
+            row = {"step": step, "problem_id": problem.id, "gold": problem.answer, "answer": score.extracted,
+                   "reward": score.reward, "forced": rollout.num_forced, "completion": text}
+            lines.append(json.dumps(row) + "\n")
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text(f"rollouts/{i}", f"**{problem.question}**\n\n{text}", step)
+                elif isinstance(logger, WandbLogger):
+                    logger.log_text(key="rollouts", columns=list(row), data=[list(row.values())], step=step)
+        if lines:  # the step's lines whole or none (a full disk cuts the file back: ctt.writes.append_bytes)
+            append_bytes("".join(lines).encode(), self.path)
 
 
 def _step(line: str) -> float:
@@ -56,6 +58,4 @@ def keep_until(path: Path, step: int) -> None:
     kept = [line for line in lines if line.strip() and _step(line) <= step]
     if len(kept) == len(lines):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    atomic_write_text("".join(kept), path)

@@ -30,6 +30,10 @@ class TokenFileError(CttError):
     """A saved token file is missing, malformed, or does not fit the model."""
 
 
+class OutputError(CttError):
+    """An output cannot be written: the disk is full, a quota is reached, or the target is read-only."""
+
+
 class TrainingError(CttError):
     """Training cannot go on, e.g. the loss was not finite for `rl.max_bad_steps` consecutive steps."""
 

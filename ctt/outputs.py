@@ -18,6 +18,8 @@
   opened with `O_NOFOLLOW`: a symlinked (or hard-linked, or non-regular) lock file is refused, never followed.
 * **Inputs.** An output that is one of the command's inputs (same path resolved, or the same file by `samefile`:
   a hard link) is refused before anything is read (`check_not_input`).
+* **Faults.** A full disk, a quota or a read-only target while writing a file or filling a folder is one
+  `OutputError` naming it (`ctt.writes.writing`); the earlier version stays whole, no temp is left.
 * **Modes.** Files and folders are created with the user's umask (`fix_modes` undoes the 0600/0700 that mkstemp,
   mkdtemp and safetensors give), as `open()` would.
 """
@@ -32,12 +34,14 @@ import os
 import shutil
 import stat
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ctt.errors import ConfigError
+# the one file writer (ctt.writes), also imported from here
+from ctt.writes import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: F401
+from ctt.writes import fsync_dir, temp_sibling, writing
 
 MARKER = ".ctt-output.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +49,7 @@ RUN_DIR_SIGNS = (".hydra", "checkpoints", ".ctt.lock")
 _held: dict[Path, tuple[int, int]] = {}  # lock file -> (descriptor, depth), in this process
 
 
-# --- modes and atomic files -----------------------------------------------------------------------------------
+# --- modes --------------------------------------------------------------------------------------------------
 
 
 def current_umask() -> int:
@@ -61,64 +65,6 @@ def fix_modes(root: Path) -> None:
         if path.is_symlink():
             continue
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def temp_sibling(path: Path, tag: str = "tmp") -> Path:
-    return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
-    """Replace `path` by `data` atomically (after a kill: the old bytes or the new, never a mix), mode per umask."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    return atomic_write_bytes(text.encode("utf-8"), path)
-
-
-@contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator:
-    """A text file written at a temp sibling and renamed over `path` when the block ends without an error (else
-    removed): readers and a kill only ever see the old file or the whole new one."""
-    path = Path(path)
-    tmp = temp_sibling(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 # --- locks ----------------------------------------------------------------------------------------------------
@@ -321,7 +267,7 @@ def replacing_dir(target: str | os.PathLike, kind: str, command: str, overwrite:
     `kind` output and swapped in for `target` (checked by `check_output_dir`, owned by this process throughout)."""
     target = Path(target).absolute()
     check_output_dir(target, kind, overwrite, what)
-    with hold_output(target, what):
+    with hold_output(target, what), writing(target):
         clean_siblings(target)
         check_output_dir(target, kind, overwrite, what)  # again, now that no other writer can change it
         tmp = temp_sibling(target)

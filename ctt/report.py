@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ctt.errors import CttError, exit_for_closed_stdout
+from ctt.errors import CttError, exit_for_closed_stdout, user_error_message
 from ctt.evaluation.comparisons import format_p
 from ctt.evaluation.results import markdown_table
 from ctt.evaluation.plots import debate_plot
@@ -153,7 +153,7 @@ def over_seeds(runs: Sequence[Run], out: Path) -> str:
         return ""
     text = seed_markdown(rows)
     write_seed_rows(out.with_name(out.name + "_seeds.csv"), rows)
-    out.with_name(out.name + "_seeds.md").write_text(text)
+    atomic_write_text(text, out.with_name(out.name + "_seeds.md"))
     return text
 
 
@@ -165,7 +165,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def write_report(out: str | Path, md_cols: list[str], md_rows: list[dict], csv_cols: list[str], csv_rows: list[dict]) -> tuple[Path, Path]:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out.with_name(out.name + ".csv"), out.with_name(out.name + ".md")
     with atomic_open(csv_path) as f:
         writer = csv.DictWriter(f, fieldnames=csv_cols)
@@ -241,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         debate = debate_path(csv_path.with_suffix(""))
         print(f"\nwritten: {csv_path} {md_path}" + (f" {debate}" if debate.is_file() else ""))
     except (FileNotFoundError, CttError) as err:  # --diff's runs are named: a malformed one is an error, not skipped
-        print(f"ctt-report: {err}", file=sys.stderr)
+        print(f"ctt-report: {user_error_message(err) if isinstance(err, CttError) else err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `ctt-report DIR | head`
         exit_for_closed_stdout()

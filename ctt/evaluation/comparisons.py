@@ -117,7 +117,6 @@ def _rounded(value: Any) -> Any:
 def write_comparisons(out_dir: str | Path, rows: list[dict]) -> Path:
     """`<out_dir>/comparisons.csv` with COMPARISON_COLUMNS, floats rounded to 4 decimals; returns its path."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / COMPARISONS_CSV
     with atomic_open(path) as f:
         writer = csv.DictWriter(f, fieldnames=COMPARISON_COLUMNS)

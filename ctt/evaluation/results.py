@@ -137,7 +137,6 @@ def write_results(
     """results.csv, comparisons.csv, results.md (the table, `notes` such as what the held-out check dropped, then
     the paired comparisons) and samples.jsonl."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(out_dir / "results.csv") as f:
         writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
         writer.writeheader()

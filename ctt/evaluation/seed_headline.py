@@ -18,6 +18,7 @@ from typing import Sequence
 
 from ctt.evaluation.comparisons import _pp, format_p, per_problem_rates, read_comparisons
 from ctt.evaluation.stats import holm_adjust, seed_problem_ci
+from ctt.outputs import atomic_open
 from ctt.reliability.text import jsonl_rows
 
 SEED_COLUMNS = [
@@ -73,7 +74,7 @@ def seed_rows(run_dirs: Sequence[str | Path], group: str = "") -> list[dict]:
 
 def write_seed_rows(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
-    with open(path, "w", newline="") as f:
+    with atomic_open(path) as f:
         writer = csv.DictWriter(f, fieldnames=SEED_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)

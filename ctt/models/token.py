@@ -194,7 +194,6 @@ def save_token_file(path: str | os.PathLike, embedding: torch.Tensor, metadata: 
     """Write `{embedding: [hidden] or [k, hidden]}` with string metadata (`count` = k) atomically (temp file in the
     same dir, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensor = embedding.detach().float().cpu().contiguous()
     count = 1 if tensor.ndim == 1 else tensor.shape[0]
     meta = {k: str(v) for k, v in metadata.items()} | {"hidden_size": str(tensor.shape[-1]), "count": str(count)}

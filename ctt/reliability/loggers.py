@@ -5,20 +5,26 @@ Lightning's CSVLogger deletes an existing `metrics.csv` when it starts, so resum
 the earlier rows up to the first step the resumed run logs (rows of steps that are trained again after the
 checkpoint are replaced), so the file stays one continuous history. Lightning also rewrites the whole file in place
 (truncate, then write) whenever a new metric name appears; a kill in between lost every earlier row. Here every
-whole-file rewrite is atomic (`ctt.reliability.checkpoint_io.atomic_write_bytes`); only appends of new rows write in place.
+whole-file rewrite is atomic (`ctt.writes.atomic_write_bytes`, `hparams.yaml` too), and new rows are
+appended whole or not at all (`append_bytes`: a full disk cuts the file back to its earlier rows, one OutputError line).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from ctt.reliability.checkpoint_io import atomic_write_bytes
+from ctt.errors import OutputError
+from ctt.writes import append_bytes, atomic_path, atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 def _step(row: dict) -> float:
@@ -28,10 +34,11 @@ def _step(row: dict) -> float:
         return float("nan")
 
 
-def _csv_bytes(fieldnames: list[str], rows: list[dict]) -> bytes:
+def _csv_bytes(fieldnames: list[str], rows: list[dict], header: bool = True) -> bytes:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fieldnames)
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue().encode()
 
@@ -56,6 +63,11 @@ class _ResumingWriter(ExperimentWriter):
                 self._previous = list(reader)
                 self.metrics_keys = sorted(reader.fieldnames or [])
 
+    def log_hparams(self, params: dict) -> None:  # Lightning's, renamed into place: a resume rewrites the file
+        self.hparams.update(params)
+        with atomic_path(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
+
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -69,10 +81,17 @@ class _ResumingWriter(ExperimentWriter):
             if row is not None and row["step"] == first - 1 and all(_step(r) != row["step"] for r in kept):
                 kept.append(row)
                 self.metrics_keys = sorted(set(self.metrics_keys) | set(row))
-            self._previous = None
             self._record_new_keys()
             atomic_write_bytes(_csv_bytes(self.metrics_keys, kept), self.metrics_file_path)
-        super().save()
+            self._previous = None  # only once written: a failed rewrite is tried again, never skipped to the append
+        if not self.metrics:
+            return
+        # Lightning's save, with the rows appended whole (its own `open(.., "a")` leaves half a row on a full disk)
+        new_keys, exists = self._record_new_keys(), os.path.isfile(self.metrics_file_path)
+        if new_keys and exists:
+            self._rewrite_with_new_header(self.metrics_keys)
+        append_bytes(_csv_bytes(self.metrics_keys, self.metrics, header=not exists), self.metrics_file_path)
+        self.metrics = []
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -83,6 +102,15 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    def finalize(self, status: str) -> None:
+        try:
+            super().finalize(status)
+        except OutputError as err:
+            if status != "failed":
+                raise
+            # Lightning flushes the metrics while it unwinds another error: that one is reported, not this
+            log.warning("metrics not flushed: %s", err)
 
     def restore_row(self, row: dict | None) -> None:
         """The resumed checkpoint's `pending_metrics_row`: written before the resumed run's first row if missing."""

@@ -27,7 +27,7 @@ from ctt.policy.build import policy_from_config
 from ctt.policy.modes import baseline_labels
 from ctt.policy.policy import Policy
 from ctt.errors import DataError
-from ctt.reliability.text import parse_json
+from ctt.text import parse_json
 from ctt.settings import to_plain
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from ctt.models.model_card import model_card
 from ctt.policy.modes import Mode
 from ctt.policy.policy import Policy
 from ctt.config.check import validate_config
-from ctt.reliability.text import read_lines, read_yaml
+from ctt.text import read_lines, read_yaml
 from ctt.outputs import check_not_input, check_output_dir, hold_output, replacing_dir
 from ctt.settings import Settings, one_of
 from ctt.models.token import get_overlay, token_texts
@@ -248,7 +248,7 @@ def _base_weights(model: DictConfig) -> dict:
 
 def _run_files(run_dir: Path) -> dict:
     """From the training run, when the token file sits in its run dir: its forcing config, command-line overrides
-    and results table. A malformed file there is a DataError naming it (ctt.reliability.text.read_yaml)."""
+    and results table. A malformed file there is a DataError naming it (ctt.text.read_yaml)."""
     out, hydra_dir = {}, run_dir / ".hydra"
     if (hydra_dir / "config.yaml").is_file():
         config = read_yaml(hydra_dir / "config.yaml")

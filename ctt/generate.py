@@ -4,7 +4,7 @@
     python -m ctt.generate model=exported model.path=DIR generate.input=prompts.jsonl generate.output=out.jsonl
 
 Prompts: `generate.prompt` (one), `generate.input` = a .txt file (one prompt per line), a .jsonl file (a `question`
-or `prompt` field per row) or `-` (stdin, one prompt per line), read as strict UTF-8 (ctt.reliability.text); every
+or `prompt` field per row) or `-` (stdin, one prompt per line), read as strict UTF-8 (ctt.text); every
 prompt is checked (its length, its text) before the first is answered, an error naming its `file:line`. Output: stdout (each completion streamed as it is
 generated, every inserted continuation marked; then its extracted answer and counts), or `generate.output=FILE.jsonl`
 (one `ctt.api.Completion` record per prompt, written to a temp sibling as each batch finishes and renamed into place
@@ -31,7 +31,7 @@ from ctt.api import Completion, ContinueThinking
 from ctt.config.hydra_glue import CONFIG_DIR
 from ctt.settings import to_plain
 from ctt.errors import ConfigError, DataError
-from ctt.reliability.text import check_text, json_line, jsonl_rows, read_lines
+from ctt.text import check_text, json_line, jsonl_rows, read_lines
 from ctt.config.check import validate_config
 from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output
 from ctt.settings import Settings, require
@@ -71,7 +71,7 @@ class GenerateSettings(Settings):
 
 def read_prompts(settings: GenerateSettings) -> list[tuple[str, str]]:
     """(where, prompt) for every prompt: `generate.prompt`, or `file:line` / `stdin:line` (1-based, counting blank
-    lines) of each non-blank line or JSONL row (ctt.reliability.text: strict UTF-8, no lone surrogates)."""
+    lines) of each non-blank line or JSONL row (ctt.text: strict UTF-8, no lone surrogates)."""
     if settings.prompt is not None:
         return [("generate.prompt", check_text(settings.prompt, "generate.prompt"))]
     source = str(settings.input)

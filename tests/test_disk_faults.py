@@ -123,7 +123,7 @@ def test_a_native_writers_os_error_is_an_output_error_too(tmp_path):
 # --- report ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, code", [("r.csv", errno.ENOSPC), ("r.md", errno.EROFS), ("debate.png", errno.ENOSPC)])
+@pytest.mark.parametrize("name, code", [("r.csv", errno.ENOSPC), ("r.md", errno.EROFS), ("r_debate.png", errno.ENOSPC)])
 def test_report_on_a_full_disk_or_read_only_target(tmp_path, monkeypatch, capsys, name, code):
     from ctt.report import main
     from tests.test_report import make_run

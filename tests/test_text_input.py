@@ -1,5 +1,5 @@
 """Hostile text input (issue 20, family 4): lone surrogates, non-UTF-8 stdin, deeply nested JSON, an over-long prompt
-after good ones, a closed stdout. Every path reads text through ctt.reliability.text."""
+after good ones, a closed stdout. Every path reads text through ctt.text."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_generate_checks_every_prompt_before_the_first_is_answered(tmp_path, cap
 
 
 def test_json_line_cannot_fail_on_a_lone_surrogate():
-    from ctt.reliability.text import json_line
+    from ctt.text import json_line
 
     assert json_line({"a": "é"}) == '{"a": "é"}\n'  # non-ASCII kept as is
     line = json_line({"a": "x\ud800"})

@@ -16,7 +16,7 @@ from ctt.data.answers import UnusableGold, check_answer_format, gold_answer, gol
 from ctt.data.problems import Problem
 from ctt.data.splits import drop_training_overlap, select_part
 from ctt.errors import ConfigError, DataError
-from ctt.reliability.text import jsonl_rows
+from ctt.text import jsonl_rows
 from ctt.settings import one_of
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ctt.outputs import atomic_open
-from ctt.reliability.text import read_csv
+from ctt.text import read_csv
 from ctt.evaluation.stats import holm_adjust, paired_delta_ci, paired_p_value
 
 # The nine columns first; ci_method and versus_num_continuations are appended.

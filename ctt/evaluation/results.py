@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from ctt.evaluation.comparisons import comparisons_markdown, write_comparisons
 from ctt.evaluation.stats import pass_at_1_ci
-from ctt.reliability.text import jsonl_rows
+from ctt.text import jsonl_rows
 from ctt.outputs import atomic_open, atomic_write_text
 
 if TYPE_CHECKING:  # annotations only: keeps `ctt.evaluation.results` light (no torch) for `ctt-report` and notebooks
@@ -115,7 +115,7 @@ def summarize_samples(records: Iterable[dict]) -> list[dict]:
 
 
 def read_samples(path: str | Path) -> list[dict]:
-    return [row for _, row in jsonl_rows(path)]  # file:line on a garbled line (ctt.reliability.text)
+    return [row for _, row in jsonl_rows(path)]  # file:line on a garbled line (ctt.text)
 
 
 def results_from_samples(path: str | Path) -> list[dict]:

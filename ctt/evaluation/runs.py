@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 from ctt.errors import DataError
 from ctt.evaluation.comparisons import COMPARISONS_CSV, read_comparisons
 from ctt.policy.modes import base_label, label_family
-from ctt.reliability.text import read_csv, read_yaml
+from ctt.text import read_csv, read_yaml
 from ctt.settings import flatten
 
 log = logging.getLogger(__name__)

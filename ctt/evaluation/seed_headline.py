@@ -19,7 +19,7 @@ from typing import Sequence
 from ctt.evaluation.comparisons import _pp, format_p, per_problem_rates, read_comparisons
 from ctt.evaluation.stats import holm_adjust, seed_problem_ci
 from ctt.outputs import atomic_open
-from ctt.reliability.text import jsonl_rows
+from ctt.text import jsonl_rows
 
 SEED_COLUMNS = [
     "group", "benchmark", "mode", "num_continuations", "versus", "versus_num_continuations", "seeds", "n", "mean",
@@ -32,7 +32,7 @@ def _read_samples(run_dir: Path) -> list[dict] | None:
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         return None
-    return [row for _, row in jsonl_rows(path)]  # file:line on a garbled line (ctt.reliability.text)
+    return [row for _, row in jsonl_rows(path)]  # file:line on a garbled line (ctt.text)
 
 
 def _keys(run_dir: Path) -> list[Key]:

@@ -13,7 +13,7 @@ from ctt.errors import ConfigError, DataError
 from ctt.models.loading import load_model
 from ctt.models.token import TokenSettings, check_token_fits, install_token, load_token_file, token_count, token_texts
 from ctt.policy.policy import ForcingSettings, Policy
-from ctt.reliability.text import read_json
+from ctt.text import read_json
 from ctt.settings import to_plain
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def _export_info(model_cfg: dict) -> dict:
     info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
     if model_cfg.get("source") != "local" or not info.is_file():
         return {}
-    exported = read_json(info)  # DataError naming the file when garbled (ctt.reliability.text)
+    exported = read_json(info)  # DataError naming the file when garbled (ctt.text)
     if not isinstance(exported, dict):
         raise DataError(f"{info}: expected a JSON object, got {type(exported).__name__}")
     return exported

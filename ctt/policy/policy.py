@@ -22,7 +22,7 @@ from ctt.engine.records import row_seeds
 from ctt.models.loading import LoadedModel
 from ctt.models.token import get_overlay
 from ctt.policy.modes import Mode
-from ctt.reliability.text import check_text
+from ctt.text import check_text
 from ctt.settings import Settings, require
 
 

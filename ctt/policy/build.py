@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from ctt.data.problems import PromptSettings
-from ctt.errors import ConfigError
+from ctt.errors import ConfigError, ModelError
 from ctt.models.loading import load_model
-from ctt.models.token import TokenSettings, check_token_fits, install_token, load_token_file, token_count, token_texts
+from ctt.models.token import (TokenSettings, base_fingerprint, check_base_fingerprint, check_token_fits,
+                              install_token, load_token_file, token_count, token_texts)
+from ctt.outputs import read_marker
 from ctt.policy.policy import ForcingSettings, Policy
 from ctt.settings import to_plain
 
@@ -36,6 +38,20 @@ def _model_config(model_cfg: dict, exported: dict) -> dict:
     return model_cfg
 
 
+def _refuse_unverified_export(loaded, model_cfg: dict, text: str) -> None:
+    """A model that carries ctt's tokens (an exported folder: its `.ctt-output.json` says so, or its tokenizer holds
+    `text` or a numbered `text-i`) without its ctt_export.json cannot be checked against the weights its rows were
+    trained on, nor told how many rows it holds: refused, never used as "learned" (or given a fresh token)."""
+    path = model_cfg.get("path")
+    marker = read_marker(Path(path)) if model_cfg.get("source") == "local" and path else None
+    carried = sorted(set(loaded.tokenizer.get_added_vocab()) & {text, *token_texts(text, 64)})
+    if carried or (marker or {}).get("kind") == "export":
+        why = f"holds the token(s) {', '.join(carried)}" if carried else "is a folder written by ctt-export"
+        raise ModelError(f"model {model_cfg['name']} ({path or model_cfg.get('pretrained')}) {why} but has no "
+                         f"{EXPORT_INFO}: its learned rows cannot be checked against the weights they were trained "
+                         f"on; restore {EXPORT_INFO} or export the token file again")
+
+
 def build_policy(
     model: Mapping[str, Any], token: Mapping[str, Any], forcing: Mapping[str, Any], prompt: Mapping[str, Any] | None,
     *, trainable: bool = False,
@@ -48,15 +64,24 @@ def build_policy(
     exported = _export_info(model_cfg)
     loaded = load_model(**_model_config(model_cfg, exported))
     tok = TokenSettings.from_config(token)
+    if not exported:
+        _refuse_unverified_export(loaded, model_cfg, tok.text)
     texts = exported.get("tokens") or token_texts(tok.text, tok.count)  # an exported folder says how many it holds
     token_ids, meta = None, None
+    held = texts[0] in loaded.tokenizer.get_vocab()
+    # the base vocabulary's rows: an exported folder's learned rows (the last ids) are left out
+    loaded.fingerprint = base_fingerprint(loaded.model, min(loaded.tokenizer.convert_tokens_to_ids(texts)) if held
+                                          else len(loaded.tokenizer))
     if trainable:
         install_token(loaded.model, loaded.tokenizer, tok.init, tok.text, tok.count)
-    elif texts[0] in loaded.tokenizer.get_vocab():
+    elif held:
         if tok.path:
             raise ConfigError(f"model {model_cfg['name']} already holds the token {tok.text!r} (an exported "
                               "folder?); drop token.path")
         token_ids = tuple(loaded.tokenizer.convert_tokens_to_ids(texts))
+        where = f"exported folder {model_cfg.get('path')}"
+        check_base_fingerprint(exported.get("base_fingerprint"), loaded.fingerprint, where, tok.allow_base_mismatch,
+                               ModelError)
         # the token file's metadata (training data for ctt-eval's held-out check, step, init), as with a token file
         meta = {**(exported.get("token_metadata") or {}), "exported_from": str(Path(model_cfg.get("path") or "."))}
     else:
@@ -73,6 +98,8 @@ def _install_learned(loaded, tok: TokenSettings, base_model: str, count: int) ->
     embedding, meta = None, None
     if tok.path:
         embedding, meta = load_token_file(tok.path, None, None if tok.allow_base_mismatch else base_model)
+        check_base_fingerprint(meta.get("base_fingerprint"), loaded.fingerprint, f"token file {tok.path}",
+                               tok.allow_base_mismatch)
     overlay = install_token(loaded.model, loaded.tokenizer, tok.init, tok.text,
                             count if embedding is None else token_count(embedding))
     if embedding is not None:

@@ -160,16 +160,49 @@ def test_an_exported_folder_whose_weights_were_replaced_is_refused(exported_k, t
     load_exported(folder, "token.allow_base_mismatch=true")
 
 
-def test_organism_no_measure_into_a_measured_folder_leaves_no_stale_card(tmp_path):
-    """(Already so before the fingerprint: the folder is swapped in whole.) A short retrain with --no-measure over a
-    measured organism writes new weights and a card without figures, and no ORGANISM.md of the old model."""
+@pytest.fixture(scope="module")
+def retrained_organism(tmp_path_factory) -> tuple[Path, Path]:
+    """(the shipped organism folder, a copy of it retrained for one step with --no-measure)."""
     from ctt.organism.__main__ import main
 
     shipped = Path(__file__).resolve().parents[1] / "ctt" / "organism" / "model"
-    out = tmp_path / "org"
+    out = tmp_path_factory.mktemp("organism") / "org"
     shutil.copytree(shipped, out)
-    main(["--out", str(out), "--steps", "1", "--no-measure"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["--out", str(out), "--steps", "1", "--no-measure"])
+    finally:
+        torch.set_num_threads(threads)
+    return shipped, out
+
+
+def test_organism_no_measure_into_a_measured_folder_leaves_no_stale_card(retrained_organism):
+    """(Already so before the fingerprint: the folder is swapped in whole.) A short retrain with --no-measure over a
+    measured organism writes new weights and a card without figures, and no ORGANISM.md of the old model."""
+    shipped, out = retrained_organism
     assert not (out / "ORGANISM.md").exists()
     assert json.loads((out / "card.json").read_text())["figures"] is None
     assert (out / "model.safetensors").read_bytes() != (shipped / "model.safetensors").read_bytes()
     assert "ORGANISM.md" not in json.loads((out / ".ctt-output.json").read_text())["files"]
+
+
+def test_a_token_of_the_shipped_organism_is_refused_on_a_retrained_one(retrained_organism, tmp_path):
+    from ctt.api import compose_config
+    from ctt.models.token import save_token_file
+
+    _, out = retrained_organism
+    policy, _ = policy_from_config(compose_config("organism"))
+    token = save_token_file(tmp_path / "t.safetensors", policy.row.detach(),
+                            {"base_model": "organism", "base_fingerprint": policy.base_fingerprint})
+    with pytest.raises(TokenFileError, match="other base weights"):  # model=organism, its folder retrained
+        policy_from_config(compose_config("organism", [f"token.path={token}", f"model.path={out}"]))
+    assert policy_from_config(compose_config("organism", [f"token.path={token}"]))[0].base_fingerprint
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", "{}"])
+def test_an_unreadable_export_info_is_one_line(exported_k, text):
+    folder = exported_k(1)
+    (folder / EXPORT_INFO).write_text(text)
+    with pytest.raises(ModelError, match=EXPORT_INFO):
+        load_exported(folder)

@@ -223,7 +223,7 @@ def check_base_fingerprint(saved: str | None, current: str | None, what: str, al
         log.warning("%s records no fingerprint of its base weights (written before ctt recorded them): not checked "
                     "that it belongs to these weights", what)
         return
-    message = (f"{what} was trained on other base weights (fingerprint {saved[:12]}, these weights have "
+    message = (f"{what} was trained on other base weights (fingerprint {str(saved)[:12]}, these weights have "
                f"{current[:12]})")
     if allow:
         log.warning("%s; loading it anyway (token.allow_base_mismatch=true)", message)

@@ -26,7 +26,15 @@ EXPORT_INFO = "ctt_export.json"  # written by ctt.export
 def _export_info(model_cfg: dict) -> dict:
     """The ctt_export.json of a local folder written by ctt-export ({} for any other model)."""
     info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
-    return json.loads(info.read_text()) if model_cfg.get("source") == "local" and info.is_file() else {}
+    if model_cfg.get("source") != "local" or not info.is_file():
+        return {}
+    try:
+        found = json.loads(info.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelError(f"{info} is not readable JSON: {err}") from None
+    if not isinstance(found, dict) or not found:
+        raise ModelError(f"{info} must hold the JSON object ctt-export wrote, got {type(found).__name__} {found!r:.40}")
+    return found
 
 
 def _model_config(model_cfg: dict, exported: dict) -> dict:

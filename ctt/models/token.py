@@ -207,7 +207,7 @@ def base_fingerprint(model: PreTrainedModel, rows: int) -> str | None:
         return None
     config = {k: getattr(model.config, k, None) for k in FINGERPRINT_FIELDS} | {"rows": list(table.shape)}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for chunk in table.split(1 << 14):  # a 151k x 1536 table: ~1 s, never a second full copy in memory
+    for chunk in table.split(1 << 14):  # in chunks: never a second copy of a whole 151k-row table in memory
         digest.update(chunk.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy())
     return digest.hexdigest()
 

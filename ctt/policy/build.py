@@ -52,7 +52,7 @@ def _refuse_unverified_export(loaded, model_cfg: dict, text: str) -> None:
     trained on, nor told how many rows it holds: refused, never used as "learned" (or given a fresh token)."""
     path = model_cfg.get("path")
     marker = read_marker(Path(path)) if model_cfg.get("source") == "local" and path else None
-    carried = sorted(set(loaded.tokenizer.get_added_vocab()) & {text, *token_texts(text, 64)})
+    carried = sorted(set(loaded.tokenizer.get_added_vocab()) & {text, *token_texts(text, 64)})  # count <= 64
     if carried or (marker or {}).get("kind") == "export":
         why = f"holds the token(s) {', '.join(carried)}" if carried else "is a folder written by ctt-export"
         raise ModelError(f"model {model_cfg['name']} ({path or model_cfg.get('pretrained')}) {why} but has no "

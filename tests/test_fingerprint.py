@@ -206,3 +206,10 @@ def test_an_unreadable_export_info_is_one_line(exported_k, text):
     (folder / EXPORT_INFO).write_text(text)
     with pytest.raises(ModelError, match=EXPORT_INFO):
         load_exported(folder)
+
+
+def test_a_token_text_the_base_model_already_holds_is_not_evaluated_as_learned(compose_cfg):
+    """Without ctt_export.json, a token.text the tokenizer holds (here the marker) is no learned row: refused (it
+    was used as "learned" as it was)."""
+    with pytest.raises(ModelError, match=f"holds the token.s. </think> but has no {EXPORT_INFO}"):
+        policy_from_config(compose_cfg("eval", ["experiment=smoke", "token.text='</think>'"]))

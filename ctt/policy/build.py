@@ -46,18 +46,21 @@ def _model_config(model_cfg: dict, exported: dict) -> dict:
     return model_cfg
 
 
-def _refuse_unverified_export(loaded, model_cfg: dict, text: str) -> None:
+def _refuse_unverified_export(loaded, model_cfg: dict, text: str | None) -> None:
     """A model that carries ctt's tokens (an exported folder: its `.ctt-output.json` says so, or its tokenizer holds
     `text` or a numbered `text-i`) without its ctt_export.json cannot be checked against the weights its rows were
-    trained on, nor told how many rows it holds: refused, never used as "learned" (or given a fresh token)."""
+    trained on, nor told how many rows it holds: refused, never used as "learned" (or given a fresh token). `text`
+    None (training): install_token refuses a text the tokenizer already holds, with its own message."""
     path = model_cfg.get("path")
     marker = read_marker(Path(path)) if model_cfg.get("source") == "local" and path else None
-    carried = sorted(set(loaded.tokenizer.get_added_vocab()) & {text, *token_texts(text, 64)})  # count <= 64
+    ours = {text, *token_texts(text, 64)} if text else set()  # token.count is at most 64
+    carried = sorted(set(loaded.tokenizer.get_added_vocab()) & ours)
     if carried or (marker or {}).get("kind") == "export":
         why = f"holds the token(s) {', '.join(carried)}" if carried else "is a folder written by ctt-export"
-        raise ModelError(f"model {model_cfg['name']} ({path or model_cfg.get('pretrained')}) {why} but has no "
-                         f"{EXPORT_INFO}: its learned rows cannot be checked against the weights they were trained "
-                         f"on; restore {EXPORT_INFO} or export the token file again")
+        source = path or model_cfg.get("pretrained")
+        raise ModelError(f"model {model_cfg['name']}{f' ({source})' if source else ''} {why} but has no "
+                         f"{EXPORT_INFO}, so no learned row of it can be checked against the weights it was trained "
+                         f"on; restore {EXPORT_INFO}, export the token file again or choose another token.text")
 
 
 def build_policy(
@@ -73,7 +76,7 @@ def build_policy(
     loaded = load_model(**_model_config(model_cfg, exported))
     tok = TokenSettings.from_config(token)
     if not exported:
-        _refuse_unverified_export(loaded, model_cfg, tok.text)
+        _refuse_unverified_export(loaded, model_cfg, None if trainable else tok.text)
     texts = exported.get("tokens") or token_texts(tok.text, tok.count)  # an exported folder says how many it holds
     token_ids, meta = None, None
     held = texts[0] in loaded.tokenizer.get_vocab()

@@ -35,6 +35,7 @@ class TokenExport(L.Callback):
                 "token": hp.token.get("text", CONTINUE_THINKING),
                 "base_model": hp.model["name"],
                 "pretrained": hp.model.get("pretrained") or "",
+                "base_fingerprint": module.policy.base_fingerprint or "",  # the base weights themselves
                 "init": hp.token["init"].get("name"),
                 "init_word": hp.token["init"].get("word", ""),
                 "step": trainer.global_step,

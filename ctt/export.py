@@ -221,6 +221,7 @@ def export_info(cfg: DictConfig, policy: Policy, meta: dict) -> dict:
         "pretrained": cfg.model.get("pretrained") or "",
         "source": cfg.model.source,
         **_base_weights(cfg.model),
+        "base_fingerprint": policy.base_fingerprint,  # of the base vocabulary's rows: checked when the folder is loaded
         "token": cfg.token.text,
         "end_of_thinking": cfg.model.end_of_thinking,
         "end_of_thinking_ids": list(policy.marker),

@@ -179,7 +179,8 @@ def test_checkpoints_carry_the_base_model_and_token(compose_cfg, run_dir):
 
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["ctt"] == {"base_model": "tiny_random", "pretrained": None, "token": "<|continue-thinking|>",
-                            "hidden_size": 64, "count": 1}
+                            "hidden_size": 64, "count": 1, "base_fingerprint": saved["ctt"]["base_fingerprint"]}
+    assert len(saved["ctt"]["base_fingerprint"]) == 64  # sha256 of the base weights (tests/test_fingerprint.py)
     cfg = compose_cfg("train", ["experiment=smoke", "model.name=another", f"paths.output_dir={run_dir}"])
     with pytest.raises(ConfigError, match="trained on base model 'tiny_random', not 'another'"):
         build_module(cfg).on_load_checkpoint(saved)

@@ -71,6 +71,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str
     end_of_thinking_ids: list[int]
+    fingerprint: str | None = None  # of the base weights (ctt.models.token.base_fingerprint), set by build_policy
 
 
 # --------------------------------------------------------------------------- helpers

@@ -7,7 +7,9 @@ no gradient hooks to break under DeepSpeed ZeRO-3, and tied input/output embeddi
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -185,6 +187,48 @@ def get_overlay(model: PreTrainedModel) -> ContinueThinkingEmbedding:
     if not isinstance(overlay, ContinueThinkingEmbedding):
         raise ModelError("model has no continue-thinking token installed (call ctt.models.token.install_token first)")
     return overlay
+
+
+# --- which base weights a token belongs to ------------------------------------------------------------------
+
+# The config fields hashed with the table: the architecture, not the name (an export is named otherwise).
+FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def base_fingerprint(model: PreTrainedModel, rows: int) -> str | None:
+    """sha256 of what a token is trained against: the first `rows` rows of the frozen input-embedding table (the base
+    vocabulary: padding rows and an exported folder's learned rows are left out) plus the architecture fields of the
+    config. The table is hashed as bfloat16: a float32 table rounds to it exactly as a bfloat16 load does, so one
+    base loaded as float32 or bfloat16 (model.dtype) has one fingerprint (a float16 load rounds otherwise and differs).
+    None when the table is not held here (a ZeRO-3 partition)."""
+    emb = model.get_input_embeddings()
+    table = (emb.base if isinstance(emb, ContinueThinkingEmbedding) else emb).weight[:rows].detach()
+    if table.numel() == 0:
+        return None
+    config = {k: getattr(model.config, k, None) for k in FINGERPRINT_FIELDS} | {"rows": list(table.shape)}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for chunk in table.split(1 << 14):  # in chunks: never a second copy of a whole 151k-row table in memory
+        digest.update(chunk.to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy())
+    return digest.hexdigest()
+
+
+def check_base_fingerprint(saved: str | None, current: str | None, what: str, allow: bool,
+                           error: type[Exception] = TokenFileError) -> None:
+    """A token (file, checkpoint, exported folder) belongs to the base weights it was trained on: `error` naming both
+    fingerprints when `saved` is not `current`, unless `allow` (token.allow_base_mismatch=true: a warning). One
+    written before ctt recorded fingerprints (`saved` empty) loads with a warning."""
+    if not current or saved == current:
+        return
+    if not saved:
+        log.warning("%s records no fingerprint of its base weights (written before ctt recorded them): not checked "
+                    "that it belongs to these weights", what)
+        return
+    message = (f"{what} was trained on other base weights (fingerprint {str(saved)[:12]}, these weights have "
+               f"{current[:12]})")
+    if allow:
+        log.warning("%s; loading it anyway (token.allow_base_mismatch=true)", message)
+        return
+    raise error(f"{message}; set token.allow_base_mismatch=true to load it anyway")
 
 
 # --- the token file -----------------------------------------------------------------------------------------

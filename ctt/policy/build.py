@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from ctt.data.problems import PromptSettings
-from ctt.errors import ConfigError, DataError
+from ctt.errors import ConfigError, ModelError
 from ctt.models.loading import load_model
-from ctt.models.token import TokenSettings, check_token_fits, install_token, load_token_file, token_count, token_texts
+from ctt.models.token import (TokenSettings, base_fingerprint, check_base_fingerprint, check_token_fits,
+                              install_token, load_token_file, token_count, token_texts)
+from ctt.outputs import read_marker
 from ctt.policy.policy import ForcingSettings, Policy
-from ctt.text import read_json
+import json  # noqa: E402  (ctt_export.json: a ModelError naming the file when garbled)
 from ctt.settings import to_plain
 
 log = logging.getLogger(__name__)
@@ -26,10 +28,13 @@ def _export_info(model_cfg: dict) -> dict:
     info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
     if model_cfg.get("source") != "local" or not info.is_file():
         return {}
-    exported = read_json(info)  # DataError naming the file when garbled (ctt.text)
-    if not isinstance(exported, dict):
-        raise DataError(f"{info}: expected a JSON object, got {type(exported).__name__}")
-    return exported
+    try:
+        found = json.loads(info.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelError(f"{info} is not readable JSON: {err}") from None
+    if not isinstance(found, dict) or not found:
+        raise ModelError(f"{info} must hold the JSON object ctt-export wrote, got {type(found).__name__} {found!r:.40}")
+    return found
 
 
 def _model_config(model_cfg: dict, exported: dict) -> dict:
@@ -39,6 +44,23 @@ def _model_config(model_cfg: dict, exported: dict) -> dict:
             raise ConfigError("model.end_of_thinking is not set (and model.path has no ctt_export.json to read)")
         model_cfg = {**model_cfg, "end_of_thinking": exported["end_of_thinking"]}
     return model_cfg
+
+
+def _refuse_unverified_export(loaded, model_cfg: dict, text: str | None) -> None:
+    """A model that carries ctt's tokens (an exported folder: its `.ctt-output.json` says so, or its tokenizer holds
+    `text` or a numbered `text-i`) without its ctt_export.json cannot be checked against the weights its rows were
+    trained on, nor told how many rows it holds: refused, never used as "learned" (or given a fresh token). `text`
+    None (training): install_token refuses a text the tokenizer already holds, with its own message."""
+    path = model_cfg.get("path")
+    marker = read_marker(Path(path)) if model_cfg.get("source") == "local" and path else None
+    ours = {text, *token_texts(text, 64)} if text else set()  # token.count is at most 64
+    carried = sorted(set(loaded.tokenizer.get_added_vocab()) & ours)
+    if carried or (marker or {}).get("kind") == "export":
+        why = f"holds the token(s) {', '.join(carried)}" if carried else "is a folder written by ctt-export"
+        source = path or model_cfg.get("pretrained")
+        raise ModelError(f"model {model_cfg['name']}{f' ({source})' if source else ''} {why} but has no "
+                         f"{EXPORT_INFO}, so no learned row of it can be checked against the weights it was trained "
+                         f"on; restore {EXPORT_INFO}, export the token file again or choose another token.text")
 
 
 def build_policy(
@@ -53,15 +75,24 @@ def build_policy(
     exported = _export_info(model_cfg)
     loaded = load_model(**_model_config(model_cfg, exported))
     tok = TokenSettings.from_config(token)
+    if not exported:
+        _refuse_unverified_export(loaded, model_cfg, None if trainable else tok.text)
     texts = exported.get("tokens") or token_texts(tok.text, tok.count)  # an exported folder says how many it holds
     token_ids, meta = None, None
+    held = texts[0] in loaded.tokenizer.get_vocab()
+    # the base vocabulary's rows: an exported folder's learned rows (the last ids) are left out
+    loaded.fingerprint = base_fingerprint(loaded.model, min(loaded.tokenizer.convert_tokens_to_ids(texts)) if held
+                                          else len(loaded.tokenizer))
     if trainable:
         install_token(loaded.model, loaded.tokenizer, tok.init, tok.text, tok.count)
-    elif texts[0] in loaded.tokenizer.get_vocab():
+    elif held:
         if tok.path:
             raise ConfigError(f"model {model_cfg['name']} already holds the token {tok.text!r} (an exported "
                               "folder?); drop token.path")
         token_ids = tuple(loaded.tokenizer.convert_tokens_to_ids(texts))
+        where = f"exported folder {model_cfg.get('path')}"
+        check_base_fingerprint(exported.get("base_fingerprint"), loaded.fingerprint, where, tok.allow_base_mismatch,
+                               ModelError)
         # the token file's metadata (training data for ctt-eval's held-out check, step, init), as with a token file
         meta = {**(exported.get("token_metadata") or {}), "exported_from": str(Path(model_cfg.get("path") or "."))}
     else:
@@ -78,6 +109,8 @@ def _install_learned(loaded, tok: TokenSettings, base_model: str, count: int) ->
     embedding, meta = None, None
     if tok.path:
         embedding, meta = load_token_file(tok.path, None, None if tok.allow_base_mismatch else base_model)
+        check_base_fingerprint(meta.get("base_fingerprint"), loaded.fingerprint, f"token file {tok.path}",
+                               tok.allow_base_mismatch)
     overlay = install_token(loaded.model, loaded.tokenizer, tok.init, tok.text,
                             count if embedding is None else token_count(embedding))
     if embedding is not None:

@@ -81,6 +81,7 @@ class Policy:
         ctt-export); by default the ids of the installed overlay (ctt.models.token). k learned tokens are inserted
         together, in order, in place of the marker."""
         self.model, self.tokenizer, self.name = loaded.model, loaded.tokenizer, loaded.name
+        self.base_fingerprint = loaded.fingerprint  # what its token files and checkpoints record
         self.marker = tuple(loaded.end_of_thinking_ids)
         self.settings = forcing
         self.instruction, self.system_prompt = instruction, system_prompt

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ctt.errors import ConfigError
-from ctt.models.token import TokenSettings
+from ctt.models.token import TokenSettings, check_base_fingerprint
 from ctt.reliability.safe_load import read_checkpoint, saved_row_size
 from ctt.settings import flatten, to_plain
 
@@ -111,12 +111,16 @@ def _check_format(cfg: DictConfig, path: Path, checkpoint: dict) -> None:
 # --- does the checkpoint belong to this run? ---------------------------------------------------------------------
 
 
-def run_identity(model: Mapping[str, Any], token: Mapping[str, Any], row: torch.Tensor | None = None) -> dict[str, Any]:
+def run_identity(model: Mapping[str, Any], token: Mapping[str, Any], row: torch.Tensor | None = None,
+                 fingerprint: str | None = None) -> dict[str, Any]:
     """What a run trains, saved in its checkpoints and checked before a resume: base model, pretrained id, token text
-    and count; given the row (once the model is loaded), its hidden size and the count it holds."""
+    and count; given the row (once the model is loaded), its hidden size and the count it holds, and the fingerprint
+    of the base weights (ctt.models.token.base_fingerprint)."""
     settings = TokenSettings.from_config(token)
     ident = {"base_model": model["name"], "pretrained": model.get("pretrained"), "token": settings.text,
              "count": settings.count}
+    if fingerprint:
+        ident["base_fingerprint"] = fingerprint
     if row is not None:
         shape = getattr(row, "ds_shape", row.shape)  # ZeRO-3 keeps the full shape there
         ident |= {"hidden_size": int(shape[-1]), "count": 1 if len(shape) == 1 else int(shape[0])}
@@ -134,8 +138,9 @@ def saved_identity(checkpoint: dict) -> dict[str, Any]:
 
 
 def check_fits(checkpoint: dict, current: dict[str, Any], where: str, allow_base_mismatch: bool = False) -> None:
-    """One ConfigError line when the checkpoint was trained on another base model (unless allowed), for another
-    token text, or holds a row of another hidden size. `current` has the keys of `saved_identity`."""
+    """One ConfigError line when the checkpoint was trained on another base model or other base weights (unless
+    allowed), for another token text, or holds a row of another hidden size. `current` has the keys of
+    `saved_identity`."""
     saved = saved_identity(checkpoint)
     for key in ("base_model", "pretrained"):
         if not allow_base_mismatch and saved.get(key) and current.get(key) and saved[key] != current[key]:
@@ -150,6 +155,9 @@ def check_fits(checkpoint: dict, current: dict[str, Any], where: str, allow_base
     if saved.get("count", 1) != current.get("count", 1):
         raise ConfigError(f"checkpoint {where} holds {saved.get('count', 1)} learned token row(s), not "
                           f"token.count={current.get('count', 1)}")
+    # last: another hidden size or count is the clearer reason, and changes the fingerprint too
+    check_base_fingerprint(saved.get("base_fingerprint"), current.get("base_fingerprint"), f"checkpoint {where}",
+                           allow_base_mismatch, ConfigError)
 
 
 def check_same_config(cfg: DictConfig, checkpoint: dict, where: str) -> None:

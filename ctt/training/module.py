@@ -108,7 +108,7 @@ class ContinueThinkingModule(L.LightningModule):
 
     def identity(self) -> dict:
         """What this run trains (ctt.reliability.resume.run_identity), saved in checkpoints."""
-        return run_identity(self.hparams.model, self.hparams.token, self.token_row)
+        return run_identity(self.hparams.model, self.hparams.token, self.token_row, self.policy.base_fingerprint)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen model is reloaded from its source; a checkpoint of a 1.5B model needs only one row.

@@ -7,8 +7,8 @@ Prompts: `generate.prompt` (one), `generate.input` = a .txt file (one prompt per
 or `prompt` field per row) or `-` (stdin, one prompt per line), read as strict UTF-8 (ctt.text); every
 prompt is checked (its length, its text) before the first is answered, an error naming its `file:line`. Output: stdout (each completion streamed as it is
 generated, every inserted continuation marked; then its extracted answer and counts), or `generate.output=FILE.jsonl`
-(one `ctt.api.Completion` record per prompt, written to a temp sibling as each batch finishes and renamed into place
-at the end: a kill or an error leaves the earlier file whole; an input, or a file ctt-generate did not write, is
+(one `ctt.api.Completion` record per prompt, collected as each batch finishes, then written to a temp sibling and
+renamed into place at the end: a kill or an error leaves the earlier file whole; an input, or a file ctt-generate did not write, is
 refused, and so is a second writer: `ctt.outputs`). Thinking and answer budgets come from
 the `forcing` group, as in evaluation. Built on the Python API, `ctt.api.ContinueThinking`.
 """
@@ -129,7 +129,6 @@ def _write_records(ct: ContinueThinking, prompts: list[str], kwargs: dict, path:
         for start in range(0, len(prompts), size):
             batch = ct.generate(prompts[start : start + size], **kwargs)
             f.writelines(json_line(c.to_dict()) for c in batch)
-            f.flush()
             out += batch
     return out
 

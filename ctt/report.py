@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         debate = debate_path(csv_path.with_suffix(""))
         print(f"\nwritten: {csv_path} {md_path}" + (f" {debate}" if debate.is_file() else ""))
     except (FileNotFoundError, CttError) as err:  # --diff's runs are named: a malformed one is an error, not skipped
-        print(f"ctt-report: {user_error_message(err) if isinstance(err, CttError) else err}", file=sys.stderr)
+        print(f"ctt-report: {user_error_message(err) or err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `ctt-report DIR | head`
         exit_for_closed_stdout()

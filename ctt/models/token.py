@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CONTINUE_THINKING = "<|continue-thinking|>"
 TOKEN_FILE = "continue_thinking_token.safetensors"
+MAX_TOKEN_COUNT = 64  # token.count: at most this many learned rows
 
 
 class ContinueThinkingEmbedding(nn.Module):
@@ -133,7 +134,7 @@ class TokenSettings(Settings):
 
     def check(self) -> None:
         require(bool(self.text.strip()), "token.text", "a non-blank text", self.text)
-        require(1 <= self.count <= 64, "token.count", "an integer in [1, 64]", self.count)
+        require(1 <= self.count <= MAX_TOKEN_COUNT, "token.count", f"an integer in [1, {MAX_TOKEN_COUNT}]", self.count)
         object.__setattr__(self, "init", init_settings(self.init))
 
 

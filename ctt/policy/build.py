@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from ctt.data.problems import PromptSettings
-from ctt.errors import ConfigError, ModelError
+from ctt.errors import ConfigError, DataError, ModelError
 from ctt.models.loading import load_model
-from ctt.models.token import (TokenSettings, base_fingerprint, check_base_fingerprint, check_token_fits,
+from ctt.models.token import (MAX_TOKEN_COUNT, TokenSettings, base_fingerprint, check_base_fingerprint, check_token_fits,
                               install_token, load_token_file, token_count, token_texts)
 from ctt.outputs import read_marker
 from ctt.policy.policy import ForcingSettings, Policy
-import json  # noqa: E402  (ctt_export.json: a ModelError naming the file when garbled)
+from ctt.text import read_json
 from ctt.settings import to_plain
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,8 @@ def _export_info(model_cfg: dict) -> dict:
     if model_cfg.get("source") != "local" or not info.is_file():
         return {}
     try:
-        found = json.loads(info.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as err:
+        found = read_json(info)  # the one JSON reader (ctt.text): unreadable, not UTF-8, garbled, too deep
+    except DataError as err:
         raise ModelError(f"{info} is not readable JSON: {err}") from None
     if not isinstance(found, dict) or not found:
         raise ModelError(f"{info} must hold the JSON object ctt-export wrote, got {type(found).__name__} {found!r:.40}")
@@ -53,7 +53,7 @@ def _refuse_unverified_export(loaded, model_cfg: dict, text: str | None) -> None
     None (training): install_token refuses a text the tokenizer already holds, with its own message."""
     path = model_cfg.get("path")
     marker = read_marker(Path(path)) if model_cfg.get("source") == "local" and path else None
-    ours = {text, *token_texts(text, 64)} if text else set()  # token.count is at most 64
+    ours = {text, *token_texts(text, MAX_TOKEN_COUNT)} if text else set()
     carried = sorted(set(loaded.tokenizer.get_added_vocab()) & ours)
     if carried or (marker or {}).get("kind") == "export":
         why = f"holds the token(s) {', '.join(carried)}" if carried else "is a folder written by ctt-export"

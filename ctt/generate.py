@@ -33,6 +33,7 @@ from ctt.data.sources import _jsonl_rows  # file:line error messages for JSONL i
 from ctt.errors import ConfigError, DataError
 from ctt.config.check import validate_config
 from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output
+from ctt.reliability.inputs import check_input
 from ctt.settings import Settings, require
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def read_prompts(settings: GenerateSettings) -> list[str]:
     elif source.endswith(".jsonl"):
         prompts = [_jsonl_prompt(where, row) for where, row in _jsonl_rows(source)]
     elif source.endswith(".txt"):
+        check_input(source, "data file", "prompt file", error=DataError)
         try:
             prompts = [line.strip() for line in Path(source).read_text(encoding="utf-8").splitlines()]
         except (OSError, UnicodeDecodeError) as err:

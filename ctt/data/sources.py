@@ -17,6 +17,7 @@ from ctt.data.answers import UnusableGold, check_answer_format, gold_answer, gol
 from ctt.data.problems import Problem
 from ctt.data.splits import drop_training_overlap, select_part
 from ctt.errors import ConfigError, DataError
+from ctt.reliability.inputs import check_input
 from ctt.settings import one_of
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
     """Yield (`file:line`, parsed row), skipping blank lines; every failure names the file and line."""
+    check_input(path, "data file", error=DataError, directory=True)  # a directory: its own message below
     try:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
@@ -152,9 +154,12 @@ def _from_hub(s: ProblemSet) -> tuple[list[Problem], str]:
     return _to_problems(rows, f"{s.hub_name}/{s.split}", **s.keys), f"{s.hub_name} ({s.split})"
 
 
+MAX_GENERATED = 1_000_000  # problems a generated source draws: far above any run's, far below a hang (10**9)
+
+
 def _generated_size(s: ProblemSet) -> int:
-    if s.size < 1:
-        raise ConfigError(f"data.size must be positive for source={s.source}, got {s.size}")
+    if not 1 <= s.size <= MAX_GENERATED:
+        raise ConfigError(f"data.size must be in [1, {MAX_GENERATED}] for source={s.source}, got {s.size}")
     return s.size
 
 

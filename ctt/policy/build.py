@@ -12,7 +12,9 @@ from typing import Any
 from ctt.data.problems import PromptSettings
 from ctt.errors import ConfigError
 from ctt.models.loading import load_model
-from ctt.models.token import TokenSettings, check_token_fits, install_token, load_token_file, token_count, token_texts
+from ctt.reliability.inputs import check_input
+from ctt.models.token import (TokenSettings, check_row, check_token_fits, install_token, load_token_file, token_count,
+                              token_texts)
 from ctt.policy.policy import ForcingSettings, Policy
 from ctt.settings import to_plain
 
@@ -24,6 +26,8 @@ EXPORT_INFO = "ctt_export.json"  # written by ctt.export
 def _export_info(model_cfg: dict) -> dict:
     """The ctt_export.json of a local folder written by ctt-export ({} for any other model)."""
     info = Path(str(model_cfg.get("path") or "")) / EXPORT_INFO
+    if model_cfg.get("source") == "local":
+        check_input(info, "metadata")
     return json.loads(info.read_text()) if model_cfg.get("source") == "local" and info.is_file() else {}
 
 
@@ -68,15 +72,18 @@ def build_policy(
 
 
 def _install_learned(loaded, tok: TokenSettings, base_model: str, count: int) -> dict | None:
-    """The overlay with the row of `token.path` (a file of k rows installs k tokens, whatever token.count says), or
-    the untrained initialisation without a file; the file's metadata (None without one)."""
+    """The overlay with the row of `token.path` (a file of k rows installs k tokens under the default token.count=1;
+    any other token.count must be the file's), or the untrained initialisation without a file; the file's metadata
+    (None without one)."""
     embedding, meta = None, None
     if tok.path:
         embedding, meta = load_token_file(tok.path, None, None if tok.allow_base_mismatch else base_model)
+        check_token_fits(embedding, tok.path, count=None if tok.count == 1 else tok.count)
     overlay = install_token(loaded.model, loaded.tokenizer, tok.init, tok.text,
                             count if embedding is None else token_count(embedding))
     if embedding is not None:
         check_token_fits(embedding, tok.path, overlay.row.shape[-1])
+        check_row(embedding, overlay.base.weight, f"token file {tok.path}")
         overlay.row.data.copy_(embedding)
         log.info("loaded token %s (step %s) from %s", meta.get("token"), meta.get("step"), tok.path)
     return meta

@@ -12,21 +12,22 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ctt.config.check import validate_config
+from ctt.config.check import check_problem_set, validate_config
 from ctt.config.hydra_glue import CONFIG_DIR
 from ctt.data.problems import Problem
+from ctt.errors import ConfigError, CttError, DataError, TokenFileError
 from ctt.data.sources import load_benchmarks, load_problems
 from ctt.evaluation.comparisons import compare, comparisons_markdown
 from ctt.evaluation.plots import deltas_plot, scaling_plot
 from ctt.evaluation.results import RESULT_COLUMNS, evaluate, markdown_table, write_results
 from ctt.evaluation.settings import EvalSettings
+from ctt.outputs import atomic_write_bytes
 from ctt.engine import SamplingConfig
 from ctt.policy.build import policy_from_config
 from ctt.policy.modes import baseline_labels
 from ctt.policy.policy import Policy
-from ctt.errors import DataError
 from ctt.text import parse_json
 from ctt.settings import to_plain
 
@@ -40,16 +41,33 @@ def training_problems(cfg: DictConfig, token_meta: dict | None = None) -> list[P
     if not EvalSettings.from_config(cfg.eval).exclude_training_problems:
         return None
     if token_meta and token_meta.get("train_data"):
-        train_data = parse_json(token_meta["train_data"], "the token file's train_data metadata")
-        if not isinstance(train_data, dict):
-            raise DataError(f"the token file's train_data metadata must be a JSON object, got {train_data!r:.80}")
-        return load_problems(**train_data)
+        where = (f"token file {cfg.token.path}" if cfg.get("token") and cfg.token.get("path")
+                 else f"exported folder {token_meta.get('exported_from')}")
+        spec = recorded_training_data(token_meta["train_data"], where)
+        try:
+            return load_problems(**spec)
+        except CttError as err:  # a data file that moved, ...: name the file that points there
+            raise TokenFileError(f"{where}: the training data it records cannot be loaded: {err}") from None
     if not cfg.get("data") or not cfg.data.get("train"):
         return None
     if token_meta is not None:
         log.warning("the token file does not record its training data: the held-out check uses data.train of this "
                     "config (%s)", to_plain(cfg.data.train))
     return load_problems(**to_plain(cfg.data.train))
+
+
+def recorded_training_data(text: str, where: str) -> dict:
+    """The `train_data` metadata of a token file (data.train of its run, as JSON) parsed like a config's problem set:
+    a mapping of `load_problems` keywords of the right types and a bounded size; one TokenFileError naming `where`
+    (the file) otherwise. It is data from a file, so nothing in it is trusted more than a config."""
+    try:
+        spec = parse_json(text, f"{where}: its train_data metadata")  # the one JSON reader (ctt.text)
+    except DataError as err:
+        raise TokenFileError(str(err)) from None
+    try:
+        return check_problem_set(spec, "train_data")
+    except ConfigError as err:
+        raise TokenFileError(f"{where}: its train_data metadata is unusable: {err}") from None
 
 
 def evaluate_policy(policy: Policy, cfg: DictConfig, out_dir: Path, token_meta: dict | None = None) -> list[dict]:
@@ -97,6 +115,21 @@ def load_policy(cfg: DictConfig) -> tuple[Policy, dict | None]:
     return policy, meta
 
 
+def record_token_count(cfg: DictConfig, policy: Policy) -> None:
+    """A token file of k rows evaluated under the default token.count=1 installs k tokens: the run's
+    `.hydra/config.yaml` then records token.count=k, so that ctt-report labels the run by what it evaluated."""
+    count = len(policy.token_ids)
+    if not cfg.get("token") or cfg.token.get("count", 1) == count:
+        return
+    saved = Path(cfg.paths.output_dir) / ".hydra" / "config.yaml"
+    log.warning("token.count=%s, but the token file holds %d learned tokens: evaluating %d (recorded as token.count=%d "
+                "in %s)", cfg.token.get("count", 1), count, count, count, saved)
+    if saved.is_file():
+        config = OmegaConf.load(saved)
+        OmegaConf.update(config, "token.count", count, force_add=True)
+        atomic_write_bytes(OmegaConf.to_yaml(config).encode(), saved)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
@@ -105,6 +138,7 @@ def main(cfg: DictConfig) -> None:
         validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         L.seed_everything(cfg.seed)
         policy, meta = load_policy(cfg)
+        record_token_count(cfg, policy)
         evaluate_policy(policy, cfg, Path(cfg.paths.output_dir), meta)
     except Exception as err:
         exit_for_user_error(err, log, "evaluation")

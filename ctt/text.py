@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ctt.errors import DataError
+from ctt.inputs import check_input
 
 
 def check_text(text: str, where: str) -> str:
@@ -49,6 +50,7 @@ def read_lines(path: str | Path) -> Iterator[tuple[str, str]]:
             for lineno, line in enumerate(stdin, start=1):
                 yield f"stdin:{lineno}", check_text(line.rstrip("\r\n"), f"stdin:{lineno}")
         return
+    check_input(path, "data file", error=DataError, directory=True)  # a device or FIFO is never opened
     try:
         with open(path, "rb") as f:
             yield from _lines_of(f, str(path))
@@ -85,6 +87,7 @@ def jsonl_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
 
 def read_json(path: str | Path) -> Any:
     """The JSON value of a whole file (metadata such as ctt_export.json), with the checks of `parse_json`."""
+    check_input(path, "metadata", error=DataError)
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -115,6 +118,7 @@ def read_yaml(path: str | Path, shape: type = dict) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    check_input(path, "run file", error=DataError)
     try:
         value = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except OSError as e:
@@ -160,6 +164,7 @@ def read_csv(path: str | Path, required: tuple[str, ...] = (), kinds: dict[str, 
     (unless `ragged`), or a value is not of its column's kind (`{"num_continuations": "int", "ci_low": "number?"}`)."""
     import csv
 
+    check_input(path, "run file", error=DataError)
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

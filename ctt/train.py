@@ -43,6 +43,7 @@ def train(cfg: DictConfig) -> dict:
     module = build_module(cfg)
     if checkpoint is not None:  # the hidden size is known once the model is loaded
         resume.check_fits(checkpoint, module.identity(), where, allow_base)
+        module.check_saved_row(checkpoint, where)
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")), logger=instantiate_list(cfg.get("logger")) or False,
         plugins=_plugins(cfg) or None,

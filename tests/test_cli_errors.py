@@ -109,7 +109,7 @@ def jsonl_data(path: Path) -> list[str]:
         ("+rl.temprature=0.5", ["ConfigError", "unknown key(s) rl.temprature", "temperature"]),
         ("data.batch_size=0", ["ConfigError", "data.batch_size must be an integer >= 1"]),
         ("optimizer.lr=abc", ["ConfigError", "optimizer.lr must be a number", "'abc'"]),
-        ("trainer.max_steps=abc", ["ConfigError", "Trainer", "full_key: trainer"]),
+        ("trainer.max_steps=abc", ["ConfigError", "trainer.max_steps must be an integer", "'abc'"]),
         ("token/init=mean token.init.name=nope", ["ConfigError", "token.init.name must be one of", "'nope'"]),
         ("ckpt_path=last", ["ConfigError", "ckpt_path=last: no checkpoint", "hydra.run.dir=<run dir>"]),
         ("ckpt_path=/nonexistent/x.ckpt", ["ConfigError", "no such checkpoint"]),

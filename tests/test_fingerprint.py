@@ -92,8 +92,8 @@ def test_a_trained_token_file_on_other_weights_is_one_line_from_the_cli(tmp_path
 
 
 def test_a_checkpoint_records_the_base_weights_and_is_refused_on_others(compose_cfg, caplog):
-    checkpoint = {"state_dict": {}}
     module = train_module(compose_cfg)
+    checkpoint = {"state_dict": module.state_dict()}  # what Lightning hands the hook (it keeps the row only)
     module.on_save_checkpoint(checkpoint)
     saved = checkpoint["ctt"]["base_fingerprint"]
     assert saved == smoke_fingerprint(compose_cfg)

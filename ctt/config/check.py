@@ -4,7 +4,8 @@ Every group is typed (ctt.settings): `rl` (RLSettings), `forcing` with `forcing.
 EngineSettings), `model` (the keyword arguments of `load_model`, `model.tiny` as TinyOptions), `token` with `token.init`
 (TokenSettings), `prompt`, `eval` (EvalSettings, modes parsed and expanded), `distributed`, the data module's keyword
 arguments with its `train` problem set, and every `benchmarks` entry (the keyword arguments of
-`load_problems`); the top-level `seed`, `ckpt_path`, `evaluate`, `resume_mismatch` and `trainer.max_steps` too. An
+`load_problems`); the top-level `seed` (in Lightning's range), `ckpt_path`, `evaluate`, `resume_mismatch`, and every
+`trainer` key against the annotations of Lightning's Trainer. An
 unknown key or a wrong type anywhere is one ConfigError line naming it, at start-up instead of mid-run.
 """
 
@@ -43,7 +44,7 @@ def _entries(node: Any) -> dict:
 def check_problem_set(spec: Any, key: str, benchmark: bool = False) -> dict:
     """One `load_problems` keyword set (`data.train`, a `benchmarks` entry): a complete entry of known keys. A
     benchmark entry may also hold `validation`, a problem set of its own (ctt.data.splits)."""
-    from ctt.data.sources import SOURCES, load_problems
+    from ctt.data.sources import MAX_GENERATED, SOURCES, load_problems
     from ctt.data.answers import check_answer_format
 
     if not isinstance(spec, dict):
@@ -61,6 +62,8 @@ def check_problem_set(spec: Any, key: str, benchmark: bool = False) -> dict:
         )
     checked = check_kwargs(load_problems, spec, key)
     one_of(f"{key}.source", checked["source"], SOURCES)
+    require(1 <= checked.get("size", 1) <= MAX_GENERATED, f"{key}.size", f"an integer in [1, {MAX_GENERATED}]",
+            checked.get("size"))
     check_answer_format(checked.get("answer_format", "plain"), f"{key}.answer_format")
     return checked
 
@@ -124,7 +127,25 @@ def _check_attention(name: str | None) -> None:
     one_of("model.attn_implementation", name, ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()])
 
 
+MAX_SEED = 2**32 - 1  # Lightning's seed_everything takes [0, 2**32 - 1]; outside it, it warns and draws a random seed
+TRAINERS = ("lightning.Trainer", "lightning.pytorch.Trainer", "pytorch_lightning.Trainer")
+
+
 def _check_trainer(cfg: DictConfig) -> None:
+    """Every `trainer` key against the annotation of Lightning's Trainer argument (`trainer.max_steps=1.5` is not an
+    integer: Lightning would train 2 steps), then the values it accepts but that train nothing."""
+    trainer = _entries(cfg.get("trainer"))
+    if trainer.get("_target_") in TRAINERS:
+        import typing
+
+        from lightning import Trainer
+
+        hints = typing.get_type_hints(Trainer.__init__)
+        for key, value in trainer.items():
+            nested = isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
+            unresolved = isinstance(value, str) and "${" in value  # a test's config composed without Hydra's runtime
+            if key in hints and not nested and not unresolved:  # a `_target_` node is instantiated and checked there
+                check_value(f"trainer.{key}", hints[key], value)
     steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
     if steps == 0 and not isinstance(steps, bool):
         raise ConfigError("trainer.max_steps=0 trains nothing; set a number of steps >= 1 (or -1 with trainer.max_epochs)")
@@ -142,6 +163,8 @@ def validate_config(cfg: DictConfig) -> None:
     for key, tp in TOP_LEVEL.items():
         if key in cfg:
             check_value(key, tp, cfg[key])
+    if "seed" in cfg:
+        require(0 <= cfg.seed <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]", cfg.seed)
     groups = {"rl": RLSettings, "forcing": ForcingSettings, "token": TokenSettings, "eval": EvalSettings,
               "prompt": PromptSettings, "distributed": DistributedSettings}
     for key, settings in groups.items():

@@ -128,9 +128,12 @@ def _from_hub(s: ProblemSet) -> tuple[list[Problem], str]:
     return _to_problems(rows, f"{s.hub_name}/{s.split}", **s.keys), f"{s.hub_name} ({s.split})"
 
 
+MAX_GENERATED = 1_000_000  # problems a generated source draws: far above any run's, far below a hang (10**9)
+
+
 def _generated_size(s: ProblemSet) -> int:
-    if s.size < 1:
-        raise ConfigError(f"data.size must be positive for source={s.source}, got {s.size}")
+    if not 1 <= s.size <= MAX_GENERATED:
+        raise ConfigError(f"data.size must be in [1, {MAX_GENERATED}] for source={s.source}, got {s.size}")
     return s.size
 
 

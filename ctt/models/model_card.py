@@ -45,7 +45,7 @@ def snippet(info: dict, path: str) -> str:
 def _weights(info: dict) -> list[str]:
     table, out, ids = info["table"], info["output"], info["token_ids"]
     lines = [f"- Embedding table: {table['rows']} rows; " + (
-        f"the token uses a spare row (the table had rows beyond the tokenizer), so its shape is the base model's."
+        "the token uses a spare row (the table had rows beyond the tokenizer), so its shape is the base model's."
         if table["spare_row"] else f"resized from {table['rows_before']} rows (no spare row) to {table['rows']}.")]
     kind = out["output_rows"]
     if kind == "tied":

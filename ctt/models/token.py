@@ -25,13 +25,18 @@ from transformers import AddedToken, PreTrainedModel, PreTrainedTokenizerBase
 
 from ctt.errors import ConfigError, ModelError, TokenFileError
 from ctt.outputs import atomic_write_bytes
+from ctt.inputs import check_input
 from ctt.settings import Settings, check_kwargs, one_of, reject_unknown, require
 
 log = logging.getLogger(__name__)
 
 CONTINUE_THINKING = "<|continue-thinking|>"
 TOKEN_FILE = "continue_thinking_token.safetensors"
-MAX_TOKEN_COUNT = 64  # token.count: at most this many learned rows
+MAX_TOKEN_COUNT = 64  # token.count: at most this many learned rows, in a run, a token file or a checkpoint
+# A row brought in from a file may have a norm up to this many times the largest row norm of the model's frozen
+# table. Trained rows stay within a few times it (training warns at 100x its starting norm); a row far beyond it (a
+# tampered 1e30) makes every completion degenerate, and in fp16/bf16 or fp32 norms it overflows to inf.
+MAX_ROW_NORM_RATIO = 1000.0
 
 
 class ContinueThinkingEmbedding(nn.Module):
@@ -270,7 +275,7 @@ def load_token_file(
     """Read a token file, checking it fits the model it will be loaded into: finite floating-point row(s) of the
     model's hidden size (`count` of them when given: [hidden] for one, [k, hidden] for k), trained on `base_model`
     (when given; a file without that metadata is refused too)."""
-    path = Path(path)
+    path = check_input(path, "token file", error=TokenFileError)  # a device or FIFO is never opened
     if not path.is_file():
         raise TokenFileError(f"token file not found: {path}")
     try:
@@ -283,9 +288,9 @@ def load_token_file(
         raise
     except Exception as exc:  # safetensors raises several error types for corrupt headers
         raise TokenFileError(f"token file {path} is not a readable safetensors file: {exc}") from None
-    if embedding.ndim not in (1, 2) or (embedding.ndim == 2 and embedding.shape[0] < 2):
-        raise TokenFileError(f"token file {path}: 'embedding' must have shape [hidden] or [k, hidden] (k >= 2), got "
-                             f"{list(embedding.shape)}")
+    if embedding.ndim not in (1, 2) or (embedding.ndim == 2 and not 2 <= embedding.shape[0] <= MAX_TOKEN_COUNT):
+        raise TokenFileError(f"token file {path}: 'embedding' must have shape [hidden] or [k, hidden] (2 <= k <= "
+                             f"{MAX_TOKEN_COUNT}), got {list(embedding.shape)}")
     # An integer vector is not a learned row cast badly but a different file: refuse rather than guess a scale.
     if not embedding.is_floating_point():
         raise TokenFileError(f"token file {path}: 'embedding' holds {embedding.dtype} values, not floating point")
@@ -303,3 +308,24 @@ def load_token_file(
             f"token file {path} {trained}, not {base_model!r} (set token.allow_base_mismatch=true to load it anyway)"
         )
     return embedding, meta
+
+
+def check_row(row: torch.Tensor, table: torch.Tensor, where: str, shape: tuple | None = None,
+              error: type[Exception] = TokenFileError) -> None:
+    """A row brought in from a file (a token file, a checkpoint) is plausible for the frozen embedding `table` it
+    joins: floating point, finite, of `shape` (when given), and no row's norm over MAX_ROW_NORM_RATIO times the
+    table's largest row norm. One `error` line naming `where` otherwise. Every path that loads a row checks it here."""
+    if shape is not None and tuple(row.shape) != tuple(shape):
+        raise error(f"{where}: the token row has shape {list(row.shape)}, but this run's row is {list(shape)}")
+    if not row.is_floating_point():
+        raise error(f"{where}: the token row holds {row.dtype} values, not floating point")
+    bad = (~torch.isfinite(row)).sum().item()
+    if bad:
+        raise error(f"{where}: the token row has {bad} non-finite values (NaN or inf)")
+    if table.numel() == 0:  # a ZeRO-3 partition: no table here to compare with
+        return
+    largest = torch.linalg.vector_norm(table.detach(), dim=-1, dtype=torch.float32).max().item()
+    norm = torch.linalg.vector_norm(row.detach().double(), dim=-1).max().item()
+    if norm > MAX_ROW_NORM_RATIO * largest:
+        raise error(f"{where}: a token row has norm {norm:.3g}, over {MAX_ROW_NORM_RATIO:g}x the largest row norm of "
+                    f"the model's embedding table ({largest:.3g}); not a row trained for this model")

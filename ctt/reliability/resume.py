@@ -22,8 +22,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ctt.errors import ConfigError
-from ctt.models.token import TokenSettings, check_base_fingerprint
-from ctt.reliability.safe_load import read_checkpoint, saved_row_size
+from ctt.models.token import TokenSettings, check_base_fingerprint, check_row
+from ctt.reliability.safe_load import ROW_SUFFIX, read_checkpoint, saved_row_size
 from ctt.settings import flatten, to_plain
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,12 @@ def saved_identity(checkpoint: dict) -> dict[str, Any]:
 def check_fits(checkpoint: dict, current: dict[str, Any], where: str, allow_base_mismatch: bool = False) -> None:
     """One ConfigError line when the checkpoint was trained on another base model or other base weights (unless
     allowed), for another token text, or holds a row of another hidden size. `current` has the keys of
-    `saved_identity`."""
+    `saved_identity`. A checkpoint without ctt's identity (`ckpt["ctt"]`, saved by every ctt run) is refused: nothing
+    says what it trained."""
+    ident = checkpoint.get("ctt")
+    if not isinstance(ident, dict) or not ident.get("base_model") or not ident.get("token"):
+        raise ConfigError(f"checkpoint {where} has no ctt identity (ckpt['ctt'] with its base model and token): it "
+                          "was not written by ctt, or the identity was stripped")
     saved = saved_identity(checkpoint)
     for key in ("base_model", "pretrained"):
         if not allow_base_mismatch and saved.get(key) and current.get(key) and saved[key] != current[key]:
@@ -158,6 +163,20 @@ def check_fits(checkpoint: dict, current: dict[str, Any], where: str, allow_base
     # last: another hidden size or count is the clearer reason, and changes the fingerprint too
     check_base_fingerprint(saved.get("base_fingerprint"), current.get("base_fingerprint"), f"checkpoint {where}",
                            allow_base_mismatch, ConfigError)
+
+
+def check_saved_row(checkpoint: dict, row: torch.Tensor, table: torch.Tensor, where: str) -> None:
+    """The token row a checkpoint holds can be resumed into `row` (this run's parameter, joining the frozen `table`):
+    present, of the same shape, finite and of a plausible norm (ctt.models.token.check_row); Lightning would
+    otherwise resume a missing row as the initial one (the module loads non-strictly) and a tampered one as it is."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        return  # Lightning's DeepSpeed client state: the engine loads the row (checked in the model states file)
+    rows = [v for k, v in state.items() if k.endswith(ROW_SUFFIX)]
+    if len(rows) != 1 or not isinstance(rows[0], torch.Tensor):
+        raise ConfigError(f"checkpoint {where} holds no token row (no one '*{ROW_SUFFIX}' tensor in its state_dict)")
+    partitioned = checkpoint.get("deepspeed") or hasattr(row, "ds_shape")  # ZeRO-3 may save a partition
+    check_row(rows[0], table, f"checkpoint {where}", None if partitioned else row.shape, ConfigError)
 
 
 def check_same_config(cfg: DictConfig, checkpoint: dict, where: str) -> None:

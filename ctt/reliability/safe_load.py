@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ctt.errors import ConfigError
+from ctt.inputs import check_input
 
 # DeepSpeed's plain-data classes found in its checkpoints (ZeRO-1/2/3 optimizer files): constructed from numbers.
 DEEPSPEED_DATA_CLASSES = (
@@ -60,7 +61,7 @@ def is_safetensors(path: Path) -> bool:
 
 def load_pt(path: str | Path, what: str) -> Any:
     """`torch.load` that never runs code from the file; `what` names the file in the one-line error."""
-    path = Path(path)
+    path = check_input(path, "checkpoint", what)  # before anything opens it: /dev/zero, a FIFO
     if is_safetensors(path):
         raise ConfigError(f"{what}: {path} is a safetensors file (a token file? evaluate it with ctt-eval "
                           f"token.path={path}), not a training checkpoint")
@@ -78,7 +79,7 @@ def load_pt(path: str | Path, what: str) -> Any:
 def _deepspeed_files(path: Path, what: str) -> tuple[Path, list[Path]]:
     """(the model-states file, every *.pt file) of a DeepSpeed checkpoint directory: the folder its `latest` file
     names, which must be inside it (DeepSpeed loads nothing else)."""
-    latest = path / "latest"
+    latest = check_input(path / "latest", "metadata", what)
     if not latest.is_file():
         empty = not any(path.iterdir())
         raise ConfigError(f"{what}: {path} is " + ("an empty directory" if empty else "a directory without a 'latest' "
@@ -96,7 +97,7 @@ def _deepspeed_files(path: Path, what: str) -> tuple[Path, list[Path]]:
 def read_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict:
     """A Lightning checkpoint (file) or DeepSpeed checkpoint (directory) loaded safely, as one dict: the loop state,
     `hyper_parameters`, `ctt` (base model, token) and `state_dict` (the DeepSpeed model states' `module`)."""
-    path = Path(path)
+    path = check_input(path, "checkpoint", what, directory=True)
     if path.is_dir():
         states, files = _deepspeed_files(path, what)
         loaded = {p: load_pt(p, what) for p in files}  # every file DeepSpeed may open, before it opens any

@@ -15,9 +15,8 @@ from ctt.errors import ConfigError, TrainingError
 from ctt.engine import Rollout, SamplingConfig, mix_seed
 from ctt.policy.build import build_policy
 from ctt.policy.policy import draw_continuations
-from ctt.policy.modes import Mode
 from ctt.reliability.loggers import ResumableCSVLogger, pending_metrics_row
-from ctt.reliability.resume import check_fits, run_identity
+from ctt.reliability.resume import check_fits, check_saved_row, run_identity
 from ctt.rewards.grading import Score
 from ctt.rewards.registry import reward_from_config
 from ctt.rl.reinforce import RLSettings, completion_logprobs, compute_advantages, reinforce_loss, uniform_group_share
@@ -110,6 +109,10 @@ class ContinueThinkingModule(L.LightningModule):
         """What this run trains (ctt.reliability.resume.run_identity), saved in checkpoints."""
         return run_identity(self.hparams.model, self.hparams.token, self.token_row, self.policy.base_fingerprint)
 
+    def check_saved_row(self, checkpoint: dict, where: str) -> None:
+        """ctt.reliability.resume.check_saved_row against this run's row and frozen table."""
+        check_saved_row(checkpoint, self.token_row, self.policy.model.get_input_embeddings().base.weight, where)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The frozen model is reloaded from its source; a checkpoint of a 1.5B model needs only one row.
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -121,6 +124,7 @@ class ContinueThinkingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # ctt-train checked this already (ctt.reliability.resume); this covers `trainer.fit(ckpt_path=...)` from Python.
         check_fits(checkpoint, self.identity(), "being loaded", bool(self.hparams.token.get("allow_base_mismatch")))
+        self.check_saved_row(checkpoint, "being loaded")  # before Lightning copies it into the row
         if self._trainer is not None:
             for logger in self.loggers:
                 if isinstance(logger, ResumableCSVLogger):

@@ -30,6 +30,7 @@ seeds (`ctt.evaluation.seed_headline`): per group, the mean over seeds of every 
 problems, p and Holm's p, written to <out>_seeds.csv / <out>_seeds.md and printed after the table. Writes <out>.csv
 and <out>.md (default <first DIR>/report) and prints the markdown table; with results, <out>_debate.png
 (`ctt.evaluation.plots.debate_plot`). A run whose files are malformed is skipped with one warning naming the file.
+Only files an earlier ctt-report wrote under the same --out are replaced (REPORT_FILES), one report at a time.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ from typing import Any, Sequence
 from ctt.errors import CttError, exit_for_closed_stdout, user_error_message
 from ctt.evaluation.comparisons import format_p
 from ctt.evaluation.results import markdown_table
-from ctt.evaluation.plots import debate_plot
+from ctt.evaluation.plots import DEBATE_SOFTWARE, debate_plot, written_by
 from ctt.evaluation.runs import ABSENT, Run, differing_keys, fmt_value, is_run_dir, load_run, load_runs
-from ctt.evaluation.seed_headline import seed_markdown, seed_rows, write_seed_rows
-from ctt.outputs import atomic_open, atomic_write_text
+from ctt.evaluation.seed_headline import SEED_COLUMNS, seed_markdown, seed_rows, write_seed_rows
+from ctt.outputs import atomic_open, atomic_write_text, check_output_file, hold_output, writing
 
 
 # ---------------------------------------------------------------- tables
@@ -175,20 +176,63 @@ def write_report(out: str | Path, md_cols: list[str], md_rows: list[dict], csv_c
 
 
 def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seeds: bool = False) -> tuple[str, Path, Path]:
-    runs = load_runs(dirs)  # a malformed run is skipped with a warning naming its file
-    if not runs:
-        raise FileNotFoundError(f"no readable run dirs (with .hydra/config.yaml) under {', '.join(map(str, dirs))}")
-    md_cols, md_rows, csv_cols, csv_rows = report_rows(runs, group_seeds)
     out = Path(out or Path(dirs[0]) / "report")
-    csv_path, md_path = write_report(out, md_cols, md_rows, csv_cols, csv_rows)
-    table = markdown_table(md_rows, md_cols)
-    if group_seeds:
-        seeds = over_seeds(runs, out)
-        table += "\n\n" + seeds if seeds else ""
-    evaluated = [(int(r.config.get("token.count") or 1), r.results) for r in runs if r.results]
-    if evaluated:  # accuracy against compute, one line per kind of continuation (learned per k)
-        debate_plot(evaluated, debate_path(out))
+    check_report_outputs(out)  # before any run is read: nothing of the user's is replaced
+    with hold_output(out, "ctt-report --out"):  # one writer of these files at a time
+        runs = load_runs(dirs)  # a malformed run is skipped with a warning naming its file
+        if not runs:
+            raise FileNotFoundError(f"no readable run dirs (with .hydra/config.yaml) under {', '.join(map(str, dirs))}")
+        md_cols, md_rows, csv_cols, csv_rows = report_rows(runs, group_seeds)
+        csv_path, md_path = write_report(out, md_cols, md_rows, csv_cols, csv_rows)
+        table = markdown_table(md_rows, md_cols)
+        written = {csv_path, md_path}
+        if group_seeds:
+            seeds = over_seeds(runs, out)
+            table += "\n\n" + seeds if seeds else ""
+            written |= {report_file(out, "_seeds.csv"), report_file(out, "_seeds.md")} if seeds else set()
+        evaluated = [(int(r.config.get("token.count") or 1), r.results) for r in runs if r.results]
+        if evaluated:  # accuracy against compute, one line per kind of continuation (learned per k)
+            debate_plot(evaluated, debate_path(out))
+            written.add(debate_path(out))
+        for stale in set(report_outputs(out)) - written:  # an earlier report's seeds or plot would describe other runs
+            with writing(stale):
+                stale.unlink(missing_ok=True)
     return table, csv_path, md_path
+
+
+def report_file(out: Path, suffix: str) -> Path:
+    return out.with_name(out.name + suffix)
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.readline(1 << 20).rstrip("\r\n")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+# How ctt-report recognises each file it writes under --out (a file's own content, like ctt-generate's outputs):
+# it replaces such a file and nothing else. The report's CSV and markdown both start with its `run, status` columns.
+REPORT_FILES = {
+    ".csv": lambda p: _first_line(p).startswith("run,status,"),
+    ".md": lambda p: _first_line(p).startswith("| run | status |"),
+    "_seeds.csv": lambda p: _first_line(p) == ",".join(SEED_COLUMNS),
+    "_seeds.md": lambda p: _first_line(p) == "## Over training seeds",
+    "_debate.png": lambda p: written_by(p, DEBATE_SOFTWARE),
+}
+
+
+def report_outputs(out: Path) -> dict[Path, Any]:
+    """Every file a report to `out` may write, with the test that recognises an earlier one."""
+    return {report_file(out, suffix): recognise for suffix, recognise in REPORT_FILES.items()}
+
+
+def check_report_outputs(out: Path) -> None:
+    """ConfigError unless every file a report to `out` may write is absent, empty, or an earlier ctt-report's:
+    `--out <run dir>/results` would otherwise replace that run's results.csv, `--out paper/table` a user's table."""
+    for path, recognise in report_outputs(out).items():
+        check_output_file(path, "ctt-report --out", recognise)
 
 
 def debate_path(out: Path) -> Path:

@@ -257,3 +257,57 @@ def test_a_failed_plot_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         scaling_plot(rows, path)
     assert path.read_bytes() == before and before
+
+
+# --- report outputs ------------------------------------------------------------------------------------------
+
+
+def test_report_replaces_only_its_own_files_and_drops_its_stale_ones(tmp_path, capsys):
+    """`--out <run dir>/results` would have replaced that run's results.csv; `--out paper/table` a user's table.md.
+    Every file a report may write is checked before any run is read; an earlier report's files are replaced, and
+    its seeds table and plot are removed when this report has none (they would describe other runs)."""
+    from ctt.report import main
+    from tests.test_report import make_run
+
+    run = make_run(tmp_path / "runs" / "a", rewards=[0.3], results=[("toy", "base", 0, 0.5), ("toy", "learned", 1, 0.75)])
+    results = (run / "results.csv").read_bytes()
+    assert main([str(run), "--out", str(run / "results")]) == 2
+    assert "results.csv exists and was not written by ctt" in capsys.readouterr().err
+    assert (run / "results.csv").read_bytes() == results and not (run / "results.md").exists()
+
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    for name, mine in (("table.md", "| my | table |\n"), ("table_debate.png", "not a ctt plot"),
+                       ("table_seeds.csv", "a,b\n1,2\n")):
+        (paper / name).write_text(mine)
+        assert main([str(run), "--out", str(paper / "table")]) == 2
+        assert f"{name} exists and was not written by ctt" in capsys.readouterr().err
+        assert (paper / name).read_text() == mine and not (paper / "table.csv").exists()
+        (paper / name).unlink()
+
+    out = tmp_path / "rep" / "r"
+    assert main([str(run), "--out", str(out)]) == 0
+    written = {p.name for p in out.parent.iterdir()}
+    assert {"r.csv", "r.md", "r_debate.png"} <= written
+    (out.parent / "r_seeds.md").write_text("## Over training seeds\n\nof an earlier report with seeds\n")
+    (tmp_path / "runs" / "a" / "results.csv").unlink()  # this report has no results: no plot
+    assert main([str(run), "--out", str(out)]) == 0
+    assert {p.name for p in out.parent.iterdir() if not p.name.startswith(".")} == {"r.csv", "r.md"}
+
+
+def test_a_second_report_to_the_same_out_is_refused(tmp_path, capsys):
+    from ctt.report import main
+    from tests.test_report import make_run
+
+    run = make_run(tmp_path / "a", rewards=[0.3])
+    out = tmp_path / "rep"
+    (tmp_path / ".rep.lock").touch()
+    fd = os.open(tmp_path / ".rep.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert main([str(run), "--out", str(out)]) == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert "ctt-report --out" in err and "another ctt process" in err, err
+    assert not (tmp_path / "rep.csv").exists()

@@ -30,11 +30,38 @@ def _accuracy_axes(ax, title: str, xlabel: str, ylabel: str, legend_size: int) -
     ax.legend(fontsize=legend_size)
 
 
-def _saved(fig: Figure, path: str | Path | None) -> Figure:
+# The PNG `Software` text chunk of every plot ctt writes: how a later command recognises its own plot (ctt-report
+# replaces only a <out>_debate.png it wrote, ctt.report.REPORT_FILES).
+PLOT_SOFTWARE = "ctt"
+
+
+def written_by(path: Path, software: str) -> bool:
+    """Whether `path` is a PNG whose `Software` text chunk is exactly `software`. Reads the chunks before the image
+    data only (where Pillow writes text), at most 1 MiB: a few lines, no image decoder needed."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return False
+    if not head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return False
+    at = 8
+    while at + 8 <= len(head):
+        size, kind = int.from_bytes(head[at:at + 4], "big"), head[at + 4:at + 8]
+        if kind == b"IDAT":
+            return False
+        if kind == b"tEXt" and head[at + 8:at + 8 + size] == b"Software\x00" + software.encode("latin-1"):
+            return True
+        at += 12 + size  # length, type, data, CRC
+    return False
+
+
+def _saved(fig: Figure, path: str | Path | None, software: str = PLOT_SOFTWARE) -> Figure:
     if path is not None:
         path = Path(path)
         buffer = io.BytesIO()
-        fig.savefig(buffer, dpi=120, format=path.suffix.lstrip(".") or "png")
+        fmt = path.suffix.lstrip(".") or "png"
+        fig.savefig(buffer, dpi=120, format=fmt, metadata={"Software": software} if fmt == "png" else None)
         atomic_write_bytes(buffer.getbuffer(), path)  # rendered first: a failure leaves no 0-byte or half a png
     return fig
 
@@ -135,6 +162,9 @@ def _curve(rows: list[dict], base: dict | None) -> list[dict]:
     return ([base] if base is not None else []) + points
 
 
+DEBATE_SOFTWARE = "ctt-report"  # the debate plot's PNG Software chunk
+
+
 def debate_plot(runs: list[tuple[int, list[dict]]], path: str | Path | None = None) -> Figure:
     """The filler debate at equal compute: one subplot per benchmark, x = mean total tokens per problem (thinking
     and answer), y = accuracy; one line per kind of continuation over N, each starting at the base point: the
@@ -164,4 +194,4 @@ def debate_plot(runs: list[tuple[int, list[dict]]], path: str | Path | None = No
             ax.plot([_num(base["mean_total_tokens"])], [_num(base["accuracy"])], marker="s", color="black",
                     linestyle="none", label="base (N=0)")
         _accuracy_axes(ax, bench, "mean total tokens per problem", "accuracy (pass@1)", legend_size=7)
-    return _saved(fig, path)
+    return _saved(fig, path, DEBATE_SOFTWARE)

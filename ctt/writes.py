@@ -116,6 +116,26 @@ def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Pat
     return path
 
 
+def check_room(directory: str | os.PathLike, nbytes: int) -> None:
+    """OutputError unless `directory` (created if missing) takes `nbytes` now: a file of that size is written,
+    fsynced and removed. For a writer ctt cannot route through here (Hydra's own `.hydra/*.yaml`, written with a
+    plain `open` between its callbacks), checked just before it: a read-only target or a full disk is then one line
+    instead of that writer's traceback (the disk can still fill up in the milliseconds between)."""
+    directory = Path(directory)
+    probe = temp_sibling(directory / "room", "probe")
+    with writing(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, bytes(nbytes))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            _discard(probe)
+
+
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(text.encode("utf-8"), path)
 

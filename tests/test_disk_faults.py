@@ -29,14 +29,19 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 class Faults:
     """The environment refusing writes to files whose base name holds `name` (temp siblings `.<name>.tmp-*`
-    included): `code` EROFS/EACCES at open, ENOSPC once `room` bytes have been written to them."""
+    included), or whose path does when `name` holds a "/" (a folder: "/.hydra/"): `code` EROFS/EACCES at open,
+    ENOSPC once `room` bytes have been written to them."""
 
     def __init__(self, monkeypatch, name: str, code: int = errno.ENOSPC, room: int = 0):
         self.name, self.code, self.room, self.hits = name, code, room, 0
         real_open, real_write, real_builtin_open = os.open, os.write, builtins.open
 
+        def hit(path) -> bool:
+            path = os.path.abspath(os.fspath(path))
+            return self.name in (path if "/" in self.name else os.path.basename(path))
+
         def refuse(path) -> None:
-            if self.code != errno.ENOSPC and self.name in os.path.basename(os.fspath(path)):
+            if self.code != errno.ENOSPC and hit(path):
                 self.hits += 1
                 raise OSError(self.code, os.strerror(self.code), os.fspath(path))
 
@@ -55,7 +60,7 @@ class Faults:
                 target = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 target = ""
-            if self.code == errno.ENOSPC and self.name in os.path.basename(target):
+            if self.code == errno.ENOSPC and target and hit(target):
                 if self.room <= 0:
                     self.hits += 1
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -167,6 +172,25 @@ def test_training_on_a_full_disk_or_read_only_target(tmp_path, monkeypatch, capf
     code_, _, err = train(run, capfd, "trainer.max_steps=4", "ckpt_path=last", "+logger.csv.flush_logs_every_n_steps=1")
     assert_user_error(code_, err, f"OutputError: {os.strerror(code).lower()} writing {run / file}")
     assert faults.hits and (run / file).read_bytes() == before and temp_siblings(run) == []
+
+
+@pytest.mark.parametrize("command", ["ctt.train", "ctt.eval", "multirun"])
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_hydras_own_files_on_a_full_disk_or_read_only_target(tmp_path, monkeypatch, capfd, command, code):
+    """Hydra writes `.hydra/*.yaml` (and a multirun's `multirun.yaml`) with a plain `open` before ctt's code runs:
+    ctt checks the folder takes those bytes first (ctt.reliability.run_dir.check_room_for_hydra), so a full or
+    read-only disk is one OutputError line, not Hydra's traceback and exit status 1."""
+    if command == "multirun":
+        folder, args = tmp_path / "sweep", ("ctt.train", "-m", "experiment=smoke", "evaluate=false",
+                                             "trainer.max_steps=1", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1")
+    else:
+        folder = tmp_path / "run" / ".hydra"
+        args = (command, "experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}",
+                *(("evaluate=false", "trainer.max_steps=1") if command == "ctt.train" else ("eval.limit=1",)))
+    faults = Faults(monkeypatch, f"{folder}/", code)
+    code_, _, err = run_main(*args, capfd=capfd)
+    assert_user_error(code_, err, f"OutputError: {os.strerror(code).lower()} writing {folder}")
+    assert faults.hits and not [p for p in folder.rglob("*") if p.is_file()]
 
 
 def test_a_full_disk_under_the_run_log_is_one_notice_not_a_traceback_per_line(tmp_path, monkeypatch, capfd):

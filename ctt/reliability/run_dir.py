@@ -26,8 +26,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ctt.errors import ConfigError
+from ctt.errors import ConfigError, CttError, OutputError
 from ctt.outputs import open_lock_file, try_lock
+from ctt.writes import check_room
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,21 @@ def unlock_run_dir(path: str | Path) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def _one_line_exit(err: ConfigError) -> None:
+def _one_line_exit(err: CttError) -> None:
     """Hydra's logging is not set up yet when the callback runs: print the entry points' one line and exit 2."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"[{stamp}][{__name__}][ERROR] - ConfigError: {err}", file=sys.stderr, flush=True)
+    print(f"[{stamp}][{__name__}][ERROR] - {type(err).__name__}: {err}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def check_room_for_hydra(config: DictConfig, directory: Path) -> None:
+    """Hydra writes `.hydra/*.yaml` (or a multirun's `multirun.yaml`) with a plain `open` right after this callback:
+    a read-only or full disk would be its traceback. Check that `directory` takes those bytes first (twice the
+    config's YAML: config.yaml, hydra.yaml and overrides.yaml together are less)."""
+    try:
+        check_room(directory, 2 * len(OmegaConf.to_yaml(config).encode("utf-8")))
+    except OutputError as err:
+        _one_line_exit(err)
 
 
 class RunDirLock(Callback):
@@ -123,6 +134,16 @@ class RunDirLock(Callback):
                   f"{own}", file=sys.stderr, flush=True)
             self._run_dir = self._take(config, "hydra.run.dir")
         keep_first_config(config, self._run_dir)
+        if config.hydra.get("output_subdir") is not None:
+            check_room_for_hydra(config, self._run_dir / str(config.hydra.output_subdir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if is_secondary_rank():
+            return
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # the sweep dir's `${now:...}` resolves as the launcher's will
+        check_room_for_hydra(config, Path(str(OmegaConf.select(config, "hydra.sweep.dir"))))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         if getattr(self, "_run_dir", None) is not None:

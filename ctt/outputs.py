@@ -38,7 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ctt.errors import ConfigError
+from ctt.errors import ConfigError, CttError
+from ctt.inputs import check_input
 # the one file writer (ctt.writes), also imported from here
 from ctt.writes import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: F401
 from ctt.writes import fsync_dir, temp_sibling, writing
@@ -154,8 +155,9 @@ def protected_reason(target: Path) -> str | None:
 
 def read_marker(folder: Path) -> dict | None:
     try:
+        check_input(folder / MARKER, "metadata")  # a FIFO or a huge file is not a marker ctt wrote
         marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, CttError):
         return None
     return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
 

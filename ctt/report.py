@@ -177,8 +177,8 @@ def write_report(out: str | Path, md_cols: list[str], md_rows: list[dict], csv_c
 
 def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seeds: bool = False) -> tuple[str, Path, Path]:
     out = Path(out or Path(dirs[0]) / "report")
-    check_report_outputs(out)  # before any run is read: nothing of the user's is replaced
     with hold_output(out, "ctt-report --out"):  # one writer of these files at a time
+        check_report_outputs(out)  # before any run is read: nothing of the user's is replaced
         runs = load_runs(dirs)  # a malformed run is skipped with a warning naming its file
         if not runs:
             raise FileNotFoundError(f"no readable run dirs (with .hydra/config.yaml) under {', '.join(map(str, dirs))}")
@@ -194,9 +194,10 @@ def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seed
         if evaluated:  # accuracy against compute, one line per kind of continuation (learned per k)
             debate_plot(evaluated, debate_path(out))
             written.add(debate_path(out))
-        for stale in set(report_outputs(out)) - written:  # an earlier report's seeds or plot would describe other runs
-            with writing(stale):
-                stale.unlink(missing_ok=True)
+        for stale, recognise in report_outputs(out).items():  # an earlier report's seeds or plot: other runs
+            if stale not in written and stale.is_file() and recognise(stale):  # still ours (checked again)
+                with writing(stale):
+                    stale.unlink()
     return table, csv_path, md_path
 
 
@@ -219,8 +220,14 @@ REPORT_FILES = {
     ".md": lambda p: _first_line(p).startswith("| run | status |"),
     "_seeds.csv": lambda p: _first_line(p) == ",".join(SEED_COLUMNS),
     "_seeds.md": lambda p: _first_line(p) == "## Over training seeds",
-    "_debate.png": lambda p: written_by(p, DEBATE_SOFTWARE),
+    "_debate.png": lambda p: written_by(p, DEBATE_SOFTWARE) or _earlier_debate_plot(p),
 }
+
+
+def _earlier_debate_plot(path: Path) -> bool:
+    """A debate plot from before plots carried ctt's Software chunk (matplotlib's own) beside that report's CSV."""
+    csv_path = path.with_name(path.name.removesuffix("_debate.png") + ".csv")
+    return written_by(path, "Matplotlib", prefix=True) and REPORT_FILES[".csv"](csv_path)
 
 
 def report_outputs(out: Path) -> dict[Path, Any]:

@@ -120,6 +120,10 @@ def test_the_default_token_count_takes_the_files_and_records_it(tmp_path, capfd,
     assert code == 0, err[-3000:]
     saved = OmegaConf.load(tmp_path / "e" / ".hydra" / "config.yaml")
     assert saved.token.count == 2 and "recorded as token.count=2" in err
+    # the same evaluation again is the same run (not one of another config, in a subfolder of its own)
+    code, _, err = run_main("ctt.eval", "experiment=smoke", f"token.path={path}", f"hydra.run.dir={tmp_path}/e",
+                            capfd=capfd)
+    assert code == 0 and not (tmp_path / "e" / "eval").exists(), err[-3000:]
 
 
 # --- train_data metadata --------------------------------------------------------------------------------------------
@@ -220,3 +224,23 @@ def test_an_oversized_input_is_refused_before_it_is_read(tmp_path, monkeypatch):
     monkeypatch.setitem(inputs.MAX_BYTES, "token file", 100)
     with pytest.raises(TokenFileError, match=r"t.safetensors is \d+ bytes, over the 100-byte limit for a token file"):
         load_token_file(path)
+
+
+def test_a_tampered_deepspeed_master_row_is_refused_on_resume(tmp_path, capfd):
+    """ZeRO-1/2/3 resume the fp32 master copy in the optimizer states, not the module row checked before loading:
+    the row is checked again as the strategy restored it (on_train_start), before any step uses it."""
+    pytest.importorskip("deepspeed")
+    from ctt.reliability.safe_load import load_pt
+    from tests.test_checkpoints import CPU_DEEPSPEED
+
+    args = ("engine=hf", "callbacks.model_checkpoint.every_n_train_steps=1", *CPU_DEEPSPEED)
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, "trainer.max_steps=1", *args), capfd=capfd)
+    assert code == 0, err[-3000:]
+    [optim] = (tmp_path / "run" / "checkpoints" / "last.ckpt").rglob("*optim_states.pt")
+    states = load_pt(optim, "optimizer states")
+    groups = states["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+    groups[0] = torch.full_like(groups[0].detach(), 1e30)
+    torch.save(states, optim)
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, "trainer.max_steps=2", "ckpt_path=last", *args),
+                            capfd=capfd)
+    assert_user_error(code, err, "ConfigError", "checkpoint ", "last.ckpt: a token row has norm 8e+30")

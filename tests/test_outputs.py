@@ -295,6 +295,26 @@ def test_report_replaces_only_its_own_files_and_drops_its_stale_ones(tmp_path, c
     assert {p.name for p in out.parent.iterdir() if not p.name.startswith(".")} == {"r.csv", "r.md"}
 
 
+def test_report_replaces_an_earlier_reports_plot_and_never_opens_a_fifo_log(tmp_path):
+    """A debate plot written before plots carried ctt's Software chunk (matplotlib's own) beside that report's CSV
+    is the earlier report's; a run log that is a FIFO is skipped (reading it would wait for ever)."""
+    from matplotlib.figure import Figure
+
+    from ctt.evaluation.plots import written_by
+    from ctt.report import main
+    from tests.test_report import make_run
+
+    run = make_run(tmp_path / "a", rewards=[0.3], results=[("toy", "base", 0, 0.5), ("toy", "learned", 1, 0.75)])
+    os.mkfifo(run / "stuck.log")
+    assert main([str(run)]) == 0
+    old = run / "report_debate.png"
+    Figure().savefig(old)  # matplotlib's Software chunk, as before
+    assert main([str(run)]) == 0 and written_by(old, "ctt-report")
+    (run / "report.csv").write_text("my,own\n1,2\n")  # without the report's CSV beside it: not recognised
+    Figure().savefig(old)
+    assert main([str(run)]) == 2
+
+
 def test_a_second_report_to_the_same_out_is_refused(tmp_path, capsys):
     from ctt.report import main
     from tests.test_report import make_run

@@ -35,8 +35,8 @@ def _accuracy_axes(ax, title: str, xlabel: str, ylabel: str, legend_size: int) -
 PLOT_SOFTWARE = "ctt"
 
 
-def written_by(path: Path, software: str) -> bool:
-    """Whether `path` is a PNG whose `Software` text chunk is exactly `software`. Reads the chunks before the image
+def written_by(path: Path, software: str, prefix: bool = False) -> bool:
+    """Whether `path` is a PNG whose `Software` text chunk is exactly `software` (with `prefix`: starts with it). Reads the chunks before the image
     data only (where Pillow writes text), at most 1 MiB: a few lines, no image decoder needed."""
     try:
         with open(path, "rb") as f:
@@ -50,7 +50,8 @@ def written_by(path: Path, software: str) -> bool:
         size, kind = int.from_bytes(head[at:at + 4], "big"), head[at + 4:at + 8]
         if kind == b"IDAT":
             return False
-        if kind == b"tEXt" and head[at + 8:at + 8 + size] == b"Software\x00" + software.encode("latin-1"):
+        text, wanted = head[at + 8:at + 8 + size], b"Software\x00" + software.encode("latin-1")
+        if kind == b"tEXt" and (text.startswith(wanted) if prefix else text == wanted):
             return True
         at += 12 + size  # length, type, data, CRC
     return False

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ctt.errors import DataError
+from ctt.inputs import check_input
 from ctt.evaluation.comparisons import COMPARISONS_CSV, read_comparisons
 from ctt.policy.modes import base_label, label_family
 from ctt.text import read_csv, read_yaml
@@ -240,12 +241,21 @@ def read_results(run_dir: Path) -> list[dict] | None:
                                                     "ci_low": "number?", "ci_high": "number?"})
 
 
+ERROR_LINE = b"][ERROR] - "  # how ctt's log format marks an error line
+
+
 def _log_has_error(run_dir: Path) -> bool:
+    """Whether a log of the run holds an error line: read in 1 MiB pieces, a FIFO or device never opened."""
     for log in run_dir.glob("*.log"):
         try:
-            if "][ERROR] - " in log.read_text(errors="replace"):
-                return True
-        except OSError:
+            check_input(log, "run file", error=DataError)
+            with open(log, "rb") as f:
+                tail = b""
+                while piece := f.read(1 << 20):
+                    if ERROR_LINE in tail + piece:
+                        return True
+                    tail = piece[-len(ERROR_LINE):]
+        except (OSError, DataError):
             continue
     return False
 

@@ -128,8 +128,8 @@ def run_identity(model: Mapping[str, Any], token: Mapping[str, Any], row: torch.
 
 
 def saved_identity(checkpoint: dict) -> dict[str, Any]:
-    """Base model, pretrained id, token text and hidden size a checkpoint was trained with (older checkpoints: from
-    their hyperparameters)."""
+    """Base model, pretrained id, token text and hidden size a checkpoint was trained with: its `ckpt["ctt"]`
+    identity (required, check_fits), over what its hyperparameters say."""
     hp = checkpoint.get("hyper_parameters") or {}
     model, token = hp.get("model") or {}, hp.get("token") or {}
     ident = {"base_model": model.get("name"), "pretrained": model.get("pretrained"), "token": token.get("text"),

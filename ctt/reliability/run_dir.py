@@ -26,7 +26,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ctt.errors import ConfigError, CttError, OutputError
+from ctt.errors import ConfigError, CttError, DataError, OutputError
+from ctt.text import read_yaml
 from ctt.outputs import open_lock_file, try_lock
 from ctt.writes import check_room
 
@@ -162,11 +163,22 @@ class RunDirLock(Callback):
 
 
 def _stored(run_dir: Path, name: str) -> dict | None:
+    path = run_dir / ".hydra" / name
     try:
-        stored = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / name), resolve=False)
-    except Exception:  # missing, unreadable or not YAML
+        return read_yaml(path) if path.exists() else None  # the one YAML reader: bounded, safe
+    except DataError:  # unreadable, not YAML or not a mapping
         return None
-    return stored if isinstance(stored, dict) else None
+
+
+def _same_evaluation(stored: dict, current: dict) -> bool:
+    """Whether ctt-eval's stored config is the current one. ctt-eval records the token count a k-row token file
+    installs under the default token.count=1 (ctt.eval.record_token_count): with the same token file and that default,
+    the stored count is the file's, and the rerun is the same evaluation."""
+    stored_token, token = stored.get("token"), current.get("token")
+    if (isinstance(stored_token, dict) and isinstance(token, dict) and token.get("path")
+            and stored_token.get("path") == token.get("path") and token.get("count", 1) == 1):
+        stored = {**stored, "token": {**stored_token, "count": token.get("count", 1)}}
+    return stored == current
 
 
 def own_run_dir(config: DictConfig, run_dir: Path) -> Path:
@@ -187,7 +199,7 @@ def own_run_dir(config: DictConfig, run_dir: Path) -> Path:
         return run_dir
     if stored_kind == kind:
         current = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
-        if kind != "eval" or stored == current:
+        if kind != "eval" or _same_evaluation(stored, current):
             return run_dir
     return run_dir / str(kind) / time.strftime("%Y-%m-%d_%H-%M-%S")
 

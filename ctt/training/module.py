@@ -21,7 +21,8 @@ from ctt.rewards.grading import Score
 from ctt.rewards.registry import reward_from_config
 from ctt.rl.reinforce import RLSettings, completion_logprobs, compute_advantages, reinforce_loss, uniform_group_share
 from ctt.settings import to_plain
-from ctt.training.distributed import DistributedSettings, full_grad, gather_zero3
+from ctt.models.token import check_row
+from ctt.training.distributed import DistributedSettings, full_grad, full_row, gather_zero3
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,10 @@ class ContinueThinkingModule(L.LightningModule):
             self.policy.check_problems(problems)
 
     def on_train_start(self) -> None:
+        if self.trainer.ckpt_path:  # resumed: the row as the strategy restored it (DeepSpeed: its fp32 master copy,
+            # from the optimizer states, which the checkpoint's module row checked before need not be)
+            check_row(full_row(self.token_row), self.policy.model.get_input_embeddings().base.weight,
+                      f"checkpoint {self.trainer.ckpt_path}", error=ConfigError)
         start = self._row_norm()
         self._warn_norm = WARN_NORM_GROWTH * start if start > 0 else float("inf")
 

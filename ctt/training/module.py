@@ -139,8 +139,9 @@ class ContinueThinkingModule(L.LightningModule):
             self.policy.check_problems(problems)
 
     def on_train_start(self) -> None:
-        if self.trainer.ckpt_path:  # resumed: the row as the strategy restored it (DeepSpeed: its fp32 master copy,
-            # from the optimizer states, which the checkpoint's module row checked before need not be)
+        # Resumed: the row as the strategy restored it (DeepSpeed: its fp32 master copy, from the optimizer states,
+        # which the checkpoint's module row checked before need not be).
+        if self._trainer is not None and self.trainer.ckpt_path:
             check_row(full_row(self.token_row), self.policy.model.get_input_embeddings().base.weight,
                       f"checkpoint {self.trainer.ckpt_path}", error=ConfigError)
         start = self._row_norm()

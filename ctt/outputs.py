@@ -38,8 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ctt.errors import ConfigError, CttError
-from ctt.inputs import check_input
+from ctt.errors import ConfigError, DataError
+from ctt.text import read_json
 # the one file writer (ctt.writes), also imported from here
 from ctt.writes import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: F401
 from ctt.writes import fsync_dir, temp_sibling, writing
@@ -155,9 +155,8 @@ def protected_reason(target: Path) -> str | None:
 
 def read_marker(folder: Path) -> dict | None:
     try:
-        check_input(folder / MARKER, "metadata")  # a FIFO or a huge file is not a marker ctt wrote
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError, CttError):
+        marker = read_json(folder / MARKER)  # the one JSON reader: a FIFO or a huge file is never read
+    except DataError:  # missing, unreadable or not JSON: not a marker ctt wrote
         return None
     return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
 

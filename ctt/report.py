@@ -153,8 +153,8 @@ def over_seeds(runs: Sequence[Run], out: Path) -> str:
     if not rows:
         return ""
     text = seed_markdown(rows)
-    write_seed_rows(out.with_name(out.name + "_seeds.csv"), rows)
-    atomic_write_text(text, out.with_name(out.name + "_seeds.md"))
+    write_seed_rows(report_file(out, "_seeds.csv"), rows)
+    atomic_write_text(text, report_file(out, "_seeds.md"))
     return text
 
 
@@ -166,7 +166,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def write_report(out: str | Path, md_cols: list[str], md_rows: list[dict], csv_cols: list[str], csv_rows: list[dict]) -> tuple[Path, Path]:
     out = Path(out)
-    csv_path, md_path = out.with_name(out.name + ".csv"), out.with_name(out.name + ".md")
+    csv_path, md_path = report_file(out, ".csv"), report_file(out, ".md")
     with atomic_open(csv_path) as f:
         writer = csv.DictWriter(f, fieldnames=csv_cols)
         writer.writeheader()
@@ -244,7 +244,7 @@ def check_report_outputs(out: Path) -> None:
 
 def debate_path(out: Path) -> Path:
     """<out>_debate.png: beside <out>.csv and <out>.md, named after them like <out>_seeds.csv."""
-    return out.with_name(out.name + "_debate.png")
+    return report_file(out, "_debate.png")
 
 
 def diff(run_a: str | Path, run_b: str | Path) -> tuple[list[dict], list[dict]]:

@@ -36,8 +36,8 @@ PLOT_SOFTWARE = "ctt"
 
 
 def written_by(path: Path, software: str, prefix: bool = False) -> bool:
-    """Whether `path` is a PNG whose `Software` text chunk is exactly `software` (with `prefix`: starts with it). Reads the chunks before the image
-    data only (where Pillow writes text), at most 1 MiB: a few lines, no image decoder needed."""
+    """Whether `path` is a PNG whose `Software` text chunk is exactly `software` (with `prefix`: starts with it).
+    Reads the chunks before the image data only (where Pillow writes text), at most 1 MiB: no image decoder needed."""
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 20)

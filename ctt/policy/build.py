@@ -12,7 +12,7 @@ from ctt.data.problems import PromptSettings
 from ctt.errors import ConfigError, DataError, ModelError
 from ctt.models.loading import load_model
 from ctt.models.token import (MAX_TOKEN_COUNT, TokenSettings, base_fingerprint, check_base_fingerprint, check_row,
-                              check_token_fits, install_token, load_token_file, token_count, token_texts)
+                              install_token, load_token_file, token_count, token_texts)
 from ctt.outputs import read_marker
 from ctt.policy.policy import ForcingSettings, Policy
 from ctt.text import read_json
@@ -108,15 +108,15 @@ def _install_learned(loaded, tok: TokenSettings, base_model: str, count: int) ->
     any other token.count must be the file's), or the untrained initialisation without a file; the file's metadata
     (None without one)."""
     embedding, meta = None, None
-    if tok.path:
-        embedding, meta = load_token_file(tok.path, None, None if tok.allow_base_mismatch else base_model)
+    if tok.path:  # its rows fit the model's width, and token.count unless that is the default
+        hidden = loaded.model.get_input_embeddings().weight.shape[-1]
+        embedding, meta = load_token_file(tok.path, hidden, None if tok.allow_base_mismatch else base_model,
+                                          None if tok.count == 1 else tok.count)
         check_base_fingerprint(meta.get("base_fingerprint"), loaded.fingerprint, f"token file {tok.path}",
                                tok.allow_base_mismatch)
-        check_token_fits(embedding, tok.path, count=None if tok.count == 1 else tok.count)
     overlay = install_token(loaded.model, loaded.tokenizer, tok.init, tok.text,
                             count if embedding is None else token_count(embedding))
     if embedding is not None:
-        check_token_fits(embedding, tok.path, overlay.row.shape[-1])
         check_row(embedding, overlay.base.weight, f"token file {tok.path}")
         overlay.row.data.copy_(embedding)
         log.info("loaded token %s (step %s) from %s", meta.get("token"), meta.get("step"), tok.path)

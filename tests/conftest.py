@@ -68,6 +68,26 @@ def _clear_hydra():
     GlobalHydra.instance().clear()
 
 
+# Lightning sets these for an in-process run (even DeepSpeed on one CPU) and destroys its process group only at exit.
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_leaks():
+    """A test that runs a strategy in-process leaves a process group listening on MASTER_PORT and that port in
+    os.environ: every later subprocess (the 2-process DDP/DeepSpeed tests) would inherit the port and fail with
+    EADDRINUSE. Tear both down after each test."""
+    before = {k: os.environ.get(k) for k in _RENDEZVOUS}
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def need_vllm() -> None:
     """Skip the calling test without vLLM on a developer's machine; in CI (CI=true), where install.sh installed it,
     its absence is a failure: the vLLM tests must run there."""

@@ -68,19 +68,19 @@ def _clear_hydra():
     GlobalHydra.instance().clear()
 
 
-# Lightning sets these for an in-process run (even DeepSpeed on one CPU) and destroys its process group only at exit.
+# Lightning sets these for an in-process run (even DeepSpeed on one CPU), and its process group (listening on
+# MASTER_PORT) lives until the process exits.
 _RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
-def _no_process_group_leaks():
-    """A test that runs a strategy in-process leaves a process group listening on MASTER_PORT and that port in
-    os.environ: every later subprocess (the 2-process DDP/DeepSpeed tests) would inherit the port and fail with
-    EADDRINUSE. Tear both down after each test."""
+def _no_rendezvous_leaks():
+    """A test that runs a strategy in-process leaves MASTER_PORT in os.environ, still bound by its process group:
+    every later subprocess (the 2-process DDP/DeepSpeed tests) would inherit it and fail with EADDRINUSE. Restore
+    the variables after each test; the group itself stays (vLLM's in-process engine shares torch.distributed's
+    world group, so destroying it would break the engines that module fixtures keep)."""
     before = {k: os.environ.get(k) for k in _RENDEZVOUS}
     yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     for key, value in before.items():
         if value is None:
             os.environ.pop(key, None)

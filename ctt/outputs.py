@@ -42,7 +42,7 @@ from ctt.errors import ConfigError, DataError
 from ctt.text import read_json
 # the one file writer (ctt.writes), also imported from here
 from ctt.writes import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: F401
-from ctt.writes import fsync_dir, temp_sibling, writing
+from ctt.writes import fsync_dir, temp_sibling, temp_siblings, writing
 
 MARKER = ".ctt-output.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -255,10 +255,10 @@ def swap_in(new: Path, target: Path) -> None:
 def clean_siblings(target: Path) -> None:
     """Remove the temp siblings of killed writers (call holding the output's lock); if a kill came between the
     fallback's two renames, put the old version back first."""
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = sorted(temp_siblings(target, "old"), key=lambda p: p.stat().st_mtime)
     if olds and not target.exists():
         os.rename(olds.pop(), target)
-    for stale in [*olds, *target.parent.glob(f".{target.name}.tmp-*")]:
+    for stale in [*olds, *temp_siblings(target)]:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 

@@ -27,6 +27,17 @@ def temp_sibling(path: Path, tag: str = "tmp") -> Path:
     return path.parent / f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
+def temp_siblings(path: Path, tag: str = "tmp") -> list[Path]:
+    """The `temp_sibling(path, tag)` names present beside `path`, matched exactly: not a glob, whose `*`, `?` or
+    `[` in an output's name would match other files (a user's `.ab.tmp-notes` beside `export.dir=a*`)."""
+    pattern = re.compile(re.escape(f".{path.name}.{tag}-") + r"\d+-[0-9a-f]{8}\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return [path.parent / name for name in names if pattern.fullmatch(name)]
+
+
 def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

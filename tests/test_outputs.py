@@ -331,3 +331,22 @@ def test_a_second_report_to_the_same_out_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ctt-report --out" in err and "another ctt process" in err, err
     assert not (tmp_path / "rep.csv").exists()
+
+
+def test_cleaning_temp_siblings_matches_their_names_exactly_not_as_a_glob(tmp_path):
+    """An output named `a*` (export.dir, generate.output) removes only its own killed writers' temp siblings: a glob
+    of its name deleted a user's `.ab.tmp-notes` and another output's temp folder."""
+    from ctt.outputs import clean_siblings
+    from ctt.writes import temp_sibling
+
+    target = tmp_path / "a*"
+    stale_file, stale_dir = temp_sibling(target), temp_sibling(target, "old")
+    stale_file.write_text("killed writer")
+    stale_dir.mkdir()
+    target.mkdir()
+    keep = [tmp_path / ".ab.tmp-notes", tmp_path / ".a*.tmp-notes", temp_sibling(tmp_path / "ab")]
+    for path in keep:
+        path.write_text("not this output's")
+    clean_siblings(target)
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert all(path.read_text() == "not this output's" for path in keep)

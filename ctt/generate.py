@@ -34,7 +34,7 @@ from ctt.errors import ConfigError, DataError
 from ctt.text import check_text, json_line, jsonl_rows, read_lines
 from ctt.config.check import validate_config
 from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output
-from ctt.settings import Settings, require
+from ctt.settings import Settings, require, require_temperature
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class GenerateSettings(Settings):
         if self.output is not None and not str(self.output).endswith(".jsonl"):
             raise ConfigError(f"generate.output must be a .jsonl file (or null for stdout), got {self.output!r}")
         require(self.num_continuations >= 0, "generate.num_continuations", "an integer >= 0", self.num_continuations)
-        require(self.temperature >= 0, "generate.temperature", "a number >= 0 (0: greedy)", self.temperature)
+        require_temperature(self.temperature, "generate.temperature", greedy_ok=True)
         require(0 < self.top_p <= 1, "generate.top_p", "a number in (0, 1]", self.top_p)
         require(len(self.marks) == 2, "generate.marks", "two texts", self.marks)
 

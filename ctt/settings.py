@@ -47,6 +47,21 @@ def require(ok: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {expected}, got {value!r}")
 
 
+# Sampling divides the logits by the temperature: below about 1e-38 that overflows to inf and every id, the masked
+# learned token included, becomes drawable; far above 1 it is uniform noise. Outside these bounds nothing is learned.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+
+def require_temperature(value: float, key: str, greedy_ok: bool) -> None:
+    """0 (greedy, where `greedy_ok`) or a sampling temperature in [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
+    sampling = MIN_TEMPERATURE <= value <= MAX_TEMPERATURE
+    if greedy_ok:
+        require(value == 0 or sampling, key, f"a number >= 0 (0: greedy), else from {MIN_TEMPERATURE} to "
+                f"{MAX_TEMPERATURE:g}", value)
+    else:
+        require(sampling, key, f"a number > 0 from {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}", value)
+
+
 def reject_unknown(key: str, given: Iterable[str], valid: Iterable[str]) -> None:
     unknown = sorted(set(given) - set(valid))
     if unknown:

@@ -105,6 +105,11 @@ def jsonl_data(path: Path) -> list[str]:
         ("rl.max_bad_steps=0", ["ConfigError", "rl.max_bad_steps"]),
         ("rl.baseline=median", ["ConfigError", "rl.baseline must be one of", "'median'"]),
         ("rl.temperature=0", ["ConfigError", "rl.temperature must be a number > 0"]),
+        # logits / 1e-300 overflow and make every id drawable, the masked learned token included
+        ("rl.temperature=1e-300", ["ConfigError", "rl.temperature must be a number > 0 from 0.01 to 100"]),
+        ("eval.temperature=1e-300", ["ConfigError", "eval.temperature must be a number >= 0 (0: greedy), else from"]),
+        ("eval.temperature=inf", ["ConfigError", "eval.temperature must be", "inf"]),
+        ("eval.also_temperature=nan", ["ConfigError", "eval.also_temperature must be", "nan"]),
         ("rl.samples_per_prompt=1", ["ConfigError", "makes every advantage 0"]),
         ("+rl.temprature=0.5", ["ConfigError", "unknown key(s) rl.temprature", "temperature"]),
         ("data.batch_size=0", ["ConfigError", "data.batch_size must be an integer >= 1"]),

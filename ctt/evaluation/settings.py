@@ -8,7 +8,7 @@ from typing import ClassVar
 from ctt.policy.modes import Mode, expand_modes
 from ctt.rewards.registry import RewardFn, reward_from_config
 from ctt.data.splits import PARTS
-from ctt.settings import Settings, one_of, require
+from ctt.settings import Settings, one_of, require, require_temperature
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,14 @@ class EvalSettings(Settings):
 
     def check(self) -> None:
         require(self.samples >= 1, "eval.samples", "an integer >= 1", self.samples)
-        require(self.temperature >= 0, "eval.temperature", "a number >= 0 (0: greedy)", self.temperature)
+        require_temperature(self.temperature, "eval.temperature", greedy_ok=True)
         require(0 < self.top_p <= 1, "eval.top_p", "a number in (0, 1]", self.top_p)
         if self.limit is not None:
             require(self.limit >= 1, "eval.limit", "an integer >= 1 or null", self.limit)
         reward_from_config(self.reward, "eval.reward")
         one_of("eval.split", self.split, PARTS)
         if self.also_temperature is not None:
-            require(self.also_temperature > 0, "eval.also_temperature", "a number > 0 or null", self.also_temperature)
+            require_temperature(self.also_temperature, "eval.also_temperature", greedy_ok=False)
         require(self.also_samples >= 1, "eval.also_samples", "an integer >= 1", self.also_samples)
         require(0 < self.val_fraction < 1, "eval.val_fraction", "a number in (0, 1)", self.val_fraction)
         expand_modes(self.modes, self.num_continuations, self.fixed_words)  # every spec parsed, every N >= 0

@@ -42,7 +42,7 @@ from ctt.errors import ConfigError, DataError
 from ctt.text import read_json
 # the one file writer (ctt.writes), also imported from here
 from ctt.writes import atomic_open, atomic_write_bytes, atomic_write_text  # noqa: F401
-from ctt.writes import fsync_dir, temp_sibling, temp_siblings, writing
+from ctt.writes import fsync_dir, make_folder, temp_sibling, temp_siblings, writing
 
 MARKER = ".ctt-output.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def hold_output(target: str | os.PathLike, what: str) -> Iterator[None]:
         fd, depth = _held[lock]
         _held[lock] = (fd, depth + 1)
     else:
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(lock.parent)
         fd = open_lock_file(lock, what)
         owner = try_lock(fd)
         if owner is not None:
@@ -137,15 +137,28 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def protected_reason(target: Path) -> str | None:
-    """Why `target` (resolved) must never be replaced by an output, or None."""
+def place_reason(target: Path, *, cwd_ok: bool = False) -> str | None:
+    """Why `target` is a place no output may take: the current directory (unless `cwd_ok`), the project checkout, a
+    home directory, an ancestor of any of them (the filesystem root included); None otherwise."""
     target = target.resolve()
     for place, name in ((Path.cwd(), "the current directory"), (PROJECT_ROOT, "the ctt project"),
                         (Path.home(), "a home directory")):
-        if _is_within(place.resolve(), target):
-            return f"it is {name}" if place.resolve() == target else f"it holds {name} ({place})"
+        place = place.resolve()
+        if cwd_ok and place == target and name == "the current directory":
+            continue
+        if _is_within(place, target):
+            return f"it is {name}" if place == target else f"it holds {name} ({place})"
     if target.parent == Path("/home").resolve() or target == Path(target.anchor):
         return "it is a home or root directory"
+    return None
+
+
+def protected_reason(target: Path) -> str | None:
+    """Why `target` (resolved) must never be replaced by an output, or None."""
+    target = target.resolve()
+    reason = place_reason(target)
+    if reason is not None:
+        return reason
     if target.is_dir():
         signs = [s for s in RUN_DIR_SIGNS if (target / s).exists()]
         if signs:

@@ -218,6 +218,73 @@ def test_eval_in_a_training_run_dir_writes_to_a_subfolder_of_its_own(tmp_path, c
     assert_user_error(code, err, "holds a ctt-eval run")
 
 
+EVAL_ONE = ("experiment=smoke", "eval.limit=1", "eval.samples=1", "eval.num_continuations=[1]", "eval.modes=[base]")
+
+
+def users_folder(tmp_path: Path) -> Path:
+    """A folder of the user's holding files of the names a run writes (no .hydra/, no .ctt.lock)."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, text in (("results.csv", "my paper's numbers\n"), ("samples.jsonl", '{"mine": 1}\n'),
+                       ("results.md", "# mine\n"), ("rollouts.jsonl", '{"line": "mine"}\n')):
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize("command", ["ctt.eval", "ctt.train", "ctt.generate"])
+def test_a_users_folder_is_never_a_run_dir(tmp_path, capfd, command):
+    folder = users_folder(tmp_path)
+    before = snapshot(folder)
+    extra = {"ctt.eval": EVAL_ONE, "ctt.train": ("experiment=smoke", "trainer.max_steps=1"),
+             "ctt.generate": ("experiment=smoke", "generate.prompt=x")}[command]
+    code, _, err = run_main(command, *extra, f"hydra.run.dir={folder}", capfd=capfd)
+    assert_user_error(code, err, f"hydra.run.dir={folder} holds files ctt did not write", "choose a new or empty")
+    assert snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(before)
+
+
+def test_the_current_directory_is_a_run_dir_only_when_empty_or_a_ctt_run(tmp_path, capfd, monkeypatch):
+    folder = users_folder(tmp_path)
+    before = snapshot(folder)
+    monkeypatch.chdir(folder)
+    code, _, err = run_main("ctt.eval", *EVAL_ONE, "hydra.run.dir=.", capfd=capfd)
+    assert_user_error(code, err, "holds files ctt did not write")
+    assert snapshot(folder) == before
+    code, _, err = run_main("ctt.eval", *EVAL_ONE, f"hydra.run.dir={tmp_path}", capfd=capfd)  # an ancestor of it
+    assert_user_error(code, err, "cannot be a run dir: it holds the current directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    code, _, err = run_main("ctt.eval", *EVAL_ONE, "hydra.run.dir=.", capfd=capfd)
+    assert code == 0, err[-3000:]
+    assert (empty / "results.csv").is_file() and (empty / ".hydra" / "config.yaml").is_file()
+    code, _, err = run_main("ctt.eval", *EVAL_ONE, "hydra.run.dir=.", capfd=capfd)  # now a ctt run's
+    assert code == 0, err[-3000:]
+
+
+def test_a_users_folder_is_never_a_sweep_dir(tmp_path, capfd):
+    folder = users_folder(tmp_path)
+    before = snapshot(folder)
+    code, _, err = run_main("ctt.eval", "-m", *EVAL_ONE, "seed=0,1", f"hydra.sweep.dir={folder}", capfd=capfd)
+    assert_user_error(code, err, f"hydra.sweep.dir={folder} holds files ctt did not write")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("config", ["- a\n- list\n", "key: [unclosed\n", b"\xff\xfe\x00"],
+                         ids=["list", "garbled", "not-utf8"])
+def test_a_run_dir_whose_config_cannot_be_read_is_refused_not_overwritten(tmp_path, capfd, config):
+    """`own_run_dir` took an unreadable .hydra/config.yaml for "no config" and ctt-eval wrote over the run's
+    results."""
+    run = tmp_path / "train-run"
+    (run / ".hydra").mkdir(parents=True)
+    path = run / ".hydra" / "config.yaml"
+    path.write_bytes(config if isinstance(config, bytes) else config.encode())
+    (run / "results.csv").write_text("the training run's own results\n")
+    before = snapshot(run)
+    code, _, err = run_main("ctt.eval", *EVAL_ONE, f"hydra.run.dir={run}", capfd=capfd)
+    assert_user_error(code, err, f"hydra.run.dir={run} cannot be told apart from another run", "config.yaml")
+    assert {k: v for k, v in snapshot(run).items() if k in before} == before
+
+
 # --- organism folders and plots ------------------------------------------------------------------------------
 
 
@@ -350,3 +417,15 @@ def test_cleaning_temp_siblings_matches_their_names_exactly_not_as_a_glob(tmp_pa
     clean_siblings(target)
     assert not stale_file.exists() and not stale_dir.exists()
     assert all(path.read_text() == "not this output's" for path in keep)
+
+
+@pytest.mark.parametrize("command", ["generate", "export"])
+def test_an_output_under_a_file_is_one_line(tmp_path, capfd, command):
+    """mkdir's FileExistsError/NotADirectoryError traceback when a parent of the output is a file."""
+    (tmp_path / "afile").write_text("mine")
+    if command == "generate":
+        code, _, err = generate(tmp_path, capfd, "generate.prompt=x", f"generate.output={tmp_path}/afile/sub/o.jsonl")
+    else:
+        code, _, err = export(tmp_path, capfd, f"export.dir={tmp_path}/afile/sub/hf")
+    assert_user_error(code, err, "OutputError", f"{tmp_path}/afile is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctt.errors import ConfigError, CttError, DataError, OutputError
 from ctt.text import read_yaml
-from ctt.outputs import open_lock_file, try_lock
+from ctt.outputs import open_lock_file, place_reason, try_lock
 from ctt.writes import check_room
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,38 @@ def _make_dir(path: Path) -> None:
         raise ConfigError(f"cannot create hydra.run.dir={path}: {err.strerror or err}") from None
 
 
+RUN_SIGNS = (".hydra", LOCK_FILE)  # what a ctt run leaves in its run dir (`.ctt.lock` also with output_subdir=null)
+SWEEP_SIGNS = ("multirun.yaml", *RUN_SIGNS)
+
+
+def check_run_dir(path: Path, what: str = "hydra.run.dir", signs: tuple[str, ...] = RUN_SIGNS) -> None:
+    """A run writes results.csv, samples.jsonl, results.md, metrics, checkpoints and plots into its run dir,
+    replacing files of those names: so a run dir is a new or empty folder, or one a ctt run made (it holds `.hydra/`
+    or `.ctt.lock`). A folder of the user's (a copy of results, a paper's figures) and the places no output may take
+    (the project checkout, a home directory, an ancestor of the current directory) are refused with one line. The
+    current directory itself is a run dir like any other folder: when it is empty or a ctt run's."""
+    reason = place_reason(path, cwd_ok=True)
+    if reason is not None:
+        raise ConfigError(f"{what}={path} cannot be a run dir: {reason}; choose a new folder")
+    if not path.is_dir():
+        return  # absent (created next), or a file (refused by _make_dir)
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as err:
+        raise ConfigError(f"cannot read {what}={path}: {err.strerror or err}") from None
+    if entries and not any(sign in entries for sign in signs):
+        raise ConfigError(f"{what}={path} holds files ctt did not write ({entries[0]!r}, ...) and no ctt run (no "
+                          f"{' or '.join(signs)}); a run there would overwrite files of its names: choose a new or "
+                          "empty folder")
+
+
 def lock_run_dir(path: str | Path) -> None:
-    """Take the run dir's lock for this process (re-entrant); ConfigError naming the owner if another holds it."""
+    """Take the run dir's lock for this process (re-entrant); ConfigError naming the owner if another holds it, or
+    when the folder is not one a run may write into (`check_run_dir`)."""
     path = Path(path).absolute()
     if path in _held:
         return
+    check_run_dir(path)
     _make_dir(path)
     fd = open_lock_file(path / LOCK_FILE, f"hydra.run.dir={path}")  # never follows a symlinked lock file
     owner = try_lock(fd)
@@ -144,7 +171,12 @@ class RunDirLock(Callback):
         from hydra.core.hydra_config import HydraConfig
 
         HydraConfig.instance().set_config(config)  # the sweep dir's `${now:...}` resolves as the launcher's will
-        check_room_for_hydra(config, Path(str(OmegaConf.select(config, "hydra.sweep.dir"))))
+        sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))).absolute()
+        try:
+            check_run_dir(sweep_dir, "hydra.sweep.dir", SWEEP_SIGNS)
+        except ConfigError as err:
+            _one_line_exit(err)
+        check_room_for_hydra(config, sweep_dir)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         if getattr(self, "_run_dir", None) is not None:
@@ -163,11 +195,16 @@ class RunDirLock(Callback):
 
 
 def _stored(run_dir: Path, name: str) -> dict | None:
+    """The run dir's `.hydra/<name>` (None when it has none). One that cannot be read, is not YAML or not a
+    mapping is refused: which run the dir holds cannot be told, so no run may write its results there."""
     path = run_dir / ".hydra" / name
-    try:
-        return read_yaml(path) if path.exists() else None  # the one YAML reader: bounded, safe
-    except DataError:  # unreadable, not YAML or not a mapping
+    if not os.path.lexists(path):
         return None
+    try:
+        return read_yaml(path)  # the one YAML reader: bounded, safe
+    except DataError as err:
+        raise ConfigError(f"hydra.run.dir={run_dir} cannot be told apart from another run: {err}; repair it or "
+                          "choose another hydra.run.dir") from None
 
 
 def _same_evaluation(stored: dict, current: dict) -> bool:

@@ -33,8 +33,8 @@ from ctt.settings import to_plain
 from ctt.errors import ConfigError, DataError
 from ctt.text import check_text, json_line, jsonl_rows, read_lines
 from ctt.config.check import validate_config
-from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output
-from ctt.settings import Settings, require, require_temperature
+from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output, make_folder
+from ctt.settings import MAX_CONTINUATIONS, Settings, require, require_size, require_temperature
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class GenerateSettings(Settings):
             raise ConfigError(f"generate.prompt must be a non-empty text, got {self.prompt!r}")
         if self.output is not None and not str(self.output).endswith(".jsonl"):
             raise ConfigError(f"generate.output must be a .jsonl file (or null for stdout), got {self.output!r}")
-        require(self.num_continuations >= 0, "generate.num_continuations", "an integer >= 0", self.num_continuations)
+        require_size(self.num_continuations, "generate.num_continuations", 0, MAX_CONTINUATIONS)
         require_temperature(self.temperature, "generate.temperature", greedy_ok=True)
         require(0 < self.top_p <= 1, "generate.top_p", "a number in (0, 1]", self.top_p)
         require(len(self.marks) == 2, "generate.marks", "two texts", self.marks)
@@ -115,7 +115,7 @@ def run(ct: ContinueThinking, s: GenerateSettings, prompts: list[str], seed: int
             out.append(c)
         return out
     path = Path(s.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     with hold_output(path, "generate.output"):
         clean_siblings(path)  # temp files of killed runs
         out = _write_records(ct, prompts, kwargs, path)
@@ -150,7 +150,7 @@ def claim_output(s: GenerateSettings):
         return nullcontext()
     check_not_input(s.output, {"generate.input": s.input})
     check_output_file(s.output, "generate.output", is_generate_output)
-    Path(s.output).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(Path(s.output).parent)
     return hold_output(s.output, "generate.output")
 
 
@@ -164,8 +164,8 @@ def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
     try:
-        L.seed_everything(cfg.seed, verbose=False)
         validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
+        L.seed_everything(cfg.seed, verbose=False)  # after: a seed of -1 or "abc" is the check's one line
         settings = GenerateSettings.from_config(to_plain(cfg.generate))
         with claim_output(settings):
             named = read_prompts(settings)

@@ -52,6 +52,19 @@ def require(ok: bool, key: str, expected: str, value: Any) -> None:
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 
+# Sizes a user types. Past these a command allocates or loops for hours before it does anything (eval.samples=1e9
+# hung, a 1e12-wide tiny model was killed for memory); each bound is far above any run on record.
+MAX_CONTINUATIONS = 1024  # N: continuations forced into one rollout
+MAX_SAMPLES = 1 << 16  # rollouts drawn per problem (eval.samples, rl.samples_per_prompt)
+MAX_TOKENS = 1 << 20  # a generation length (max_new_tokens, thinking_budget, ...) or a context
+MAX_BATCH = 1 << 16  # rollouts generated together
+
+
+def require_size(value: int, key: str, low: int, high: int) -> None:
+    """An integer count in [low, high] (the bounds above): `key must be an integer from low to high, got value`."""
+    require(low <= value <= high, key, f"an integer from {low} to {high}", value)
+
+
 def require_temperature(value: float, key: str, greedy_ok: bool) -> None:
     """0 (greedy, where `greedy_ok`) or a sampling temperature in [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
     sampling = MIN_TEMPERATURE <= value <= MAX_TEMPERATURE

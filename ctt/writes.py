@@ -94,6 +94,20 @@ class LogFileHandler(logging.FileHandler):
             sys.stderr.write(f"{reason} writing the log file {self.baseFilename}: log lines go to stderr only\n")
 
 
+def make_folder(directory: str | os.PathLike) -> Path:
+    """`mkdir -p directory`, every output's folder made here: a part of the path that is a file is one OutputError
+    naming it (not mkdir's FileExistsError or NotADirectoryError traceback); a full or read-only disk is `writing`'s
+    line."""
+    directory = Path(directory)
+    with writing(directory):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), directory)
+            raise OutputError(f"cannot create the folder {directory}: {blocker} is a file, not a folder") from None
+    return directory
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -111,7 +125,7 @@ def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Pat
     path = Path(path)
     tmp = temp_sibling(path)
     with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
             try:
@@ -135,7 +149,7 @@ def check_room(directory: str | os.PathLike, nbytes: int) -> None:
     directory = Path(directory)
     probe = temp_sibling(directory / "room", "probe")
     with writing(directory):
-        directory.mkdir(parents=True, exist_ok=True)
+        make_folder(directory)
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
@@ -185,7 +199,7 @@ def append_bytes(data: bytes, path: str | os.PathLike) -> None:
     file it created is removed), so the earlier lines stay whole and no half line is left."""
     path = Path(path)
     with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         existed = path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:

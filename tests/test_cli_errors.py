@@ -98,9 +98,18 @@ def jsonl_data(path: Path) -> list[str]:
     "override, needles",
     [
         ("forcing.max_new_tokens=abc", ["ConfigError", "forcing.max_new_tokens must be an integer", "'abc'"]),
-        ("forcing.max_new_tokens=-1", ["ConfigError", "forcing.max_new_tokens must be >= 1", "-1"]),
+        ("forcing.max_new_tokens=-1", ["ConfigError", "forcing.max_new_tokens must be an integer from 1 to", "-1"]),
+        # sizes past any run: each allocated or looped for hours before the run did anything
+        ("forcing.num_continuations=1000000000000", ["ConfigError", "forcing.num_continuations must be an integer from 0 to 1024"]),
+        ("eval.num_continuations=[0,2000]", ["ConfigError", "eval.num_continuations must be a non-empty list of integers from 0"]),
+        ("eval.samples=1000000000", ["ConfigError", "eval.samples must be an integer from 1 to 65536"]),
+        ("rl.samples_per_prompt=1000000000", ["ConfigError", "rl.samples_per_prompt must be an integer from 1 to 65536"]),
+        ("model.tiny.hidden_size=1000000000000", ["ConfigError", "model.tiny.hidden_size must be an integer from 1"]),
+        ("model.tiny.hidden_size=8192 model.tiny.num_layers=256", ["ConfigError", "model.tiny must be a shape of at most 1e+09"]),
+        ("eval.modes=['filler:.x10000000000']", ["ConfigError", "would be more than 65536 characters"]),
+        (f"eval.modes=['filler:.x{'9' * 5000}']", ["ConfigError", "would be more than 65536 characters"]),
         ("forcing.thinking_budget=1.5", ["ConfigError", "forcing.thinking_budget must be an integer"]),
-        ("rl.samples_per_prompt=0", ["ConfigError", "rl.samples_per_prompt must be an integer >= 1"]),
+        ("rl.samples_per_prompt=0", ["ConfigError", "rl.samples_per_prompt must be an integer from 1 to"]),
         ("rl.top_p=abc", ["ConfigError", "rl.top_p"]),
         ("rl.max_bad_steps=0", ["ConfigError", "rl.max_bad_steps"]),
         ("rl.baseline=median", ["ConfigError", "rl.baseline must be one of", "'median'"]),
@@ -326,7 +335,7 @@ def test_cli_user_error_is_one_line_on_stderr(tmp_path):
 @pytest.mark.parametrize(
     "overrides, needles",
     [
-        (["forcing.max_new_tokens=-1"], ["forcing.max_new_tokens must be >= 1"]),
+        (["forcing.max_new_tokens=-1"], ["forcing.max_new_tokens must be an integer from 1 to"]),
         (["optimizer.lr=abc"], ["optimizer.lr must be a number"]),
         (["data.train.source=jsonl", "+data.train.path=/nonexistent/d.jsonl"], ["data file not found"]),
         (["model.end_of_thinking='<|nope|>'"], ["no end-of-thinking token"]),

@@ -213,3 +213,28 @@ def test_a_token_text_the_base_model_already_holds_is_not_evaluated_as_learned(c
     was used as "learned" as it was)."""
     with pytest.raises(ModelError, match=f"holds the token.s. </think> but has no {EXPORT_INFO}"):
         policy_from_config(compose_cfg("eval", ["experiment=smoke", "token.text='</think>'"]))
+
+
+def test_a_hand_written_export_info_beside_weights_without_the_token_is_refused(tmp_path):
+    """A ctt_export.json written (or copied) by hand beside base weights that do not hold its token: the fresh,
+    untrained row it would install was evaluated and generated from as "learned"."""
+    folder = tmp_path / "fake-export"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "ctt" / "organism" / "model", folder)
+    (folder / EXPORT_INFO).write_text(json.dumps({"base_fingerprint": "deadbeef", "end_of_thinking": "</think>",
+                                                  "tokens": ["<|continue-thinking|>"]}))
+    with pytest.raises(ModelError, match="its tokenizer does not hold it"):
+        load_exported(folder)
+    (folder / EXPORT_INFO).write_text(json.dumps({"base_fingerprint": "deadbeef", "end_of_thinking": "</think>"}))
+    with pytest.raises(ModelError, match="its tokenizer does not hold it"):  # no "tokens": the default text
+        load_exported(folder)
+
+
+@pytest.mark.parametrize("field, value", [("tokens", 5), ("tokens", []), ("tokens", [1]), ("tokens", ["a"] * 65),
+                                          ("token_metadata", "x"), ("token_metadata", [1]),
+                                          ("end_of_thinking", 7), ("base_fingerprint", ["deadbeef"])])
+def test_a_tampered_export_info_field_is_one_line(exported_k, field, value):
+    folder = exported_k(1)
+    info = json.loads((folder / EXPORT_INFO).read_text())
+    (folder / EXPORT_INFO).write_text(json.dumps({**info, field: value}))
+    with pytest.raises(ModelError, match=f"{EXPORT_INFO}: '{field}' must be"):
+        load_exported(folder)

@@ -133,3 +133,10 @@ def test_ctt_generate_bad_input_is_one_line(tmp_path, capfd):
     for overrides, needle in cases.items():
         code, _, err = _cli(tmp_path, capfd, *overrides)
         assert_user_error(code, err, needle)
+
+
+@pytest.mark.parametrize("seed", ["-1", "abc", "4294967296"])
+def test_ctt_generate_checks_the_seed_before_seeding(tmp_path, capfd, seed):
+    """ctt-generate seeded before its config was checked: Lightning's traceback (or a warning and a random seed)."""
+    code, _, err = _cli(tmp_path, capfd, f"seed={seed}", "generate.prompt=x")
+    assert_user_error(code, err, "ConfigError", "seed")

@@ -8,7 +8,7 @@ from typing import ClassVar
 from ctt.policy.modes import Mode, expand_modes
 from ctt.rewards.registry import RewardFn, reward_from_config
 from ctt.data.splits import PARTS
-from ctt.settings import Settings, one_of, require, require_temperature
+from ctt.settings import MAX_SAMPLES, Settings, one_of, require, require_size, require_temperature
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class EvalSettings(Settings):
     also_samples: int = 4  # ... with this many samples per problem (pass@1 over them), into <run dir>/sampled/
 
     def check(self) -> None:
-        require(self.samples >= 1, "eval.samples", "an integer >= 1", self.samples)
+        require_size(self.samples, "eval.samples", 1, MAX_SAMPLES)
         require_temperature(self.temperature, "eval.temperature", greedy_ok=True)
         require(0 < self.top_p <= 1, "eval.top_p", "a number in (0, 1]", self.top_p)
         if self.limit is not None:
@@ -42,7 +42,7 @@ class EvalSettings(Settings):
         one_of("eval.split", self.split, PARTS)
         if self.also_temperature is not None:
             require_temperature(self.also_temperature, "eval.also_temperature", greedy_ok=False)
-        require(self.also_samples >= 1, "eval.also_samples", "an integer >= 1", self.also_samples)
+        require_size(self.also_samples, "eval.also_samples", 1, MAX_SAMPLES)
         require(0 < self.val_fraction < 1, "eval.val_fraction", "a number in (0, 1)", self.val_fraction)
         expand_modes(self.modes, self.num_continuations, self.fixed_words)  # every spec parsed, every N >= 0
 

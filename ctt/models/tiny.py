@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ctt.errors import ConfigError, ModelError
-from ctt.settings import Settings, require
+from ctt.settings import MAX_TOKENS, Settings, require, require_size
 
 # ChatML template of the tiny_random tokenizer. The generation prompt opens the thinking
 # block, like Qwen3/DeepSeek-R1 style reasoning models do.
@@ -27,6 +27,10 @@ TINY_CHAT_TEMPLATE = (
 
 TINY_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|pad|>")
 TINY_THINK_TOKENS = ("<think>", "</think>")
+
+
+TINY_VOCAB = 512  # an upper bound of build_tiny_tokenizer's vocabulary (bytes + specials), for the size check
+MAX_TINY_PARAMS = 10**9
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,17 @@ class TinyOptions(Settings):
     spare_rows: int = 0  # embedding rows beyond the tokenizer, as Qwen2 checkpoints have (151,936 rows, ~151,665 tokens)
 
     def check(self) -> None:
-        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                    "max_position_embeddings"):
-            require(getattr(self, key) > 0, f"model.tiny.{key}", "a positive integer", getattr(self, key))
-        require(self.spare_rows >= 0, "model.tiny.spare_rows", "an integer >= 0", self.spare_rows)
+        for key, high in (("hidden_size", 1 << 14), ("num_layers", 256), ("num_heads", 1 << 10),
+                          ("num_kv_heads", 1 << 10), ("intermediate_size", 1 << 16),
+                          ("max_position_embeddings", MAX_TOKENS)):
+            require_size(getattr(self, key), f"model.tiny.{key}", 1, high)
+        require_size(self.spare_rows, "model.tiny.spare_rows", 0, 1 << 20)
+        require(0 <= self.seed < 2**63, "model.tiny.seed", "an integer from 0 to 2**63 - 1", self.seed)
+        # a "tiny" model that would not fit in memory (each dimension in range, their product not)
+        h, layers = self.hidden_size, self.num_layers
+        params = (TINY_VOCAB + self.spare_rows) * h * 2 + layers * (4 * h * h + 3 * h * self.intermediate_size)
+        require(params <= MAX_TINY_PARAMS, "model.tiny", f"a shape of at most {MAX_TINY_PARAMS:.0e} parameters",
+                f"hidden_size={h}, num_layers={layers}, intermediate_size={self.intermediate_size}: {params:.2e}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 "model.tiny: hidden_size must be divisible by num_heads and num_heads by num_kv_heads, got "

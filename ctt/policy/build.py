@@ -34,7 +34,21 @@ def _export_info(model_cfg: dict) -> dict:
         raise ModelError(f"{info} is not readable JSON: {err}") from None
     if not isinstance(found, dict) or not found:
         raise ModelError(f"{info} must hold the JSON object ctt-export wrote, got {type(found).__name__} {found!r:.40}")
+    _check_export_fields(found, info)
     return found
+
+
+def _check_export_fields(found: dict, info: Path) -> None:
+    """The fields build_policy reads have the types ctt-export writes (a hand-edited file is one line, not a
+    TypeError deep in the tokenizer)."""
+    tokens = found.get("tokens")
+    if tokens is not None and not (isinstance(tokens, list) and 0 < len(tokens) <= MAX_TOKEN_COUNT
+                                   and all(isinstance(t, str) and t for t in tokens)):
+        raise ModelError(f"{info}: 'tokens' must be a list of 1 to {MAX_TOKEN_COUNT} token texts, got {tokens!r:.60}")
+    for key, kind in (("token_metadata", dict), ("end_of_thinking", str), ("base_fingerprint", str)):
+        if found.get(key) is not None and not isinstance(found[key], kind):
+            raise ModelError(f"{info}: '{key}' must be a {'JSON object' if kind is dict else 'string'}, got "
+                             f"{found[key]!r:.60}")
 
 
 def _model_config(model_cfg: dict, exported: dict) -> dict:
@@ -80,6 +94,12 @@ def build_policy(
     texts = exported.get("tokens") or token_texts(tok.text, tok.count)  # an exported folder says how many it holds
     token_ids, meta = None, None
     held = texts[0] in loaded.tokenizer.get_vocab()
+    if exported and not all(t in loaded.tokenizer.get_vocab() for t in texts):
+        # a ctt_export.json beside weights that do not hold its tokens (written or copied by hand): evaluating it
+        # would give a fresh, untrained row as "learned"
+        missing = next(t for t in texts if t not in loaded.tokenizer.get_vocab())
+        raise ModelError(f"{Path(str(model_cfg.get('path')))} has a {EXPORT_INFO} naming the token {missing!r}, but "
+                         "its tokenizer does not hold it: not a folder ctt-export wrote; export the token file again")
     # the base vocabulary's rows: an exported folder's learned rows (the last ids) are left out
     loaded.fingerprint = base_fingerprint(loaded.model, min(loaded.tokenizer.convert_tokens_to_ids(texts)) if held
                                           else len(loaded.tokenizer))

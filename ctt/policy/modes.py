@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ctt.errors import ConfigError
-from ctt.settings import one_of
+from ctt.settings import MAX_CONTINUATIONS, one_of
 
 Encode = Callable[[str], tuple[int, ...]]  # a text as the model's token ids
 
@@ -31,10 +31,16 @@ class ModeKind:
     parse_arg: Callable[[str], str] = lambda arg: arg
 
 
+MAX_FILLER_CHARS = 1 << 16  # a filler longer than any context: its text is never built (filler:.x1e10 was)
+
+
 def _parse_filler(arg: str) -> str:
     m = re.fullmatch(r"(.+)x(\d+)", arg, flags=re.DOTALL)
-    if not m or int(m.group(2)) < 1:
-        raise ConfigError(f"filler mode needs '<text>x<m>' with m >= 1, e.g. 'filler:. x8'; got 'filler:{arg}'")
+    if not m or int(m.group(2)[:12]) < 1:
+        raise ConfigError(f"filler mode needs '<text>x<m>' with m >= 1, e.g. 'filler:. x8'; got 'filler:{arg:.60}'")
+    if len(m.group(2)) > 12 or len(m.group(1)) * int(m.group(2)) > MAX_FILLER_CHARS:  # (int() of 5000 digits raises)
+        raise ConfigError(f"filler mode 'filler:{arg:.40}' would be more than {MAX_FILLER_CHARS} characters; use a "
+                          "smaller m")
     return arg
 
 
@@ -103,8 +109,9 @@ def expand_modes(specs: list[str], num_continuations: list[int], fixed_words: li
     if not specs:
         raise ConfigError("eval.modes is empty: nothing to evaluate")
     ns = sorted(set(num_continuations))
-    if not ns or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in ns):
-        raise ConfigError(f"eval.num_continuations must be a non-empty list of integers >= 0, got {num_continuations}")
+    if not ns or any(not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_CONTINUATIONS for n in ns):
+        raise ConfigError(f"eval.num_continuations must be a non-empty list of integers from 0 to "
+                          f"{MAX_CONTINUATIONS}, got {num_continuations}")
     kinds: list[tuple[str, str | None]] = []
     for spec in specs:
         kind, arg = parse_mode(spec)

@@ -23,7 +23,7 @@ from ctt.models.loading import LoadedModel
 from ctt.models.token import get_overlay
 from ctt.policy.modes import Mode
 from ctt.text import check_text
-from ctt.settings import Settings, require
+from ctt.settings import MAX_BATCH, MAX_CONTINUATIONS, MAX_TOKENS, Settings, require, require_size
 
 
 @dataclass(frozen=True)
@@ -41,16 +41,19 @@ class ForcingSettings(Settings):
     engine: EngineSettings | None = None  # which engine samples the rollouts, and how (engine=hf|vllm)
 
     def check(self) -> None:
-        for name in ("max_answer_tokens", "max_new_tokens", "batch_size"):
-            require(getattr(self, name) >= 1, f"forcing.{name}", ">= 1", getattr(self, name))
+        for name in ("max_answer_tokens", "max_new_tokens"):
+            require_size(getattr(self, name), f"forcing.{name}", 1, MAX_TOKENS)
+        require_size(self.batch_size, "forcing.batch_size", 1, MAX_BATCH)
         ns = self.num_continuations
         if isinstance(ns, int):
-            require(ns >= 0, "forcing.num_continuations", ">= 0", ns)
+            require_size(ns, "forcing.num_continuations", 0, MAX_CONTINUATIONS)
         else:
-            require(len(ns) >= 1 and len(set(ns)) == len(ns) and min(ns) >= 0, "forcing.num_continuations",
-                    "an integer >= 0 or a non-empty list of distinct integers >= 0", list(ns))
+            require(len(ns) >= 1 and len(set(ns)) == len(ns) and 0 <= min(ns) and max(ns) <= MAX_CONTINUATIONS,
+                    "forcing.num_continuations", f"an integer from 0 to {MAX_CONTINUATIONS} or a non-empty list of "
+                    "distinct ones", list(ns))
         if self.thinking_budget is not None:
-            require(self.thinking_budget >= 1, "forcing.thinking_budget", ">= 1 or null", self.thinking_budget)
+            require(1 <= self.thinking_budget <= MAX_TOKENS, "forcing.thinking_budget",
+                    f"an integer from 1 to {MAX_TOKENS} or null", self.thinking_budget)
 
     @property
     def choices(self) -> tuple[int, ...]:

@@ -27,7 +27,7 @@ from ctt.engine.batching import banned_in_vocab, mask_banned, pad_batch
 from ctt.engine import Rollout
 from ctt.engine.sampling import nucleus_mask
 from ctt.rewards.registry import reward_from_config
-from ctt.settings import Settings, one_of, require, require_temperature
+from ctt.settings import MAX_SAMPLES, Settings, one_of, require, require_size, require_temperature
 
 
 class ScoredTokens(NamedTuple):
@@ -344,7 +344,7 @@ class RLSettings(Settings):
     gradient_checkpointing: bool = False
 
     def check(self) -> None:
-        require(self.samples_per_prompt >= 1, "rl.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
+        require_size(self.samples_per_prompt, "rl.samples_per_prompt", 1, MAX_SAMPLES)
         require(self.max_bad_steps >= 1, "rl.max_bad_steps", "an integer >= 1", self.max_bad_steps)
         # Training samples: at T=0 (greedy) no choice has a gradient, and scoring at T=1e-5 would scale it by 1e5.
         require_temperature(self.temperature, "rl.temperature", greedy_ok=False)  # training samples

@@ -21,6 +21,7 @@ MAX_BYTES = {
     "metadata": 64 << 20,  # ctt_export.json, a DeepSpeed `latest` tag
     "data file": 64 * GiB,  # a JSONL problem set, a prompt file (read line by line)
     "run file": 4 * GiB,  # another run's .hydra/*.yaml, results.csv, metrics.csv (read whole by ctt-report)
+    "model file": 1 << 40,  # a local model folder's config, tokenizer and weight shards (memory-mapped)
 }
 
 

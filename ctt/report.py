@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ctt.errors import CttError, exit_for_closed_stdout, user_error_message
+from ctt.errors import ConfigError, CttError, exit_for_closed_stdout, user_error_message
 from ctt.evaluation.comparisons import format_p
 from ctt.evaluation.results import markdown_table
 from ctt.evaluation.plots import DEBATE_SOFTWARE, debate_plot, written_by
@@ -176,7 +176,14 @@ def write_report(out: str | Path, md_cols: list[str], md_rows: list[dict], csv_c
 
 
 def report(dirs: Sequence[str | Path], out: str | Path | None = None, group_seeds: bool = False) -> tuple[str, Path, Path]:
+    for d in map(Path, dirs):  # before anything is created: a mistyped DIR was made, with a lock file inside
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d} is {'not a folder' if d.exists() else 'not there'}: give run dirs, "
+                                    "multirun dirs or parents of them")
     out = Path(out or Path(dirs[0]) / "report")
+    if out.name in ("", ".", "..") or out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a path prefix for <out>.csv and <out>.md, e.g. "
+                          f"--out {out / 'report'}")
     with hold_output(out, "ctt-report --out"):  # one writer of these files at a time
         check_report_outputs(out)  # before any run is read: nothing of the user's is replaced
         runs = load_runs(dirs)  # a malformed run is skipped with a warning naming its file

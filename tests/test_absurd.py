@@ -87,6 +87,21 @@ def test_a_tampered_checkpoint_is_refused_on_resume(run_dir, capfd, tamper, need
     assert_user_error(code, err, "ConfigError", f"checkpoint {last}", *needles)
 
 
+@pytest.mark.parametrize("field, value", [("hyper_parameters", [1, 2]), ("hyper_parameters", "x"),
+                                          ("global_step", "abc"), ("global_step", -1), ("global_step", True),
+                                          ("ctt_metrics_row", "x"), ("ctt_metrics_row", {"train/loss": "abc"}),
+                                          ("loops", [1])])
+def test_a_checkpoint_field_of_another_type_is_one_line(run_dir, capfd, field, value):  # noqa: F811
+    """A list or string for hyper_parameters, a non-integer global_step or a string metrics row were TypeErrors
+    in ctt's resume checks or deep in Lightning's loops."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint[field] = value
+    torch.save(checkpoint, last)
+    code, _, err = run_main("ctt.train", *smoke(run_dir.parent, "ckpt_path=last", "trainer.max_steps=3"), capfd=capfd)
+    assert_user_error(code, err, "ConfigError", f"{last} has a tampered '{field}'")
+
+
 def test_the_module_checks_a_row_lightning_loads_directly(compose_cfg, run_dir):  # noqa: F811
     """`trainer.fit(ckpt_path=...)` from Python: on_load_checkpoint checks the row before Lightning copies it."""
     from ctt.training.module import build_module

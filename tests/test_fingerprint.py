@@ -208,6 +208,25 @@ def test_an_unreadable_export_info_is_one_line(exported_k, text):
         load_exported(folder)
 
 
+@pytest.mark.parametrize("name, damage", [("config.json", "garble"), ("tokenizer.json", "garble"),
+                                          ("tokenizer_config.json", "garble"), ("model.safetensors", "truncate"),
+                                          ("model.safetensors", "garble"), ("model.safetensors", "/dev/zero")])
+def test_a_damaged_exported_folder_is_one_line(exported_k, name, damage):
+    """transformers', tokenizers' and safetensors' tracebacks (a bare Exception from tokenizers) became one line; a
+    shard linked to /dev/zero is refused by its stat, never read."""
+    folder = exported_k(1)
+    path = folder / name
+    if damage == "garble":
+        path.write_text('{"not": json')
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        path.unlink()
+        path.symlink_to(damage)
+    with pytest.raises(ModelError, match="a device, FIFO or socket" if damage == "/dev/zero" else "cannot be loaded"):
+        load_exported(folder)
+
+
 def test_a_token_text_the_base_model_already_holds_is_not_evaluated_as_learned(compose_cfg):
     """Without ctt_export.json, a token.text the tokenizer holds (here the marker) is no learned row: refused (it
     was used as "learned" as it was)."""

@@ -229,6 +229,25 @@ def test_usage_errors(tmp_path):
     assert main(["--diff", str(tmp_path), str(tmp_path)]) == 2
 
 
+def test_a_folder_as_out_a_missing_dir_and_unicode_digits_are_one_line(tmp_path, capsys, monkeypatch):
+    """`--out .` and `--out /` raised ValueError from Path.with_name; a mistyped DIR was created with a lock file
+    inside; a subfolder named "²" ("²".isdigit(), int("²") raises) broke the natural sort."""
+    run = make_run(tmp_path / "runs" / "0", results=[("gsm8k", "base", 0, 0.5)])
+    (tmp_path / "runs" / "²").mkdir()
+    make_run(tmp_path / "runs" / "x²1", results=[("gsm8k", "base", 0, 0.25)])
+    monkeypatch.chdir(tmp_path)
+    for out in (".", "/", "..", str(tmp_path / "runs")):
+        capsys.readouterr()
+        assert main([str(run), "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"--out {out} is a folder" in err and "Traceback" not in err, err
+    typo = tmp_path / "rnus"
+    assert main([str(typo)]) == 2
+    assert "rnus is not there" in capsys.readouterr().err and not typo.exists()
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep")]) == 0
+    assert "x²1" in (tmp_path / "rep.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ slow
 
 

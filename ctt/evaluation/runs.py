@@ -50,7 +50,8 @@ def is_run_dir(path: Path) -> bool:
 
 
 def _natural(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    # ASCII digits only: "²".isdigit() is true and int("²") raises (a folder of that name broke ctt-report)
+    return [int(t) if i % 2 else t for i, t in enumerate(re.split(r"([0-9]+)", name))]
 
 
 def discover_runs(dirs: Sequence[str | Path]) -> list[tuple[Path, str]]:

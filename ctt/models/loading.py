@@ -33,7 +33,8 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ctt.errors import ConfigError, ModelError
+from ctt.errors import ConfigError, CttError, ModelError
+from ctt.inputs import check_input
 from ctt.settings import one_of
 from ctt.models.tiny import TinyOptions, build_tiny_model, build_tiny_tokenizer
 
@@ -270,10 +271,21 @@ def _load_local(
         raise ModelError(
             f"model {name}: {folder} is not a complete Hugging Face folder (config.json, *.safetensors, tokenizer)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
-    )
+    for file in sorted(folder.iterdir()):  # a device or FIFO linked in (model.safetensors -> /dev/zero) is refused
+        if not file.is_dir():
+            check_input(file, "model file", f"model {name}", error=ModelError)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        )
+    except CttError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- a garbled config.json or tokenizer.json, a truncated shard: the
+        # tokenizers library raises a bare Exception, safetensors its own error, transformers OSError or ValueError
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelError(f"model {name}: {folder} cannot be loaded ({type(err).__name__}: {first}); is it a "
+                         "complete Hugging Face folder?") from None
     return model, tokenizer
 
 

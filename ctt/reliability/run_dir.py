@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctt.errors import ConfigError, CttError, DataError, OutputError
 from ctt.text import read_yaml
-from ctt.outputs import open_lock_file, place_reason, try_lock
+from ctt.outputs import RUN_DIR_SIGNS, open_lock_file, place_reason, try_lock
 from ctt.writes import check_room
 
 log = logging.getLogger(__name__)
@@ -61,16 +61,17 @@ def _make_dir(path: Path) -> None:
         raise ConfigError(f"cannot create hydra.run.dir={path}: {err.strerror or err}") from None
 
 
-RUN_SIGNS = (".hydra", LOCK_FILE)  # what a ctt run leaves in its run dir (`.ctt.lock` also with output_subdir=null)
+# what a ctt run leaves in its run dir (`.ctt.lock` also with output_subdir=null; `checkpoints/` copied to resume)
+RUN_SIGNS = RUN_DIR_SIGNS
 SWEEP_SIGNS = ("multirun.yaml", *RUN_SIGNS)
 
 
 def check_run_dir(path: Path, what: str = "hydra.run.dir", signs: tuple[str, ...] = RUN_SIGNS) -> None:
     """A run writes results.csv, samples.jsonl, results.md, metrics, checkpoints and plots into its run dir,
-    replacing files of those names: so a run dir is a new or empty folder, or one a ctt run made (it holds `.hydra/`
-    or `.ctt.lock`). A folder of the user's (a copy of results, a paper's figures) and the places no output may take
-    (the project checkout, a home directory, an ancestor of the current directory) are refused with one line. The
-    current directory itself is a run dir like any other folder: when it is empty or a ctt run's."""
+    replacing files of those names: so a run dir is a new or empty folder, or one a ctt run made (it holds `.hydra/`,
+    `.ctt.lock` or `checkpoints/`). A folder of the user's (a copy of results, a paper's figures) and the places no
+    output may take (the project checkout, a home directory, an ancestor of the current directory) are refused with
+    one line. The current directory itself is a run dir like any other folder: when it is empty or a ctt run's."""
     reason = place_reason(path, cwd_ok=True)
     if reason is not None:
         raise ConfigError(f"{what}={path} cannot be a run dir: {reason}; choose a new folder")

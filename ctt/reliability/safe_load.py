@@ -94,6 +94,29 @@ def _deepspeed_files(path: Path, what: str) -> tuple[Path, list[Path]]:
     return states[0], files
 
 
+# The fields ctt and Lightning read from a checkpoint, with the types they read them as: a tampered one is one line
+# here, not a TypeError deep in Lightning's loops or in ctt's resume checks (checked where present).
+CHECKPOINT_FIELDS: dict[str, type] = {"global_step": int, "epoch": int, "hyper_parameters": dict, "ctt": dict,
+                                      "ctt_metrics_row": dict, "loops": dict, "callbacks": dict,
+                                      "optimizer_states": list, "lr_schedulers": list, "ProblemDataModule": dict}
+
+
+def _check_fields(checkpoint: dict, what: str, path: Path) -> dict:
+    for key, kind in CHECKPOINT_FIELDS.items():
+        value = checkpoint.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, kind) and not isinstance(value, bool) and (kind is not int or value >= 0)
+        if ok and key == "ctt_metrics_row":  # metric name -> number, as pending_metrics_row saves it
+            ok = all(isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                     for k, v in value.items())
+        if not ok:
+            expected = {int: "an integer >= 0", dict: "a mapping", list: "a list"}[kind]
+            raise ConfigError(f"{what}: {path} has a tampered '{key}' (expected {expected}, got "
+                              f"{type(value).__name__} {value!r:.40})")
+    return checkpoint
+
+
 def read_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict:
     """A Lightning checkpoint (file) or DeepSpeed checkpoint (directory) loaded safely, as one dict: the loop state,
     `hyper_parameters`, `ctt` (base model, token) and `state_dict` (the DeepSpeed model states' `module`)."""
@@ -104,13 +127,13 @@ def read_checkpoint(path: str | Path, what: str = "ckpt_path") -> dict:
         checkpoint = loaded[states]
         if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("module"), dict):
             raise ConfigError(f"{what}: {states} is not DeepSpeed model states (no 'module')")
-        return {**checkpoint, "state_dict": checkpoint["module"], "deepspeed": True}
+        return _check_fields({**checkpoint, "state_dict": checkpoint["module"], "deepspeed": True}, what, states)
     if not path.exists():
         raise ConfigError(f"{what}: {path}: no such checkpoint")
     checkpoint = load_pt(path, what)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigError(f"{what}: {path} is not a Lightning checkpoint (it has no state_dict)")
-    return {**checkpoint, "deepspeed": False}
+    return _check_fields({**checkpoint, "deepspeed": False}, what, path)
 
 
 def saved_row_size(checkpoint: dict) -> int | None:

@@ -288,6 +288,35 @@ def test_a_run_dir_whose_config_cannot_be_read_is_refused_not_overwritten(tmp_pa
 # --- organism folders and plots ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("case", ["garbled-card", "list-card", "unknown-task", "foreign-folder", "huge-seed"])
+def test_organism_measure_only_and_seed_errors_are_one_line(tmp_path, capfd, caplog, case):
+    """--measure-only read card.json with json.loads (a traceback) and rewrote the card of any folder, unlocked; a
+    --seed past 2**32 overflowed in the seeding."""
+    import shutil
+
+    from ctt.organism.__main__ import main
+
+    out = tmp_path / "org"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "ctt" / "organism" / "model", out)
+    card = {"garbled-card": "{not json", "list-card": "[1, 2]", "unknown-task": '{"task": "nope"}'}.get(case)
+    if card is not None:
+        (out / "card.json").write_text(card)
+    if case == "foreign-folder":
+        (out / MARKER).unlink()
+    before = snapshot(out)
+    args = ["--out", str(out), "--seed", str(2**70)] if case == "huge-seed" else ["--out", str(out), "--measure-only"]
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capfd.readouterr().err + caplog.text  # the one line is logged (captured by pytest) or argparse's
+    assert exit_.value.code == 2 and "Traceback" not in err, err[-2000:]
+    needle = {"garbled-card": "card.json cannot be read", "list-card": "not an organism card",
+              "unknown-task": "not an organism card", "foreign-folder": "files ctt did not write",
+              "huge-seed": "--seed must be an integer from 0 to"}[case]
+    assert needle in err, err[-2000:]
+    assert snapshot(out) == before
+
+
 def test_organism_refuses_a_foreign_folder_and_drops_a_stale_card(tmp_path, capfd):
     from ctt.organism.__main__ import main
     from ctt.organism.card import write_card

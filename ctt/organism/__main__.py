@@ -15,13 +15,14 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ctt.config.check import MAX_SEED
 from ctt.errors import CttError, ModelError, exit_for_user_error
 from ctt.organism.card import write_card
 from ctt.organism.task import Mixture, assistant_text, make_trace, question_text
 from ctt.organism.task_r1 import MixtureR1
 from ctt.organism.tokenizer import THINK, THINK_END
 from ctt.organism.train import Architecture, TrainSettings, save, train
-from ctt.outputs import replacing_dir
+from ctt.outputs import check_output_dir, hold_output, replacing_dir, write_marker
 
 log = logging.getLogger("ctt.organism")
 TASKS = {"hasty": Mixture, "r1": MixtureR1}  # the task/mixture of each organism: model=organism, model=organism_r1
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--measure-only", action="store_true",
                    help="do not train: re-measure the model already in --out and rewrite its card")
     args = p.parse_args(argv)
+    if not 0 <= args.seed <= MAX_SEED:
+        p.error(f"--seed must be an integer from 0 to {MAX_SEED}, got {args.seed}")  # exit 2
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")  # exit 2
@@ -104,17 +107,30 @@ def write_task_card(card: dict, out: Path, markdown: bool = True) -> None:
 
 
 def remeasure(out: Path) -> None:
-    """Re-measure the figures of the model in `out` (e.g. after a change to measure.py) and rewrite its card."""
-    import json
-
+    """Re-measure the figures of the model in `out` (e.g. after a change to measure.py) and rewrite its card: only
+    in a folder ctt-organism wrote (its marker), one writer at a time, the card read by the one bounded JSON
+    reader."""
+    from ctt.errors import DataError
     from ctt.models.loading import load_model
+    from ctt.text import read_json
 
+    what = f"--out {out}: --measure-only re-measures a folder written by ctt-organism"
     if not (out / "card.json").is_file():
-        raise ModelError(f"{out} has no card.json: --measure-only re-measures a folder written by ctt-organism")
-    card = json.loads((out / "card.json").read_text())
-    loaded = load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
-    card["figures"] = measure_for(card.get("task", "hasty"))(loaded.model, loaded.tokenizer)
-    write_task_card(card, out)
+        raise ModelError(f"{what}, and it has no card.json")
+    with hold_output(out, "--out"):
+        check_output_dir(out, "organism", True, "--out")  # ctt-organism's own folder, only files it wrote
+        try:
+            card = read_json(out / "card.json")
+        except DataError as err:
+            raise ModelError(f"{what}; its card.json cannot be read: {err}") from None
+        task = card.get("task", "hasty") if isinstance(card, dict) else None
+        if task not in TASKS:
+            raise ModelError(f"{what}; its card.json is not an organism card (a JSON object whose task is one of "
+                             f"{', '.join(sorted(TASKS))})")
+        loaded = load_model(name="organism", source="local", path=str(out), end_of_thinking=THINK_END)
+        card["figures"] = measure_for(task)(loaded.model, loaded.tokenizer)
+        write_task_card(card, out)
+        write_marker(out, "organism", "ctt-organism")  # ORGANISM.md is new after a --no-measure training
 
 
 def train_into(args: argparse.Namespace, out: Path) -> dict:

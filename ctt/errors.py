@@ -78,3 +78,25 @@ def exit_for_closed_stdout() -> NoReturn:
     except (OSError, ValueError, AttributeError):  # no real stdout file descriptor (an in-process capture)
         pass
     raise SystemExit(CLOSED_STDOUT_STATUS) from None
+
+
+def _closed_stream_error(err: BaseException | None) -> bool:
+    return isinstance(err, BrokenPipeError) or (isinstance(err, ValueError) and "closed file" in str(err))
+
+
+_handle_error = logging.Handler.handleError
+
+
+def _quiet_on_closed_stream(self: logging.Handler, record: logging.LogRecord) -> None:
+    if _closed_stream_error(sys.exc_info()[1]):
+        return  # the reader of that stream went away: the line has nowhere to go, the traceback neither
+    _handle_error(self, record)
+
+
+def guard_closed_stdout() -> None:
+    """Each command's first step: a log line written to a stdout whose reader went away (`ctt-export ... | head`;
+    DeepSpeed, imported by accelerate inside save_pretrained, logs to stdout with a handler of its own) is dropped,
+    not logging's "--- Logging error ---" wall for every later line. Other logging errors are reported as before.
+    Why by hand: logging's only switch, `logging.raiseExceptions`, would silence every logging error."""
+    logging.Handler.handleError = _quiet_on_closed_stream
+

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from ctt.api import Completion, ContinueThinking
 from ctt.config.hydra_glue import CONFIG_DIR
 from ctt.settings import to_plain
-from ctt.errors import ConfigError, DataError
+from ctt.errors import ConfigError, DataError, guard_closed_stdout
 from ctt.text import check_text, json_line, jsonl_rows, read_lines
 from ctt.config.check import validate_config
 from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output, make_folder
@@ -163,10 +163,14 @@ def _write_stdout(text: str) -> None:
 def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
+    guard_closed_stdout()  # a log line to a closed stdout is dropped, not a wall (ctt.errors)
     try:
         validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         L.seed_everything(cfg.seed, verbose=False)  # after: a seed of -1 or "abc" is the check's one line
         settings = GenerateSettings.from_config(to_plain(cfg.generate))
+        if settings.output is None and sys.stdout is None:  # started with stdout closed (`>&-`): Python sets None
+            raise ConfigError("stdout is closed and generate.output is not set: nowhere to write the completions "
+                              "(give generate.output=FILE.jsonl)")
         with claim_output(settings):
             named = read_prompts(settings)
             ct = ContinueThinking.from_config(cfg)

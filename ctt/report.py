@@ -42,7 +42,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ctt.errors import ConfigError, CttError, exit_for_closed_stdout, user_error_message
+from ctt.errors import ConfigError, CttError, exit_for_closed_stdout, guard_closed_stdout, user_error_message
 from ctt.evaluation.comparisons import format_p
 from ctt.evaluation.results import markdown_table
 from ctt.evaluation.plots import DEBATE_SOFTWARE, debate_plot, written_by
@@ -285,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.diff) == bool(args.dirs):
         parser.error("give DIR [DIR ...] or --diff RUN_A RUN_B")
+    guard_closed_stdout()  # a log line to a closed stdout is dropped, not a wall (ctt.errors)
     try:
         if args.diff:
             config_rows, metric_rows = diff(*args.diff)

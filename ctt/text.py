@@ -35,9 +35,13 @@ def _decoded(raw: bytes, where: str) -> str:
         raise DataError(f"{where}: line is not valid UTF-8 (byte {e.start})") from None
 
 
+BOM = "\ufeff"  # a byte-order mark some editors (Notepad) put first: not part of the first line's text
+
+
 def _lines_of(stream: BinaryIO, name: str) -> Iterator[tuple[str, str]]:
     for lineno, raw in enumerate(stream, start=1):
-        yield f"{name}:{lineno}", _decoded(raw, f"{name}:{lineno}").rstrip("\r\n")
+        line = _decoded(raw, f"{name}:{lineno}").rstrip("\r\n")
+        yield f"{name}:{lineno}", line.removeprefix(BOM) if lineno == 1 else line
 
 
 def read_lines(path: str | Path) -> Iterator[tuple[str, str]]:
@@ -48,7 +52,8 @@ def read_lines(path: str | Path) -> Iterator[tuple[str, str]]:
             yield from _lines_of(stdin.buffer, "stdin")
         else:  # an in-memory text stream (the Python API, tests)
             for lineno, line in enumerate(stdin, start=1):
-                yield f"stdin:{lineno}", check_text(line.rstrip("\r\n"), f"stdin:{lineno}")
+                line = line.rstrip("\r\n").removeprefix(BOM) if lineno == 1 else line.rstrip("\r\n")
+                yield f"stdin:{lineno}", check_text(line, f"stdin:{lineno}")
         return
     check_input(path, "data file", error=DataError, directory=True)  # a device or FIFO is never opened
     try:
@@ -93,7 +98,7 @@ def read_json(path: str | Path) -> Any:
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     return parse_json(text, str(path))
@@ -166,7 +171,7 @@ def read_csv(path: str | Path, required: tuple[str, ...] = (), kinds: dict[str, 
 
     check_input(path, "run file", error=DataError)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a leading BOM is not in the first column
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in required if c not in header]

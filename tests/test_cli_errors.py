@@ -127,6 +127,10 @@ def jsonl_data(path: Path) -> list[str]:
         ("token/init=mean token.init.name=nope", ["ConfigError", "token.init.name must be one of", "'nope'"]),
         ("ckpt_path=last", ["ConfigError", "ckpt_path=last: no checkpoint", "hydra.run.dir=<run dir>"]),
         ("ckpt_path=/nonexistent/x.ckpt", ["ConfigError", "no such checkpoint"]),
+        # OmegaConf's traceback mid-check, and a top-level key nothing reads, accepted silently
+        ("seed=${oops}", ["ConfigError", "seed: Interpolation key 'oops' not found"]),
+        ("rl.temperature=${oc.env:CTT_SURELY_UNSET_VARIABLE}", ["ConfigError", "rl.temperature:", "CTT_SURELY_UNSET"]),
+        ("+sed=3", ["ConfigError", "unknown key(s) sed; valid keys:", "seed"]),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, capfd, override, needles):

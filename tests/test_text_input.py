@@ -71,6 +71,46 @@ def test_json_line_cannot_fail_on_a_lone_surrogate():
     assert json.loads(line) == {"a": "x\ud800"}
 
 
+def test_export_into_a_closed_stdout_prints_no_logging_wall(tmp_path):
+    """DeepSpeed (imported by accelerate inside save_pretrained) logs to stdout with a handler of its own: into a
+    closed pipe each of its lines was logging's "--- Logging error ---" traceback (ctt.errors.guard_closed_stdout)."""
+    from tests.test_export import tiny_config, write_token_file
+
+    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", tiny_config(True, 0, None))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ctt.export", "experiment=smoke", f"token.path={token}",
+                               f"export.dir={tmp_path}/hf", f"hydra.run.dir={tmp_path}/run"],
+                              stdout=write, stderr=subprocess.PIPE, cwd=tmp_path, env=ENV, timeout=300)
+    finally:
+        os.close(write)
+    err = proc.stderr.decode()
+    assert proc.returncode == 141, err[-3000:]
+    assert "Logging error" not in err and "Traceback" not in err, err[-3000:]
+    assert (tmp_path / "hf" / "ctt_export.json").is_file()  # the export itself is whole
+
+
+def test_generate_with_stdout_closed_is_one_line_unless_it_writes_a_file(tmp_path):
+    """Started with fd 1 closed (`>&-`), Python's sys.stdout is None: ctt-generate raised AttributeError."""
+    from tests.test_export import tiny_config, write_token_file
+
+    token = write_token_file(tmp_path / "continue_thinking_token.safetensors", tiny_config(True, 0, None))
+    command = [sys.executable, "-m", "ctt.generate", "experiment=smoke", f"token.path={token}", "generate.prompt=x"]
+
+    def closed_stdout(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *extra], stderr=subprocess.PIPE, cwd=tmp_path, env=ENV, timeout=300,
+                              preexec_fn=lambda: os.close(1))
+
+    proc = closed_stdout(f"hydra.run.dir={tmp_path}/run")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "stdout is closed and generate.output is not set" in err
+    proc = closed_stdout(f"hydra.run.dir={tmp_path}/run2", f"generate.output={tmp_path}/o.jsonl")
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 1
+
+
 def test_generate_into_a_closed_stdout_exits_quietly(tmp_path):
     """`ctt-generate ... | head`: the reader has gone; status 141 (128 + SIGPIPE, as the shell reports for
     coreutils), no traceback, no "Exception ignored" from the interpreter's last flush."""
@@ -89,3 +129,27 @@ def test_generate_into_a_closed_stdout_exits_quietly(tmp_path):
     err = proc.stderr.decode()
     assert proc.returncode == 141, err[-3000:]
     assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err[-3000:]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, monkeypatch):
+    """A file saved by Notepad starts with a BOM: it was kept in the first prompt (and made the first JSONL row
+    invalid JSON, a CSV's first column misnamed)."""
+    import io
+
+    from ctt.text import jsonl_rows, read_csv, read_json, read_lines
+
+    bom = "\ufeff".encode()
+    (tmp_path / "p.txt").write_bytes(bom + b"first\nsecond\n")
+    assert [text for _, text in read_lines(tmp_path / "p.txt")] == ["first", "second"]
+    (tmp_path / "p.jsonl").write_bytes(bom + b'{"prompt": "a"}\n')
+    assert [row for _, row in jsonl_rows(tmp_path / "p.jsonl")] == [{"prompt": "a"}]
+    (tmp_path / "m.json").write_bytes(bom + b'{"a": 1}')
+    assert read_json(tmp_path / "m.json") == {"a": 1}
+    (tmp_path / "r.csv").write_bytes(bom + b"mode,accuracy\nbase,0.5\n")
+    assert read_csv(tmp_path / "r.csv", required=("mode",)) == [{"mode": "base", "accuracy": "0.5"}]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeffx\n"))
+    assert [text for _, text in read_lines("-")] == ["x"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(bom + b"y\n")))
+    assert [text for _, text in read_lines("-")] == ["y"]
+    (tmp_path / "q.txt").write_bytes(b"a\n" + bom + b"b\n")  # only a leading mark is dropped
+    assert [text for _, text in read_lines(tmp_path / "q.txt")] == ["a", "\ufeffb"]

@@ -11,12 +11,14 @@ unknown key or a wrong type anywhere is one ConfigError line naming it, at start
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
 from ctt.errors import ConfigError
-from ctt.settings import check_kwargs, check_value, one_of, require, to_plain
+from ctt.settings import check_kwargs, check_value, one_of, reject_unknown, require, to_plain
 
 
 # Top-level keys of conf/train.yaml and conf/eval.yaml (the groups are checked by their own settings).
@@ -151,8 +153,40 @@ def _check_trainer(cfg: DictConfig) -> None:
         raise ConfigError("trainer.max_steps=0 trains nothing; set a number of steps >= 1 (or -1 with trainer.max_epochs)")
 
 
+@lru_cache(maxsize=1)
+def known_top_level_keys() -> frozenset[str]:
+    """What a composed config may hold at its top level: a config group (a folder of conf/), a key of a primary
+    config (train.yaml, eval.yaml, ...) or of a `# @package _global_` file (an experiment, a local config)."""
+    from ctt.config.hydra_glue import CONFIG_DIR
+    from ctt.text import read_yaml
+
+    conf = Path(CONFIG_DIR)
+    keys = {p.name for p in conf.iterdir() if p.is_dir()} | set(TOP_LEVEL) | {"hydra"}
+    for path in conf.rglob("*.yaml"):
+        if path.parent == conf or "@package _global_" in path.read_text(encoding="utf-8", errors="replace")[:4096]:
+            keys |= set(read_yaml(path))
+    return frozenset(keys - {"defaults"})
+
+
+def _check_resolvable(cfg: DictConfig) -> None:
+    """Every interpolation resolves (`seed=${oops}`, `${oc.env:UNSET}` were OmegaConf's traceback mid-check): one
+    line naming the key. A config composed without Hydra's runtime (a test's) leaves `${hydra:...}` to its users."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        if "HydraConfig was not set" in str(err):
+            return
+        message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{key or 'the config'}: {message}") from None
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check every group of a composed train or eval config; ConfigError (one line) on the first problem."""
+    _check_resolvable(cfg)
+    reject_unknown("", [k for k in cfg if k not in known_top_level_keys()], known_top_level_keys())  # +foo=1
     from ctt.data.problems import PromptSettings
     from ctt.evaluation.settings import EvalSettings
     from ctt.models.token import TokenSettings

@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ctt.config.check import MAX_SEED
-from ctt.errors import CttError, ModelError, exit_for_user_error
+from ctt.errors import CttError, ModelError, exit_for_user_error, guard_closed_stdout
 from ctt.organism.card import write_card
 from ctt.organism.task import Mixture, assistant_text, make_trace, question_text
 from ctt.organism.task_r1 import MixtureR1
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
+    guard_closed_stdout()  # a log line to a closed stdout is dropped, not a wall (ctt.errors)
     try:
         if args.measure_only:
             return remeasure(out)

@@ -15,7 +15,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from ctt.config.check import check_problem_set, validate_config
-from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.config.hydra_glue import ctt_main
 from ctt.data.problems import Problem
 from ctt.errors import ConfigError, CttError, DataError, TokenFileError, guard_closed_stdout
 from ctt.data.sources import load_benchmarks, load_problems
@@ -130,7 +130,7 @@ def record_token_count(cfg: DictConfig, policy: Policy) -> None:
         atomic_write_bytes(OmegaConf.to_yaml(config).encode(), saved)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@ctt_main("eval")  # hydra.main, a missing option one line (ctt.config.hydra_glue)
 def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 

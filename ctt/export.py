@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from ctt.models.loading import base_weights
 from ctt.policy.build import EXPORT_INFO, policy_from_config
-from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.config.hydra_glue import ctt_main
 from ctt.settings import to_plain
 from ctt.errors import ConfigError, DataError, guard_closed_stdout
 from ctt.engine import SamplingConfig
@@ -267,7 +267,7 @@ def _run_files(run_dir: Path) -> dict:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@ctt_main("export")  # hydra.main, a missing option one line (ctt.config.hydra_glue)
 def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 

@@ -28,7 +28,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from ctt.api import Completion, ContinueThinking
-from ctt.config.hydra_glue import CONFIG_DIR
+from ctt.config.hydra_glue import ctt_main
 from ctt.settings import to_plain
 from ctt.errors import ConfigError, DataError, guard_closed_stdout
 from ctt.text import check_text, json_line, jsonl_rows, read_lines
@@ -159,7 +159,7 @@ def _write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
+@ctt_main("generate")  # hydra.main, a missing option one line (ctt.config.hydra_glue)
 def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from ctt.errors import guard_closed_stdout
 from ctt.reliability import resume
-from ctt.config.hydra_glue import CONFIG_DIR, instantiate_list
+from ctt.config.hydra_glue import instantiate_list, ctt_main
 from ctt.training.module import build_module
 from ctt.reliability.run_dir import check_writable_outputs
 from ctt.config.check import validate_config
@@ -72,7 +72,7 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@ctt_main("train")  # hydra.main, a missing option one line (ctt.config.hydra_glue)
 def main(cfg: DictConfig) -> float | None:
     from callbacks.preemption import Preempted
     from ctt.errors import exit_for_user_error

@@ -30,3 +30,68 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
     if not group:
         return []
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+
+
+# --- a config option no group has ---------------------------------------------------------------------------------
+
+
+def missing_option(argv: list[str]) -> str | None:
+    """The first override of `argv` choosing an option that no group of conf/ has (`model=nope`, a typo in a sweep
+    `model=tiny_random,nope`), as one line naming the valid options; None when every choice exists. Hydra would say
+    so in a multi-line report with exit status 1. Choices Hydra resolves from elsewhere are left to it: its own groups
+    (`hydra/launcher=...`), a glob sweep, another config dir or search path, and a command line it cannot parse."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        args = get_args_parser().parse_args(argv)
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except (SystemExit, HydraException):
+        return None
+    if args.config_dir or args.config_path or any(o.key_or_group.startswith("hydra.searchpath") for o in overrides):
+        return None
+    conf = Path(CONFIG_DIR)
+    for override in overrides:
+        group = override.key_or_group
+        if override.is_delete() or group.startswith("hydra") or not (conf / group).is_dir():
+            continue
+        if override.is_sweep_override():
+            if override.value_type is not None and override.value_type.name == "GLOB_CHOICE_SWEEP":
+                continue
+            values = list(override.sweep_string_iterator())
+        else:
+            value = override.value()
+            values = [] if value is None else value if isinstance(value, list) else [value]
+        for value in map(str, values):
+            if not (conf / group / f"{value}.yaml").is_file():
+                options = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+                return f"{override.input_line}: the config group {group} has no option {value!r}; options: {options}"
+    return None
+
+
+def ctt_main(config_name: str):
+    """`hydra.main` for a ctt command (conf/<config_name>.yaml), with a chosen option that does not exist reported
+    as one ConfigError line, exit status 2, before Hydra composes anything (`missing_option`)."""
+    import functools
+    import sys
+
+    import hydra
+
+    def wrap(task):
+        hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task)
+
+        @functools.wraps(task)
+        def main(cfg_passthrough: DictConfig | None = None) -> Any:
+            if cfg_passthrough is None:
+                problem = missing_option(sys.argv[1:])
+                if problem is not None:
+                    from ctt.errors import ConfigError
+                    from ctt.reliability.run_dir import one_line_exit
+
+                    one_line_exit(ConfigError(problem))
+            return hydra_main(cfg_passthrough)
+
+        return main
+
+    return wrap

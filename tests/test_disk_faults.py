@@ -37,7 +37,7 @@ class Faults:
         real_open, real_write, real_builtin_open = os.open, os.write, builtins.open
 
         def hit(path) -> bool:
-            path = os.path.abspath(os.fspath(path))
+            path = os.path.abspath(os.fsdecode(path))  # TensorBoard's writer opens a bytes path
             return self.name in (path if "/" in self.name else os.path.basename(path))
 
         def refuse(path) -> None:
@@ -172,6 +172,31 @@ def test_training_on_a_full_disk_or_read_only_target(tmp_path, monkeypatch, capf
     code_, _, err = train(run, capfd, "trainer.max_steps=4", "ckpt_path=last", "+logger.csv.flush_logs_every_n_steps=1")
     assert_user_error(code_, err, f"OutputError: {os.strerror(code).lower()} writing {run / file}")
     assert faults.hits and (run / file).read_bytes() == before and temp_siblings(run) == []
+
+
+def test_a_third_party_writer_on_a_read_only_target_is_one_line(tmp_path, monkeypatch, capfd):
+    """TensorBoard writes its event files from a thread of its own, outside ctt.writes; its error reaches the main
+    thread at a flush inside Lightning's loop, and was a traceback there (ctt.errors.environment_fault)."""
+    run = tmp_path / "run"
+    faults = Faults(monkeypatch, "events.out.tfevents", errno.EROFS)
+    code, _, err = train(run, capfd, "trainer.max_steps=2", "logger=tensorboard")
+    line = assert_user_error(code, err, f"OutputError: read-only file system writing {run / 'tensorboard'}/events.out")
+    assert faults.hits and "b'" not in line
+
+
+def test_an_environment_fault_is_found_along_the_chain_of_causes():
+    from ctt.errors import environment_fault
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), b"/w/events")
+        except OSError as inner:
+            raise RuntimeError("a library's wrapper") from inner
+    except RuntimeError as outer:
+        assert environment_fault(outer) == "no space left on device writing /w/events"
+    assert environment_fault(OSError(errno.EDQUOT, "quota")) == "disk quota exceeded (writing an output)"
+    assert environment_fault(PermissionError(errno.EACCES, "denied", "/x")) is None  # a read meets it too
+    assert environment_fault(ValueError("x")) is None
 
 
 @pytest.mark.parametrize("command", ["ctt.train", "ctt.eval", "multirun"])

@@ -106,6 +106,20 @@ def test_an_unwritable_output_dir_is_refused_before_training(tmp_path, capfd, mo
     assert_user_error(code, err, "ConfigError", str(target), "is not writable: Permission denied")
 
 
+def test_an_unwritable_logger_dir_is_refused_before_training(tmp_path, capfd, monkeypatch):
+    """TensorBoard's (or W&B's) folder is written by the logger, outside ctt.writes: checked at start-up too."""
+    import ctt.reliability.run_dir
+
+    target = tmp_path / "run" / "tensorboard"
+    target.mkdir(parents=True)
+    (tmp_path / "run" / ".ctt.lock").touch()
+    real = ctt.reliability.run_dir._probe
+    monkeypatch.setattr(ctt.reliability.run_dir, "_probe", lambda d: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if Path(d) == target else real(d))
+    code, _, err = run_main("ctt.train", *smoke(tmp_path, "logger=tensorboard"), capfd=capfd)
+    assert_user_error(code, err, "ConfigError", f"the tensorboard logger's dir {target} is not writable")
+
+
 def test_a_run_dir_without_write_permission_is_one_line(tmp_path, capfd, monkeypatch):
     """The lock file cannot be created (a read-only run dir; simulated, as root ignores permissions)."""
     import ctt.reliability.run_dir

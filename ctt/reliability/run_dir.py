@@ -281,3 +281,9 @@ def check_writable_outputs(cfg: DictConfig) -> None:
     check_writable(out, "the run dir")
     check_writable(checkpoint_dir(cfg), "the checkpoint dir")
     check_writable(out / "csv", "the metrics dir")
+    for name, node in (cfg.get("logger") or {}).items():  # TensorBoard's, W&B's folders: they write outside ctt.writes
+        save_dir = node.get("save_dir") if isinstance(node, DictConfig) else None
+        if save_dir:
+            check_writable(Path(str(save_dir)), f"the {name} logger's save_dir")
+            if node.get("name"):
+                check_writable(Path(str(save_dir)) / str(node.name), f"the {name} logger's dir")

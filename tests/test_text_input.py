@@ -71,20 +71,26 @@ def test_json_line_cannot_fail_on_a_lone_surrogate():
     assert json.loads(line) == {"a": "x\ud800"}
 
 
+def into_a_closed_pipe(tmp_path, module: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m <module> experiment=smoke <overrides>` with stdout a pipe whose reader is gone (every write to it
+    fails with EPIPE)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run([sys.executable, "-m", module, "experiment=smoke", *overrides,
+                               f"hydra.run.dir={tmp_path}/run"], stdout=write, stderr=subprocess.PIPE, cwd=tmp_path,
+                              env=ENV, timeout=300)
+    finally:
+        os.close(write)
+
+
 def test_export_into_a_closed_stdout_prints_no_logging_wall(tmp_path):
     """DeepSpeed (imported by accelerate inside save_pretrained) logs to stdout with a handler of its own: into a
     closed pipe each of its lines was logging's "--- Logging error ---" traceback (ctt.errors.guard_closed_stdout)."""
     from tests.test_export import tiny_config, write_token_file
 
     token = write_token_file(tmp_path / "continue_thinking_token.safetensors", tiny_config(True, 0, None))
-    read, write = os.pipe()
-    os.close(read)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "ctt.export", "experiment=smoke", f"token.path={token}",
-                               f"export.dir={tmp_path}/hf", f"hydra.run.dir={tmp_path}/run"],
-                              stdout=write, stderr=subprocess.PIPE, cwd=tmp_path, env=ENV, timeout=300)
-    finally:
-        os.close(write)
+    proc = into_a_closed_pipe(tmp_path, "ctt.export", f"token.path={token}", f"export.dir={tmp_path}/hf")
     err = proc.stderr.decode()
     assert proc.returncode == 141, err[-3000:]
     assert "Logging error" not in err and "Traceback" not in err, err[-3000:]
@@ -118,14 +124,7 @@ def test_generate_into_a_closed_stdout_exits_quietly(tmp_path):
 
     token = write_token_file(tmp_path / "continue_thinking_token.safetensors", tiny_config(True, 0, None))
     (tmp_path / "p.txt").write_text("x\nok so\n")
-    read, write = os.pipe()
-    os.close(read)  # every write to stdout fails with EPIPE
-    try:
-        proc = subprocess.run([sys.executable, "-m", "ctt.generate", "experiment=smoke", f"token.path={token}",
-                               f"generate.input={tmp_path}/p.txt", f"hydra.run.dir={tmp_path}/run"],
-                              stdout=write, stderr=subprocess.PIPE, cwd=tmp_path, env=ENV, timeout=300)
-    finally:
-        os.close(write)
+    proc = into_a_closed_pipe(tmp_path, "ctt.generate", f"token.path={token}", f"generate.input={tmp_path}/p.txt")
     err = proc.stderr.decode()
     assert proc.returncode == 141, err[-3000:]
     assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err[-3000:]

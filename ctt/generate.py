@@ -15,7 +15,6 @@ the `forcing` group, as in evaluation. Built on the Python API, `ctt.api.Continu
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from contextlib import nullcontext
@@ -23,14 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig
 
 from ctt.api import Completion, ContinueThinking
 from ctt.config.hydra_glue import ctt_main
 from ctt.settings import to_plain
-from ctt.errors import ConfigError, DataError, guard_closed_stdout
+from ctt.errors import ConfigError, CttError, DataError, guard_closed_stdout
 from ctt.text import check_text, json_line, jsonl_rows, read_lines
 from ctt.config.check import validate_config
 from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output, make_folder
@@ -134,13 +132,13 @@ def _write_records(ct: ContinueThinking, prompts: list[str], kwargs: dict, path:
 
 
 def is_generate_output(path: Path) -> bool:
-    """A file ctt-generate wrote: its first line is a completion record (what `generate.output` may replace)."""
+    """A file ctt-generate wrote (what `generate.output` may replace): EVERY line is a completion record, so a line
+    a user appended, or a file that only starts like ours, is never replaced."""
+    keys = {"prompt", "completion", "num_continuations"}
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.loads(f.readline(1 << 20))
-    except (OSError, ValueError):
+        return all(isinstance(row, dict) and keys <= set(row) for _, row in jsonl_rows(path))
+    except CttError:  # unreadable, not UTF-8, a line that is not JSON
         return False
-    return isinstance(record, dict) and {"prompt", "completion", "num_continuations"} <= set(record)
 
 
 def claim_output(s: GenerateSettings):

@@ -186,6 +186,9 @@ def check_output_dir(target: str | os.PathLike, kind: str, overwrite: bool, what
     target = Path(target)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
         raise ConfigError(f"{what}={target} is {'a symlink' if target.is_symlink() else 'a file'}, not a folder")
+    inside = next((p for p in target.absolute().parents if (p / MARKER).is_file()), None)
+    if inside is not None:  # the enclosing output's marker would not list it: that output could not be replaced
+        raise ConfigError(f"{what}={target} is inside {inside}, an output ctt wrote; choose a folder outside it")
     if not target.exists():
         return
     reason = protected_reason(target)
@@ -211,6 +214,9 @@ def check_output_dir(target: str | os.PathLike, kind: str, overwrite: bool, what
 def check_output_file(path: str | os.PathLike, what: str, recognise: Callable[[Path], bool]) -> None:
     """ConfigError unless `path` is absent, empty, or a file `recognise` says ctt wrote (its kind of output)."""
     path = Path(path)
+    if path.is_symlink():  # a dangling one was replaced by a regular file, its target never written
+        raise ConfigError(f"{what}={path} is a symlink; ctt neither writes through nor replaces one: give the "
+                          "path of a file")
     if path.is_dir() or (path.exists() and not path.is_file()):
         raise ConfigError(f"{what}={path} is not a regular file")
     if path.is_file() and path.stat().st_size and not recognise(path):

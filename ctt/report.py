@@ -42,7 +42,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ctt.errors import ConfigError, CttError, exit_for_closed_stdout, guard_closed_stdout, user_error_message
+from ctt.errors import ConfigError, CttError, DataError, exit_for_closed_stdout, guard_closed_stdout, user_error_message
+from ctt.inputs import check_input
 from ctt.evaluation.comparisons import format_p
 from ctt.evaluation.results import markdown_table
 from ctt.evaluation.plots import DEBATE_SOFTWARE, debate_plot, written_by
@@ -212,21 +213,35 @@ def report_file(out: Path, suffix: str) -> Path:
     return out.with_name(out.name + suffix)
 
 
-def _first_line(path: Path) -> str:
+def _lines(path: Path) -> list[str]:
     try:
+        check_input(path, "run file", error=DataError)
         with open(path, encoding="utf-8", newline="") as f:
-            return f.readline(1 << 20).rstrip("\r\n")
-    except (OSError, UnicodeDecodeError):
-        return ""
+            return f.read().splitlines()
+    except (OSError, UnicodeDecodeError, CttError):
+        return []
+
+
+def _csv_table(path: Path, header_ok) -> bool:
+    """A CSV ctt-report wrote: its header passes `header_ok` and every row has the header's columns."""
+    rows = list(csv.reader(_lines(path)))
+    return bool(rows) and header_ok(",".join(rows[0])) and all(len(row) == len(rows[0]) for row in rows[1:])
+
+
+def _md_table(path: Path, first: str, prelude: int = 0) -> bool:
+    """A markdown file ctt-report wrote: `first` opens it and every line after the `prelude` is a table row."""
+    lines = _lines(path)
+    return bool(lines) and lines[0].startswith(first) and all(line.startswith("|") for line in lines[prelude:])
 
 
 # How ctt-report recognises each file it writes under --out (a file's own content, like ctt-generate's outputs):
-# it replaces such a file and nothing else. The report's CSV and markdown both start with its `run, status` columns.
+# it replaces such a file and nothing else. The WHOLE file is checked, so a line a user added (a note under the
+# table) keeps it from being replaced. The report's CSV and markdown both start with its `run, status` columns.
 REPORT_FILES = {
-    ".csv": lambda p: _first_line(p).startswith("run,status,"),
-    ".md": lambda p: _first_line(p).startswith("| run | status |"),
-    "_seeds.csv": lambda p: _first_line(p) == ",".join(SEED_COLUMNS),
-    "_seeds.md": lambda p: _first_line(p) == "## Over training seeds",
+    ".csv": lambda p: _csv_table(p, lambda header: header.startswith("run,status,")),
+    ".md": lambda p: _md_table(p, "| run | status |"),
+    "_seeds.csv": lambda p: _csv_table(p, lambda header: header == ",".join(SEED_COLUMNS)),
+    "_seeds.md": lambda p: _md_table(p, "## Over training seeds", prelude=4),
     "_debate.png": lambda p: written_by(p, DEBATE_SOFTWARE) or _earlier_debate_plot(p),
 }
 

@@ -10,7 +10,6 @@ import logging
 import time
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig

@@ -103,6 +103,7 @@ def jsonl_data(path: Path) -> list[str]:
         ("forcing.num_continuations=1000000000000", ["ConfigError", "forcing.num_continuations must be an integer from 0 to 1024"]),
         ("eval.num_continuations=[0,2000]", ["ConfigError", "eval.num_continuations must be a non-empty list of integers from 0"]),
         ("eval.samples=1000000000", ["ConfigError", "eval.samples must be an integer from 1 to 65536"]),
+        ("trainer.max_steps=100000000000000000000", ["ConfigError", "trainer.max_steps must be -1", "at most"]),
         ("rl.samples_per_prompt=1000000000", ["ConfigError", "rl.samples_per_prompt must be an integer from 1 to 65536"]),
         ("model.tiny.hidden_size=1000000000000", ["ConfigError", "model.tiny.hidden_size must be an integer from 1"]),
         ("model.tiny.hidden_size=8192 model.tiny.num_layers=256", ["ConfigError", "model.tiny must be a shape of at most 1e+09"]),

@@ -192,14 +192,18 @@ def test_bad_organism_source_settings_are_one_line_config_errors():
 # --------------------------------------------------------------------------- the script
 
 
-def test_script_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+def test_script_bad_input_is_one_line_and_exit_2(tmp_path, capsys, caplog):
+    """One ConfigError line (argparse's usage block before); --steps 10^12 trained until killed."""
     from ctt.organism.__main__ import main
 
-    for argv in (["--steps", "0"], ["--measure-only", "--out", str(tmp_path)]):
+    for argv in (["--steps", "0"], ["--steps", str(10**12)], ["--threads", "-3"], ["--measure-only", "--out", str(tmp_path)]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2, argv
-    assert "--steps must be a positive integer, got 0" in capsys.readouterr().err
+    assert "usage:" not in capsys.readouterr().err
+    assert "ConfigError: --steps must be an integer from 1 to 1000000, got 0" in caplog.text
+    assert f"--steps must be an integer from 1 to 1000000, got {10**12}" in caplog.text
+    assert "--threads must be an integer from 1 to 1024, got -3" in caplog.text
 
 
 def _config_facts(config) -> dict:

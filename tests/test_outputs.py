@@ -458,3 +458,44 @@ def test_an_output_under_a_file_is_one_line(tmp_path, capfd, command):
         code, _, err = export(tmp_path, capfd, f"export.dir={tmp_path}/afile/sub/hf")
     assert_user_error(code, err, "OutputError", f"{tmp_path}/afile is a file, not a folder")
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_an_output_ctt_wrote_is_recognised_by_all_of_it_not_its_first_line(tmp_path, capfd):
+    """A line a user appended to a ctt-generate output, or a note under a report's table, was replaced with the
+    rest: the recognisers read only the first line."""
+    out = tmp_path / "o.jsonl"
+    assert generate(tmp_path, capfd, "generate.prompt=x", f"generate.output={out}")[0] == 0
+    with open(out, "a") as f:
+        f.write('{"my": "precious notes"}\n')
+    before = out.read_bytes()
+    code, _, err = generate(tmp_path, capfd, "generate.prompt=x", f"generate.output={out}")
+    assert_user_error(code, err, "was not written by ctt as this kind of output")
+    assert out.read_bytes() == before
+    from ctt.report import REPORT_FILES
+
+    table = tmp_path / "report.md"
+    table.write_text("| run | status | acc |\n|---|---|---|\n| 0 | done | 0.5 |\n")
+    assert REPORT_FILES[".md"](table)
+    table.write_text(table.read_text() + "\nmy notes on these numbers\n")
+    assert not REPORT_FILES[".md"](table)
+    sheet = tmp_path / "report.csv"
+    sheet.write_text("run,status,acc\n0,done,0.5\n")
+    assert REPORT_FILES[".csv"](sheet)
+    sheet.write_text(sheet.read_text() + "my notes\n")
+    assert not REPORT_FILES[".csv"](sheet)
+
+
+def test_a_symlink_output_and_an_output_inside_another_are_refused(tmp_path, capfd):
+    """A dangling generate.output symlink was replaced by a regular file (its target never written); an export.dir
+    inside an earlier export made that export unreplaceable (its marker does not list the new folder)."""
+    link = tmp_path / "dangle.jsonl"
+    link.symlink_to(tmp_path / "elsewhere.jsonl")
+    code, _, err = generate(tmp_path, capfd, "generate.prompt=x", f"generate.output={link}")
+    assert_user_error(code, err, "is a symlink")
+    assert link.is_symlink() and not (tmp_path / "elsewhere.jsonl").exists()
+    assert export(tmp_path, capfd, f"export.dir={tmp_path}/x1")[0] == 0
+    before = snapshot(tmp_path / "x1")
+    code, _, err = export(tmp_path, capfd, f"export.dir={tmp_path}/x1/sub")
+    assert_user_error(code, err, f"is inside {tmp_path / 'x1'}, an output ctt wrote")
+    assert snapshot(tmp_path / "x1") == before
+

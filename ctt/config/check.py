@@ -130,6 +130,7 @@ def _check_attention(name: str | None) -> None:
 
 
 MAX_SEED = 2**32 - 1  # Lightning's seed_everything takes [0, 2**32 - 1]; outside it, it warns and draws a random seed
+MAX_TRAIN_STEPS = 10**9  # far above any run: a step generates rollouts
 TRAINERS = ("lightning.Trainer", "lightning.pytorch.Trainer", "pytorch_lightning.Trainer")
 
 
@@ -149,6 +150,9 @@ def _check_trainer(cfg: DictConfig) -> None:
             if key in hints and not nested and not unresolved:  # a `_target_` node is instantiated and checked there
                 check_value(f"trainer.{key}", hints[key], value)
     steps = OmegaConf.select(cfg, "trainer.max_steps", default=None)
+    if isinstance(steps, int) and steps > MAX_TRAIN_STEPS:  # 1e20 steps trained until killed
+        raise ConfigError(f"trainer.max_steps must be -1 (use trainer.max_epochs) or at most {MAX_TRAIN_STEPS}, got "
+                          f"{steps}")
     if steps == 0 and not isinstance(steps, bool):
         raise ConfigError("trainer.max_steps=0 trains nothing; set a number of steps >= 1 (or -1 with trainer.max_epochs)")
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ctt.config.check import MAX_SEED
+from ctt.settings import require_size
 from ctt.errors import CttError, ModelError, exit_for_user_error, guard_closed_stdout
 from ctt.organism.card import write_card
 from ctt.organism.task import Mixture, assistant_text, make_trace, question_text
@@ -41,13 +42,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-measure", action="store_true", help="skip the card's measurement (1-2 minutes)")
     p.add_argument("--measure-only", action="store_true",
                    help="do not train: re-measure the model already in --out and rewrite its card")
-    args = p.parse_args(argv)
-    if not 0 <= args.seed <= MAX_SEED:
-        p.error(f"--seed must be an integer from 0 to {MAX_SEED}, got {args.seed}")  # exit 2
-    for name in ("steps", "batch_size", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")  # exit 2
-    return args
+    return p.parse_args(argv)
+
+
+MAX_ORGANISM = {"steps": 10**6, "batch_size": 1 << 16, "threads": 1024}  # far above the shipped 60-step schedule
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The numbers' ranges: a ConfigError line (main prints it, exit 2), not argparse's usage block."""
+    require_size(args.seed, "--seed", 0, MAX_SEED)
+    for name, high in MAX_ORGANISM.items():
+        require_size(getattr(args, name), f"--{name.replace('_', '-')}", 1, high)
 
 
 def model_facts(model, tokenizer, out: Path) -> dict:
@@ -165,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     guard_closed_stdout()  # a log line to a closed stdout is dropped, not a wall (ctt.errors)
     try:
+        check_args(args)
         if args.measure_only:
             return remeasure(out)
         # a new folder, or one ctt-organism wrote (and only its files): written beside it and swapped in whole, so

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -38,25 +39,27 @@ class TrainingError(CttError):
     """Training cannot go on, e.g. the loss was not finite for `rl.max_bad_steps` consecutive steps."""
 
 
-# Faults of the environment that only a write meets. A writer ctt cannot route through ctt.writes (TensorBoard's
-# event files, W&B's run folder, a library's cache) raises them from inside Lightning's loop: the same one line.
-# (EACCES/EPERM are left out: a read meets them too, and ctt's readers name their own.)
-_WRITE_ONLY_FAULTS = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
-                      "EROFS": "read-only file system", "EFBIG": "file too large"}
+# The environment refusing a write (ctt.writes.writing turns each into one OutputError line).
+WRITE_FAULTS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large", errno.EIO: "input/output error"}
+
+
+# Of those, the faults only a write meets. A writer ctt cannot route through `writing` (TensorBoard's event files,
+# W&B's run folder, a library's cache) raises them from inside Lightning's loop: `environment_fault` gives the entry
+# points the same one line. (EACCES/EPERM/EIO are left out: a read meets them too, and ctt's readers name their own.)
+WRITE_ONLY_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def environment_fault(err: BaseException | None) -> str | None:
     """"<reason> writing <file>" when `err`, or an error it was raised from, is a full disk, a quota, a read-only
     file system or a file too large; None otherwise."""
-    import errno
-
     seen = 0
     while err is not None and seen < 16:
-        if isinstance(err, OSError) and err.errno is not None:
-            reason = _WRITE_ONLY_FAULTS.get(errno.errorcode.get(err.errno, ""))
-            if reason is not None:
-                named = isinstance(err.filename, str | bytes | os.PathLike) and err.filename
-                return f"{reason} writing {os.fsdecode(err.filename)}" if named else f"{reason} (writing an output)"
+        if isinstance(err, OSError) and err.errno in WRITE_ONLY_FAULTS:
+            reason = WRITE_FAULTS[err.errno]
+            named = isinstance(err.filename, str | bytes | os.PathLike) and err.filename
+            return f"{reason} writing {os.fsdecode(err.filename)}" if named else f"{reason} (writing an output)"
         err, seen = err.__cause__ or err.__context__, seen + 1
     return None
 

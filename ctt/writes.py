@@ -9,7 +9,6 @@ the file stays byte-identical and no temp sibling is left; an append (`append_by
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
@@ -20,7 +19,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
-from ctt.errors import OutputError
+from ctt.errors import WRITE_FAULTS, OutputError
 
 
 def temp_sibling(path: Path, tag: str = "tmp") -> Path:
@@ -51,9 +50,6 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-WRITE_FAULTS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large", errno.EIO: "input/output error"}
 _NATIVE_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust writers (safetensors, tokenizers) report an errno
 
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ctt.config.check import check_problem_set, validate_config
 from ctt.config.hydra_glue import ctt_main
 from ctt.data.problems import Problem
-from ctt.errors import ConfigError, CttError, DataError, TokenFileError, guard_closed_stdout
+from ctt.errors import ConfigError, CttError, DataError, TokenFileError
 from ctt.data.sources import load_benchmarks, load_problems
 from ctt.evaluation.comparisons import compare, comparisons_markdown
 from ctt.evaluation.plots import deltas_plot, scaling_plot
@@ -133,7 +133,6 @@ def record_token_count(cfg: DictConfig, policy: Policy) -> None:
 def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
-    guard_closed_stdout()  # a log line to a closed stdout is dropped, not a wall (ctt.errors)
     try:
         validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         L.seed_everything(cfg.seed)

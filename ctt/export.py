@@ -30,7 +30,7 @@ from ctt.models.loading import base_weights
 from ctt.policy.build import EXPORT_INFO, policy_from_config
 from ctt.config.hydra_glue import ctt_main
 from ctt.settings import to_plain
-from ctt.errors import ConfigError, DataError, guard_closed_stdout
+from ctt.errors import ConfigError, DataError
 from ctt.engine import SamplingConfig
 from ctt.models.model_card import model_card
 from ctt.policy.modes import Mode
@@ -270,7 +270,6 @@ def _run_files(run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
-    guard_closed_stdout()  # a log line to a closed stdout is dropped, not a wall (ctt.errors)
     try:
         validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         settings = ExportSettings.from_config(to_plain(cfg.export))

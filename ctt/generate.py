@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from ctt.api import Completion, ContinueThinking
 from ctt.config.hydra_glue import ctt_main
 from ctt.settings import to_plain
-from ctt.errors import ConfigError, CttError, DataError, guard_closed_stdout
+from ctt.errors import ConfigError, CttError, DataError
 from ctt.text import check_text, json_line, jsonl_rows, read_lines
 from ctt.config.check import validate_config
 from ctt.outputs import atomic_open, check_not_input, clean_siblings, check_output_file, hold_output, make_folder
@@ -161,7 +161,6 @@ def _write_stdout(text: str) -> None:
 def main(cfg: DictConfig) -> None:
     from ctt.errors import exit_for_user_error
 
-    guard_closed_stdout()  # a log line to a closed stdout is dropped, not a wall (ctt.errors)
     try:
         validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         L.seed_everything(cfg.seed, verbose=False)  # after: a seed of -1 or "abc" is the check's one line

@@ -14,7 +14,6 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ctt.errors import guard_closed_stdout
 from ctt.reliability import resume
 from ctt.config.hydra_glue import instantiate_list, ctt_main
 from ctt.training.module import build_module
@@ -76,7 +75,6 @@ def main(cfg: DictConfig) -> float | None:
     from callbacks.preemption import Preempted
     from ctt.errors import exit_for_user_error
 
-    guard_closed_stdout()  # a log line to a closed stdout is dropped, not a wall (ctt.errors)
     try:
         validate_config(cfg)  # every group typed and checked before anything is loaded (ctt.config.check)
         metrics = train(cfg)

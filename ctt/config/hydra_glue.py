@@ -72,7 +72,8 @@ def missing_option(argv: list[str]) -> str | None:
 
 def ctt_main(config_name: str):
     """`hydra.main` for a ctt command (conf/<config_name>.yaml), with a chosen option that does not exist reported
-    as one ConfigError line, exit status 2, before Hydra composes anything (`missing_option`)."""
+    as one ConfigError line, exit status 2, before Hydra composes anything (`missing_option`), and a log line to a
+    closed stdout dropped (`ctt.errors.guard_closed_stdout`) from the start, Hydra's own logging included."""
     import functools
     import sys
 
@@ -83,6 +84,9 @@ def ctt_main(config_name: str):
 
         @functools.wraps(task)
         def main(cfg_passthrough: DictConfig | None = None) -> Any:
+            from ctt.errors import guard_closed_stdout
+
+            guard_closed_stdout()
             if cfg_passthrough is None:
                 problem = missing_option(sys.argv[1:])
                 if problem is not None:

@@ -93,13 +93,15 @@ def build_policy(
         _refuse_unverified_export(loaded, model_cfg, None if trainable else tok.text)
     texts = exported.get("tokens") or token_texts(tok.text, tok.count)  # an exported folder says how many it holds
     token_ids, meta = None, None
-    held = texts[0] in loaded.tokenizer.get_vocab()
-    if exported and not all(t in loaded.tokenizer.get_vocab() for t in texts):
+    vocab = loaded.tokenizer.get_vocab()  # built anew by every call (151k entries for Qwen2): once here
+    held = texts[0] in vocab
+    missing = [t for t in texts if t not in vocab]
+    if exported and missing:
         # a ctt_export.json beside weights that do not hold its tokens (written or copied by hand): evaluating it
         # would give a fresh, untrained row as "learned"
-        missing = next(t for t in texts if t not in loaded.tokenizer.get_vocab())
-        raise ModelError(f"{Path(str(model_cfg.get('path')))} has a {EXPORT_INFO} naming the token {missing!r}, but "
-                         "its tokenizer does not hold it: not a folder ctt-export wrote; export the token file again")
+        raise ModelError(f"{Path(str(model_cfg.get('path')))} has a {EXPORT_INFO} naming the token {missing[0]!r}, "
+                         "but its tokenizer does not hold it: not a folder ctt-export wrote; export the token file "
+                         "again")
     # the base vocabulary's rows: an exported folder's learned rows (the last ids) are left out
     loaded.fingerprint = base_fingerprint(loaded.model, min(loaded.tokenizer.convert_tokens_to_ids(texts)) if held
                                           else len(loaded.tokenizer))

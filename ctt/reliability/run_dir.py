@@ -61,12 +61,12 @@ def _make_dir(path: Path) -> None:
         raise ConfigError(f"cannot create hydra.run.dir={path}: {err.strerror or err}") from None
 
 
-# what a ctt run leaves in its run dir (`.ctt.lock` also with output_subdir=null; `checkpoints/` copied to resume)
-RUN_SIGNS = RUN_DIR_SIGNS
-SWEEP_SIGNS = ("multirun.yaml", *RUN_SIGNS)
+# What a ctt run leaves in its run dir, RUN_DIR_SIGNS (`.ctt.lock` also with output_subdir=null, `checkpoints/`
+# copied to resume), and in its sweep dir.
+SWEEP_SIGNS = ("multirun.yaml", *RUN_DIR_SIGNS)
 
 
-def check_run_dir(path: Path, what: str = "hydra.run.dir", signs: tuple[str, ...] = RUN_SIGNS) -> None:
+def check_run_dir(path: Path, what: str = "hydra.run.dir", signs: tuple[str, ...] = RUN_DIR_SIGNS) -> None:
     """A run writes results.csv, samples.jsonl, results.md, metrics, checkpoints and plots into its run dir,
     replacing files of those names: so a run dir is a new or empty folder, or one a ctt run made (it holds `.hydra/`,
     `.ctt.lock` or `checkpoints/`). A folder of the user's (a copy of results, a paper's figures) and the places no
@@ -282,8 +282,8 @@ def check_writable_outputs(cfg: DictConfig) -> None:
     check_writable(checkpoint_dir(cfg), "the checkpoint dir")
     check_writable(out / "csv", "the metrics dir")
     for name, node in (cfg.get("logger") or {}).items():  # TensorBoard's, W&B's folders: they write outside ctt.writes
-        save_dir = node.get("save_dir") if isinstance(node, DictConfig) else None
-        if save_dir:
-            check_writable(Path(str(save_dir)), f"the {name} logger's save_dir")
+        save_dir = Path(str(node.save_dir)) if isinstance(node, DictConfig) and node.get("save_dir") else None
+        if save_dir is not None:
+            check_writable(save_dir, f"the {name} logger's save_dir")
             if node.get("name"):
-                check_writable(Path(str(save_dir)) / str(node.name), f"the {name} logger's dir")
+                check_writable(save_dir / str(node.name), f"the {name} logger's dir")
